@@ -1,0 +1,1 @@
+"""DeepSeek-style Mixture-of-Experts language model in pure PyTorch (no Ray, Hydra or MLflow)."""

@@ -1,0 +1,107 @@
+"""MoETransformer: token embedding -> blocks (attention + dense or MoE feed-forward) -> norm -> head.
+
+Written for one device. `build_model` creates it on the meta device and materializes it on the
+target device, so parallelism (moe/parallel) can transform the module tree before any memory is
+spent. Layers sit in a `ModuleDict` keyed by layer index so pipeline stages can drop the ones they
+do not own; `forward` skips a missing embedding, norm or head for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe.config import ModelConfig
+from moe.layers import Attention, RMSNorm, SwiGLU, rotary_tables
+from moe.moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.d_model, cfg.dense_hidden)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attn_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attn.init_weights(std, out_std)
+        self.ffn.init_weights(std, out_std)
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V). A pipeline stage without an embedding takes (B, T, D)."""
+        h_BTD = self.tok_emb(tokens_BT) if self.tok_emb is not None else tokens_BT
+        T = h_BTD.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.layers.values():
+            h_BTD = block(h_BTD, cos, sin)
+        if self.norm is not None:
+            h_BTD = self.norm(h_BTD)
+        return self.head(h_BTD) if self.head is not None else h_BTD
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cfg = self.cfg
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+        if self.tok_emb is not None:
+            nn.init.normal_(self.tok_emb.weight, std=1.0)
+        for block in self.layers.values():
+            block.init_weights(std, out_std)
+        if self.norm is not None:
+            self.norm.init_weights()
+        if self.head is not None:
+            nn.init.trunc_normal_(self.head.weight, std=cfg.d_model ** -0.5)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """MoE feed-forward modules by layer id (only the layers this module still holds)."""
+        return {name: block.ffn for name, block in self.layers.items() if isinstance(block.ffn, MoE)}
+
+    def aux_losses(self) -> dict[str, float]:
+        """Last auxiliary and z losses, summed over MoE layers (detached, for logging)."""
+        layers = self.moe_layers().values()
+        return {
+            "aux_loss": float(sum(float(m.last_aux_loss) for m in layers)),
+            "z_loss": float(sum(float(m.last_z_loss) for m in layers)),
+        }
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = 0) -> MoETransformer:
+    """Construct on the meta device, then allocate on `device` and initialize."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model.to_empty(device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.init_weights()
+    return model.to(dtype)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Entry points (`python -m pipelines.X`) and what only they need: configs, data, training, tracking."""
