@@ -88,8 +88,9 @@ class ClusterConfig:
     dtype: str = "float32"  # float32 | bfloat16
     peak_tflops: float = 0.0  # dense bf16 peak per device; 0: measure a matmul peak at start (CPU)
     gpu_memory_gb: float = 0.0
-    gpus_per_node: int = 0
-    num_nodes: int = 1
+    gpus_per_node: int = 0  # GPUs per Kubernetes node (KubeRay worker pod)
+    node_cpus: int = 0  # CPUs per KubeRay worker pod; 0: cpus_per_worker * workers per pod
+    node_memory_gb: int = 0  # memory per KubeRay worker pod; 0: 8 GiB per worker
     env: dict[str, str] = field(default_factory=dict)  # runtime env vars (NCCL_*, RCCL_*, ...)
     image: str = "rayproject/ray:2.60.0-py311-cpu"
     namespace: str = "default"

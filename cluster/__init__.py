@@ -1,0 +1,1 @@
+"""Cluster profiles (local CPU, NVIDIA, AMD), Ray runtime start/connect, KubeRay manifests and submission."""

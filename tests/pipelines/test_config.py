@@ -1,0 +1,103 @@
+"""Every config composes; bad overrides fail before Ray starts with a message naming the key and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe.config import ConfigError
+from pipelines.config import TrainConfig, to_train_config
+from pipelines.plan import make_plan
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+CLUSTERS = sorted(p.stem for p in (REPO / "conf" / "cluster").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def run_train(*overrides: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipelines.train", *overrides], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_presets_and_profiles_exist() -> None:
+    assert {"tiny", "small", "deepseek_moe_16b", "moe_67b"} <= set(MODELS)
+    assert {"local", "a100", "h100", "mi250", "mi300x"} <= set(CLUSTERS)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_and_cluster_composes(compose, model: str, cluster: str) -> None:
+    data = ["data=tiny"] if model == "tiny" else []  # the tiny model pairs with the tiny vocabulary
+    cfg = to_train_config(compose("train", [f"model={model}", f"+cluster={cluster}", *data]))
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.name == model and cfg.cluster.name == cluster
+    plan = make_plan(cfg)
+    assert plan.active_params < plan.total_params
+
+
+def test_default_is_local_cpu(compose) -> None:
+    cfg = to_train_config(compose("train"))
+    assert (cfg.cluster.name, cfg.cluster.device, cfg.cluster.backend, cfg.cluster.dtype) == (
+        "local", "cpu", "gloo", "float32")
+    assert cfg.model.name == "small"
+
+
+def test_vendor_bases_are_shared(compose) -> None:
+    nvidia = [to_train_config(compose("train", [f"+cluster={c}"])).cluster for c in ("a100", "h100")]
+    amd = [to_train_config(compose("train", [f"+cluster={c}"])).cluster for c in ("mi250", "mi300x")]
+    assert {(c.vendor, c.backend, c.device, c.dtype) for c in nvidia} == {("nvidia", "nccl", "cuda", "bfloat16")}
+    assert {(c.vendor, c.backend, c.device, c.dtype) for c in amd} == {("amd", "nccl", "cuda", "bfloat16")}
+    assert all("HSA_FORCE_FINE_GRAIN_PCIE" in c.env for c in amd)
+
+
+def test_deepseek_preset_parameter_counts(compose) -> None:
+    plan = make_plan(to_train_config(compose("train", ["model=deepseek_moe_16b", "+cluster=h100"])))
+    assert 16.0e9 < plan.total_params < 16.8e9  # DeepSeek-MoE-16B: 16.4B total
+    assert 2.6e9 < plan.active_params < 3.0e9  # ~2.8B active
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.moe.top_k=40", "model.moe.top_k=40 > model.moe.n_routed_experts=16"),
+        ("model.n_heads=3", "model.d_model=256 is not divisible by model.n_heads=3"),
+        ("data.seq_len=1024", "data.seq_len=1024 exceeds model.max_seq_len=512"),
+        ("parallel.ep=3", "model.moe.n_routed_experts=16 is not divisible by parallel.ep=3"),
+        ("cluster.backend=nccl", "cluster.backend=nccl needs cluster.device=cuda"),
+        ("optim.lr=-1", "optim.lr=-1.0 must be positive"),
+    ],
+)
+def test_impossible_values_name_the_key(compose, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+        to_train_config(compose("train", [override]))
+
+
+def test_bad_overrides_fail_before_ray_starts() -> None:
+    bad_value = run_train("model.moe.top_k=40")
+    assert bad_value.returncode == 2
+    assert "config error: model.moe.top_k=40 > model.moe.n_routed_experts=16" in bad_value.stderr
+    unknown = run_train("model.n_expertz=4")
+    assert unknown.returncode != 0 and "n_expertz" in unknown.stderr
+    wrong_type = run_train("train.steps=many")
+    assert wrong_type.returncode != 0 and "train.steps" in wrong_type.stderr
+    for proc in (bad_value, unknown, wrong_type):
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_dry_run_prints_the_plan_for_a_gpu_profile_without_gpus() -> None:
+    proc = run_train("+cluster=a100", "model=deepseek_moe_16b", "train.dry_run=true")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "profile        a100" in out
+    assert "device         cuda / backend nccl / dtype bfloat16" in out
+    assert "global 128 seq" in out and "16,375,728,128 total" in out
+
+
+def test_gpu_profile_without_gpus_fails_fast_naming_need_and_have() -> None:
+    proc = run_train("+cluster=a100", timeout=90)
+    assert proc.returncode == 1
+    assert "cluster profile 'a100' needs 8 workers x 8 CPU, 1 A100 GPU each (8 GPUs in all)" in proc.stderr
+    assert "0 GPU" in proc.stderr
