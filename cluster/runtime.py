@@ -65,6 +65,11 @@ def connect(cluster: ClusterConfig, num_cpus: int | None = None) -> RayRuntime:
     env_vars = {k: str(v) for k, v in cluster.env.items()}
     env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p))
     runtime_env = {"env_vars": env_vars}
+    if ray.is_initialized():  # an embedding program (a notebook, the test session) already connected
+        ctx = ray.get_runtime_context()
+        have = ray.cluster_resources()
+        check_resources(resource_needs(cluster), have, cluster.name)
+        return RayRuntime(address=ctx.gcs_address, dashboard_url=None, started_locally=False, resources=have)
     if address is None:
         needs = resource_needs(cluster)
         cpus = num_cpus or max(int(os.cpu_count() or 1), int(needs.total_cpus) + 1)

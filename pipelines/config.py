@@ -49,7 +49,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     grad_clip: float = 1.0
 
 
@@ -98,12 +98,12 @@ class ClusterConfig:
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 400
+    steps: int = 200
     micro_batch_size: int = 16  # sequences per worker per step
     log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
+    eval_every: int = 50
+    eval_batches: int = 4  # per worker; the validation set is the first eval_batches * workers batches
+    checkpoint_every: int = 50
     seed: int = 0
     dry_run: bool = False
     max_failures: int = 2

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ class TrainerState:
     epoch: int = 0
     consumed: dict[str, Any] | None = None  # ConsumedSet.state_dict() of the current epoch
     tokens_seen: int = 0
+    restarts: int = 0  # how many times this run resumed from a checkpoint (failures, elastic resizes)
     expert_load: list[list[float]] = field(default_factory=list)  # cumulative routed tokens, layer x expert
 
 
@@ -118,30 +120,36 @@ def load_model_from_checkpoint(cfg: TrainConfig, directory: Path) -> MoETransfor
 
 
 class Evaluator:
-    """Mean validation loss over a fixed set of batches, split across ranks."""
+    """Mean validation loss over a fixed set of batches (the first `eval_batches` per rank, read
+    once and kept), so every point of the validation curve measures the same sequences."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
+        self._batches: list[dict[str, torch.Tensor]] | None = None
+
+    def _load(self, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+        shard = ray.train.get_dataset_shard("val")
+        budget = self.cfg.train.eval_batches * world
+        batches = []
+        for i, batch in enumerate(iter_batches(shard, self.cfg.train.micro_batch_size, ConsumedSet(0))):
+            if i >= budget:
+                break
+            if i % world == rank:
+                batches.append(batch)
+        return batches
 
     @torch.no_grad()
     def __call__(self, model: MoETransformer, rank: int, world: int) -> float:
-        shard = ray.train.get_dataset_shard("val")
-        if shard is None:
-            return float("nan")
+        if self._batches is None:
+            self._batches = self._load(rank, world)
         model.eval()
         loss_sum = torch.zeros(2, dtype=torch.float64)
-        budget = self.cfg.train.eval_batches * world
-        empty = ConsumedSet(0)
-        for i, batch in enumerate(iter_batches(shard, self.cfg.train.micro_batch_size, empty)):
-            if i >= budget:
-                break
-            if i % world != rank:
-                continue
+        for batch in self._batches:
             tokens, mask = batch["tokens"].to(self.device), batch["loss_mask"].to(self.device)
             with _autocast(self.cfg, self.device):
                 logits = model(tokens[:, :-1])
-            n = mask[:, 1:].sum()
-            loss_sum += torch.tensor([float(masked_lm_loss(logits, tokens, mask) * n), float(n)], dtype=torch.float64)
+            n = float(mask[:, 1:].sum())
+            loss_sum += torch.tensor([float(masked_lm_loss(logits, tokens, mask)) * n, n], dtype=torch.float64)
         model.train()
         _all_reduce_(loss_sum)
         return float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
@@ -156,6 +164,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: TrainConfig = config["cfg"]
     n_train_sequences: int = config["n_train_sequences"]
+    ray.data.DataContext.get_current().enable_progress_bars = False  # keep the console to progress lines
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if uses_gpu(cfg.cluster) else torch.device("cpu")
@@ -175,6 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(model, opt, sched, Path(d))
+        state.restarts += 1
         if rank == 0:
             print(f"[train] resumed at step {state.step} (epoch {state.epoch}, world size {world})", flush=True)
     consumed = ConsumedSet.from_state_dict(state.consumed) if state.consumed else ConsumedSet(n_train_sequences)
@@ -242,6 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "perf/tokens_per_s": tokens_per_s,
                 "perf/mfu": mfu(tokens_per_s, cfg.model, seq_len, peak_total),
                 "perf/tokens_seen": state.tokens_seen, "world_size": world,
+                "data/consumed_sequences": len(consumed), "train/restarts": state.restarts,
                 "eta_s": (cfg.train.steps - state.step) * (time.perf_counter() - run_start)
                 / max(1, state.step - start_step),
             }
