@@ -24,7 +24,8 @@ class SourceConfig:
     kind: str = "stdlib"  # stdlib | text | jsonl | parquet
     path: str | None = None  # file, directory or glob (unused for stdlib)
     field: str = "text"  # JSONL field / Parquet column holding the document
-    weight: float = 1.0
+    weight: float = 1.0  # train-split mixing weight: 2.0 repeats each document twice, 0.5 keeps half
+    max_files: int | None = None  # explicit cap: a deterministic hash-ordered sample of this many files
 
 
 @dataclass
@@ -122,9 +123,88 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
 
+@dataclass
+class ReaderConfig:
+    """How raw files become records, and what counts as bad input."""
+
+    max_record_bytes: int = 8_000_000  # a longer record (file, JSONL line) is dropped as record_too_large
+    on_invalid_utf8: str = "drop"  # drop | replace (decode with U+FFFD and keep)
+    binary_sniff_bytes: int = 8192  # a NUL byte in this many leading bytes marks a binary file
+    files_per_task: int = 8  # input files per Ray Data read batch
+    records_per_batch: int = 512  # records per emitted block while reading one file
+    quarantine: bool = True  # write quarantine.jsonl (path, record, reason, excerpt) for every bad record
+
+
+@dataclass
+class NormalizeConfig:
+    enabled: bool = True
+    form: str = "NFC"  # NFC | NFKC | NFD | NFKD
+    strip_control: bool = True  # drop C0/C1 control characters except tab and newline; CRLF -> LF
+
+
+@dataclass
+class FilterConfig:
+    """Quality filters; a document failing one is dropped and counted under that filter's name."""
+
+    enabled: bool = True
+    min_chars: int = 64
+    max_chars: int = 1_000_000
+    max_non_printable_frac: float = 0.05  # measured before control characters are stripped
+    max_repeated_line_frac: float = 0.5  # fraction of non-blank line characters in repeated lines
+    max_repeated_ngram_frac: float = 0.7  # fraction of word n-grams that repeat an earlier one
+    ngram_n: int = 5
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True  # drop documents whose normalized content hash was already seen
+    near: bool = True  # MinHash + LSH near-duplicate removal
+    threshold: float = 0.85  # estimated Jaccard similarity of word shingles at which documents are duplicates
+    num_perm: int = 128
+    shingle_size: int = 5  # words per shingle
+    seed: int = 1
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE trained with `tokenizers` on a deterministic sample of the train split."""
+
+    sample_bytes: int = 4_000_000
+    min_frequency: int = 2
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+
+
+@dataclass
+class RuntimeConfig:
+    """Ray Data execution knobs: they change speed, never the output."""
+
+    address: str | None = None  # None: start a local Ray (unless RAY_ADDRESS is set)
+    num_cpus: int | None = None  # local Ray only
+    tokenize_actors: int = 2  # size of the tokenizer actor pool
+    tokenize_batch_docs: int = 64  # documents per tokenize+pack batch (also sets packing boundaries)
+    rows_per_shard: int = 4096  # sequences per output Parquet shard
+    progress_bars: bool = True
+
+
+@dataclass
+class PreprocessConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    force: bool = False  # rebuild even if an output with the same config and inputs exists
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="preprocess_schema", node=PreprocessConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
@@ -175,4 +255,62 @@ def validate_train_config(c: TrainConfig) -> TrainConfig:
     _check(c.model.moe.n_routed_experts % p.ep == 0,
            f"model.moe.n_routed_experts={c.model.moe.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
            "choose an ep that divides the number of experts.")
+    return c
+
+
+_SOURCE_KINDS = ("stdlib", "text", "jsonl", "parquet")
+_NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+
+
+def to_preprocess_config(cfg: DictConfig) -> PreprocessConfig:
+    """Composed Hydra config -> validated `PreprocessConfig` (raises ConfigError naming the key and fix)."""
+    obj: Any = OmegaConf.to_object(cfg)
+    if not isinstance(obj, PreprocessConfig):
+        raise ConfigError("the preprocess config did not compose against its schema (preprocess_schema).")
+    return validate_preprocess_config(obj)
+
+
+def validate_preprocess_config(c: PreprocessConfig) -> PreprocessConfig:
+    d = c.data
+    _check(len(d.sources) > 0, "data.sources is empty; add at least one source, e.g. data.sources=[{kind: stdlib}].")
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        _check(s.kind in _SOURCE_KINDS, f"{key}.kind={s.kind!r}: use one of {', '.join(_SOURCE_KINDS)}.")
+        _check(s.kind == "stdlib" or bool(s.path),
+               f"{key}.kind={s.kind} needs {key}.path (a file, directory or glob).")
+        _check(s.weight >= 0, f"{key}.weight={s.weight} must be >= 0 (0 keeps the source out of the train split).")
+        _check(s.max_files is None or s.max_files > 0, f"{key}.max_files={s.max_files} must be positive or null.")
+        _check(bool(s.field), f"{key}.field is empty; name the JSONL field / Parquet column holding the text.")
+    _check(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive.")
+    _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be within [0, 1).")
+    t = c.tokenizer
+    _check(t.eos_token in t.special_tokens and t.pad_token in t.special_tokens,
+           f"tokenizer.eos_token={t.eos_token!r} and tokenizer.pad_token={t.pad_token!r} must both be listed in "
+           f"tokenizer.special_tokens={t.special_tokens}.")
+    _check(d.vocab_size >= 256 + len(t.special_tokens),
+           f"data.vocab_size={d.vocab_size} is below the 256 byte symbols + {len(t.special_tokens)} special tokens "
+           "of a byte-level BPE; raise data.vocab_size.")
+    _check(t.sample_bytes > 0, f"tokenizer.sample_bytes={t.sample_bytes} must be positive.")
+    _check(c.normalize.form in _NORMAL_FORMS,
+           f"normalize.form={c.normalize.form!r}: use one of {', '.join(_NORMAL_FORMS)}.")
+    _check(c.reader.on_invalid_utf8 in ("drop", "replace"),
+           f"reader.on_invalid_utf8={c.reader.on_invalid_utf8!r}: use drop or replace.")
+    for key, value in (("reader.max_record_bytes", c.reader.max_record_bytes),
+                       ("reader.binary_sniff_bytes", c.reader.binary_sniff_bytes),
+                       ("reader.files_per_task", c.reader.files_per_task),
+                       ("reader.records_per_batch", c.reader.records_per_batch),
+                       ("filters.ngram_n", c.filters.ngram_n), ("dedup.num_perm", c.dedup.num_perm),
+                       ("dedup.shingle_size", c.dedup.shingle_size),
+                       ("runtime.tokenize_actors", c.runtime.tokenize_actors),
+                       ("runtime.tokenize_batch_docs", c.runtime.tokenize_batch_docs),
+                       ("runtime.rows_per_shard", c.runtime.rows_per_shard)):
+        _check(value > 0, f"{key}={value} must be positive.")
+    f = c.filters
+    _check(0 <= f.min_chars <= f.max_chars,
+           f"filters.min_chars={f.min_chars} and filters.max_chars={f.max_chars} need 0 <= min_chars <= max_chars.")
+    for key, value in (("filters.max_non_printable_frac", f.max_non_printable_frac),
+                       ("filters.max_repeated_line_frac", f.max_repeated_line_frac),
+                       ("filters.max_repeated_ngram_frac", f.max_repeated_ngram_frac)):
+        _check(0 <= value <= 1, f"{key}={value} must be within [0, 1] (1 disables the filter).")
+    _check(0 < c.dedup.threshold <= 1, f"dedup.threshold={c.dedup.threshold} must be within (0, 1].")
     return c

@@ -1,0 +1,343 @@
+"""The preprocessing plan: Ray Data stages, corpus-wide decisions, versioned output (`run_preprocess`).
+
+  A  (Ray Data, streaming)  files -> read -> normalize -> filter -> sign  -> staging Parquet (docs/)
+  B  (driver, small keys)   exact + near dedup over (uid, hash, minhash) of every kept document
+  C  (driver, streaming)    byte-level BPE trained on a hash-chosen sample of the train split
+  D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool) -> packed/
+  E  (driver, streaming)    packed/ -> train/ and val/ shards with seq_id 0..N-1, manifest last
+
+Output goes to a temporary directory renamed to `v<NNNN>-<key>` only when complete, so an
+interrupted run never leaves a half output that "latest" could pick up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipelines.config import PreprocessConfig, RuntimeConfig
+from pipelines.data import dedup, manifest, sources
+from pipelines.data.clean import normalize_batch
+from pipelines.data.filters import FILTER_NAMES, filter_batch
+from pipelines.data.minhash import lsh_params
+from pipelines.data.pack import TokenizePack
+from pipelines.data.split import SPLITS, TRAIN, _unit, assign_split, repeats, split_batch
+from pipelines.data.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer, special_id, train_tokenizer
+
+BAD_INPUT_REASONS = (sources.UNREADABLE_PATH, sources.UNREADABLE, sources.EMPTY_FILE, sources.BINARY_FILE,
+                     sources.INVALID_UTF8, sources.MALFORMED_JSON, sources.NOT_AN_OBJECT, sources.MISSING_FIELD,
+                     sources.FIELD_NOT_STRING, sources.RECORD_TOO_LARGE)
+QUARANTINE_FILE = "quarantine.jsonl"
+_KEY_COLUMNS = ["source", "path", "record", "reason", "uid", "hash", "minhash", "n_bytes"]
+
+
+class NoUsableInputError(RuntimeError):
+    """Nothing to train on: no input files, or every record was bad or filtered away."""
+
+
+def describe_sources(cfg: PreprocessConfig) -> str:
+    return "; ".join(f"data.sources[{i}]: kind={s.kind}" + (f" path={s.path}" if s.kind != "stdlib" else "")
+                     for i, s in enumerate(cfg.data.sources))
+
+
+def ensure_ray(rt: RuntimeConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": repo, "TOKENIZERS_PARALLELISM": "false"}
+    if rt.address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(num_cpus=rt.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env={"env_vars": env})
+    else:
+        ray.init(address=rt.address, runtime_env={"env_vars": env})
+
+
+def _configure_data_context(cfg: PreprocessConfig) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same inputs -> same shards, byte for byte
+    ctx.enable_progress_bars = cfg.runtime.progress_bars
+
+
+def build_docs(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path) -> None:
+    """Phase A: every record of every file, with reason, normalized text, uid, hash and MinHash."""
+    import ray.data
+
+    per = cfg.reader.files_per_task
+    tables = [sources.files_table(files[i:i + per]) for i in range(0, len(files), per)]
+    ds = ray.data.from_arrow(tables)
+    ds = ds.map_batches(sources.read_files, batch_format="pyarrow", batch_size=None, fn_kwargs={"rc": cfg.reader})
+    ds = ds.map_batches(normalize_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.normalize})
+    ds = ds.map_batches(filter_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.filters})
+    ds = ds.map_batches(dedup.sign_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.dedup})
+    # Many small files, so phase D reads them as many blocks and every tokenizer actor gets work.
+    ds.write_parquet(str(out), max_rows_per_file=cfg.runtime.tokenize_batch_docs * 2)
+
+
+def build_packed(cfg: PreprocessConfig, docs: Path, tokenizer_path: Path, dropped: set[str], out: Path) -> None:
+    """Phase D: kept documents -> split + weights -> tokenize and pack in an actor pool."""
+    import ray.data
+
+    weights = [s.weight for s in cfg.data.sources]
+    ds = ray.data.read_parquet([str(p) for p in _parquet_files(docs)],
+                               columns=["source", "uid", "hash", "reason", "text"])
+    ds = ds.map_batches(split_batch, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"dropped": dropped, "val_fraction": cfg.data.val_fraction, "weights": weights})
+    ds = ds.map_batches(
+        TokenizePack, batch_format="pyarrow", batch_size=cfg.runtime.tokenize_batch_docs,
+        compute=ray.data.ActorPoolStrategy(size=cfg.runtime.tokenize_actors),
+        fn_constructor_kwargs={"tokenizer_path": str(tokenizer_path), "seq_len": cfg.data.seq_len,
+                               "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token},
+    )
+    ds.write_parquet(str(out))
+
+
+def _parquet_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.parquet"))
+
+
+def _keys(docs: Path) -> pa.Table:
+    return pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet").to_table(columns=_KEY_COLUMNS)
+
+
+def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> int:
+    dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
+    bad = pc.field("reason").isin(list(BAD_INPUT_REASONS))
+    n = 0
+    with out.open("w") as fh:
+        for src, path in missing:
+            fh.write(json.dumps({"source": src, "path": path, "record": -1, "reason": sources.UNREADABLE_PATH,
+                                 "excerpt": "no file matches this path or glob"}) + "\n")
+            n += 1
+        for batch in dataset.to_batches(columns=["source", "path", "record", "reason", "excerpt"], filter=bad):
+            for row in batch.to_pylist():
+                fh.write(json.dumps(row) + "\n")
+                n += 1
+    return n
+
+
+def tokenizer_sample(cfg: PreprocessConfig, docs: Path, dropped: set[str], train_bytes: int,
+                     stats: dict[str, int]):
+    """Phase C input: a deterministic, hash-chosen ~`sample_bytes` of train-split documents, streamed."""
+    rate = min(1.0, cfg.tokenizer.sample_bytes / max(train_bytes, 1))
+    dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
+    for batch in dataset.to_batches(columns=["uid", "hash", "reason", "text"], filter=pc.field("reason") == ""):
+        for uid, h, text in zip(*(batch.column(c).to_pylist() for c in ("uid", "hash", "text"))):
+            if uid in dropped or assign_split(h, cfg.data.val_fraction) != TRAIN or _unit(h, "tok") >= rate:
+                continue
+            stats["documents"] += 1
+            stats["bytes"] += len(text)
+            yield text
+
+
+class _ShardWriter:
+    """Rolls `<split>/part-NNNNN.parquet` files of `rows` sequences with seq_id 0..N-1."""
+
+    SCHEMA = pa.schema([("seq_id", pa.int64()), ("tokens", pa.list_(pa.int32())),
+                        ("loss_mask", pa.list_(pa.uint8()))])
+
+    def __init__(self, d: Path, rows: int) -> None:
+        self.d, self.rows = d, rows
+        d.mkdir(parents=True, exist_ok=True)
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.sequences = 0
+        self.tokens = 0
+        self.shards: list[str] = []
+
+    def add(self, t: pa.Table) -> None:
+        self.tokens += int(pc.sum(t.column("n_tokens")).as_py() or 0)
+        self.pending.append(t.select(["tokens", "loss_mask"]))
+        self.n_pending += len(t)
+        while self.n_pending >= self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, n: int) -> None:
+        t = pa.concat_tables(self.pending).combine_chunks()
+        head, rest = t.slice(0, n), t.slice(n)
+        ids = pa.array(range(self.sequences, self.sequences + len(head)), pa.int64())
+        name = f"part-{len(self.shards):05d}.parquet"
+        pq.write_table(pa.table([ids, head.column("tokens"), head.column("loss_mask")], schema=self.SCHEMA),
+                       self.d / name)
+        self.shards.append(name)
+        self.sequences += len(head)
+        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> None:
+        if self.n_pending:
+            self._flush(self.n_pending)
+
+
+def write_shards(packed: Path, out: Path, rows_per_shard: int) -> dict[str, _ShardWriter]:
+    """Phase E: packed files in order -> per-split shards with contiguous seq_ids."""
+    writers = {s: _ShardWriter(out / s, rows_per_shard) for s in SPLITS}
+    for f in _parquet_files(packed):
+        t = pq.read_table(f)
+        for s in SPLITS:
+            part = t.filter(pc.equal(t.column("split"), s))
+            if len(part):
+                writers[s].add(part)
+    for w in writers.values():
+        w.close()
+    return writers
+
+
+def _no_input_message(cfg: PreprocessConfig, bad: dict[str, int], filtered: dict[str, int]) -> str:
+    f = cfg.filters
+    return (f"no usable documents from {describe_sources(cfg)}. Bad input by reason: {bad or 'none'}; "
+            f"dropped by filters: {filtered or 'none'} (filters.min_chars={f.min_chars}, "
+            f"filters.max_chars={f.max_chars}, filters.max_non_printable_frac={f.max_non_printable_frac}, "
+            f"filters.max_repeated_line_frac={f.max_repeated_line_frac}, "
+            f"filters.max_repeated_ngram_frac={f.max_repeated_ngram_frac}). Point data.sources at readable text "
+            "or relax the filters (filters.enabled=false disables them).")
+
+
+def run_preprocess(cfg: PreprocessConfig) -> Path:
+    """Preprocess `cfg.data.sources` into a versioned output directory; returns it (existing if unchanged)."""
+    root = Path(cfg.data.output_dir).expanduser().resolve()
+    files, missing = sources.resolve_sources(cfg.data.sources)
+    if not files:
+        raise NoUsableInputError(
+            f"no input files: {describe_sources(cfg)} match nothing "
+            f"({', '.join(p for _, p in missing)}). Fix data.sources[*].path (a file, directory or glob).")
+    fingerprints = sources.fingerprint_files(files, missing, len(cfg.data.sources))
+    cfg_hash = manifest.config_hash(cfg)
+    key = manifest.output_key(cfg_hash, fingerprints)
+    existing = manifest.find_existing(root, key)
+    if existing is not None and not cfg.force:
+        print(f"[preprocess] config and inputs unchanged: reusing {existing}")
+        return existing
+
+    ensure_ray(cfg.runtime)
+    _configure_data_context(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        info = _build(cfg, files, missing, fingerprints, cfg_hash, key, work)
+        final = root / manifest.next_version_name(root, key)
+        info["version"] = final.name
+        manifest.write_json(work / manifest.MANIFEST_FILE, info)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final
+
+
+def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
+           fingerprints: list[dict], cfg_hash: str, key: str, work: Path) -> dict[str, Any]:
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    docs = work / "_docs"
+    build_docs(cfg, files, docs)
+    times["read_normalize_filter_sign"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    keys = _keys(docs)
+    reasons = Counter(keys.column("reason").to_pylist())
+    n_read = len(keys)
+    good = reasons.pop("", 0)
+    bad = {r: reasons[r] for r in BAD_INPUT_REASONS if reasons.get(r)}
+    if missing:
+        bad[sources.UNREADABLE_PATH] = len(missing)
+    filtered = {name: reasons.get(name, 0) for name in FILTER_NAMES}
+    if good == 0:
+        raise NoUsableInputError(_no_input_message(cfg, bad, {k: v for k, v in filtered.items() if v}))
+    kept_keys = keys.filter(pc.equal(keys.column("reason"), ""))
+    result = dedup.decide(kept_keys, cfg.dedup)
+    times["dedup"] = time.perf_counter() - t0
+
+    weights = [s.weight for s in cfg.data.sources]
+    split_docs = {s: Counter() for s in SPLITS}
+    split_weighted = {s: 0 for s in SPLITS}
+    train_bytes = 0
+    per_source = [Counter() for _ in cfg.data.sources]
+    for src, uid, h, nb in zip(*(kept_keys.column(c).to_pylist() for c in ("source", "uid", "hash", "n_bytes"))):
+        if uid in result.dropped:
+            per_source[src][result.dropped[uid]] += 1
+            continue
+        s = assign_split(h, cfg.data.val_fraction)
+        c = repeats(h, weights[src], s)
+        split_docs[s][src] += 1
+        split_weighted[s] += c
+        per_source[src][s] += 1
+        train_bytes += nb if s == TRAIN else 0
+    if split_weighted[TRAIN] == 0:
+        raise NoUsableInputError(
+            f"every document was removed as a duplicate, went to validation or has weight 0 "
+            f"({describe_sources(cfg)}; dedup dropped {result.exact_dropped} exact and {result.near_dropped} "
+            f"near duplicates, validation has {sum(split_docs['val'].values())}). Add input, lower "
+            "data.val_fraction or raise dedup.threshold.")
+
+    t0 = time.perf_counter()
+    tok_path = work / TOKENIZER_FILE
+    sample_stats = {"documents": 0, "bytes": 0}
+    tok = train_tokenizer(tokenizer_sample(cfg, docs, set(result.dropped), train_bytes, sample_stats),
+                          cfg.data.vocab_size, cfg.tokenizer, tok_path)
+    times["tokenizer_train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    packed = work / "_packed"
+    build_packed(cfg, docs, tok_path, set(result.dropped), packed)
+    times["tokenize_pack"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    writers = write_shards(packed, work, cfg.runtime.rows_per_shard)
+    n_quarantined = write_quarantine(docs, missing, work / QUARANTINE_FILE) if cfg.reader.quarantine else None
+    shutil.rmtree(docs)
+    shutil.rmtree(packed)
+    times["write_shards"] = time.perf_counter() - t0
+
+    tok = load_tokenizer(tok_path)
+    row_len = cfg.data.seq_len + 1
+    bands, rows = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
+    return {
+        "format": manifest.FORMAT,
+        "version": None,
+        "key": key,
+        "config_hash": cfg_hash,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seq_len": cfg.data.seq_len,
+        "vocab_size": tok.get_vocab_size(),
+        "tokenizer_file": TOKENIZER_FILE,
+        "tokenizer_sha256": file_sha256(tok_path),
+        "eos_id": special_id(tok, cfg.tokenizer.eos_token),
+        "pad_id": special_id(tok, cfg.tokenizer.pad_token),
+        "special_tokens": list(cfg.tokenizer.special_tokens),
+        "splits": {
+            s: {"sequences": w.sequences, "tokens": w.tokens, "padding_tokens": w.sequences * row_len - w.tokens,
+                "documents": sum(split_docs[s].values()), "documents_weighted": split_weighted[s],
+                "shards": w.shards}
+            for s, w in writers.items()
+        },
+        "inputs": [{"source": i, "kind": s.kind, "path": s.path if s.kind != "stdlib" else str(sources.stdlib_root()),
+                    "field": s.field, "weight": s.weight, "max_files": s.max_files, **fingerprints[i]}
+                   for i, s in enumerate(cfg.data.sources)],
+        "records": {"read": n_read + len(missing), "good": good, "kept": good - len(result.dropped)},
+        "bad_input": bad,
+        "filtered": filtered,
+        "dedup": {"docs_in": result.docs_in, "exact_dropped": result.exact_dropped,
+                  "near_dropped": result.near_dropped, **result.rates(), "lsh_bands": bands, "lsh_rows": rows},
+        "per_source": [{"source": i, **dict(c)} for i, c in enumerate(per_source)],
+        "tokenizer_sample": sample_stats,
+        "quarantine_file": QUARANTINE_FILE if n_quarantined is not None else None,
+        "quarantined": n_quarantined,
+        "stage_seconds": {k: round(v, 3) for k, v in times.items()},
+        "config": manifest.hashed_config(cfg) | {"data": dataclasses.asdict(cfg.data)},
+    }

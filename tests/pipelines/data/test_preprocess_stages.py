@@ -1,0 +1,120 @@
+"""Each preprocessing stage on small real inputs (stdlib sources, real tokenizers), no Ray needed."""
+
+from __future__ import annotations
+
+import io
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.config import DedupConfig, FilterConfig, NormalizeConfig, ReaderConfig, TokenizerConfig
+from pipelines.data import filters
+from pipelines.data.clean import normalize_text
+from pipelines.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, content_hash, decide, record_uid
+from pipelines.data.minhash import lsh_params, signature
+from pipelines.data.pack import pack_ids
+from pipelines.data.sources import _iter_lines
+from pipelines.data.split import TRAIN, VAL, assign_split, repeats
+from pipelines.data.tokenizer import train_tokenizer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _src(name: str) -> str:
+    return (STDLIB / name).read_text(encoding="utf-8")
+
+
+def test_normalize_forms_and_control_stripping() -> None:
+    text, frac = normalize_text("cafe\u0301\r\nline\x00two\x07\rend\tok", NormalizeConfig(form="NFC"))
+    assert text == "caf\u00e9\nlinetwo\nend\tok"
+    assert frac == pytest.approx(2 / 23)  # two control characters among the 23 input characters
+    assert normalize_text("\ufb01le \u2460", NormalizeConfig(form="NFKC"))[0] == "file 1"
+    assert normalize_text("\ufb01le", NormalizeConfig(form="NFC"))[0] == "\ufb01le"
+    kept, _ = normalize_text("a\x01b", NormalizeConfig(strip_control=False))
+    assert kept == "a\x01b"
+
+
+def test_quality_filters_each_reason() -> None:
+    cfg = FilterConfig(min_chars=64, max_chars=20_000)
+    real = _src("textwrap.py")[:4000]
+    assert filters.quality_reason(real, 0.0, cfg) == ""
+    assert filters.quality_reason("x = 1\n", 0.0, cfg) == filters.TOO_SHORT
+    assert filters.quality_reason(_src("textwrap.py") * 2, 0.0, cfg) == filters.TOO_LONG
+    assert filters.quality_reason(real, 0.2, cfg) == filters.NON_PRINTABLE
+    assert filters.quality_reason("import os\n" + "print('spam and eggs')\n" * 40, 0.0, cfg) == filters.REPEATED_LINES
+    assert filters.quality_reason("the spam and the eggs are here " * 40, 0.0, cfg) == filters.REPEATED_NGRAMS
+    assert filters.repeated_line_frac("a\nb\nc\n") == 0.0
+    assert filters.repeated_line_frac("aa\naa\n") == pytest.approx(0.5)
+    assert filters.quality_reason("x", 1.0, FilterConfig(enabled=False)) == ""
+
+
+def test_minhash_finds_near_duplicates_of_real_files() -> None:
+    a = _src("shlex.py")
+    lines = a.split("\n")
+    lines[40] = "# an edited line that makes this a near-duplicate, not an exact one"
+    near = "\n".join(lines)
+    other = _src("fnmatch.py")
+    sa, sn, so = (signature(t, 128, 5, 1) for t in (a, near, other))
+    assert sa.dtype == np.uint32 and sa.shape == (128,)
+    assert np.mean(sa == sn) > 0.9 and np.mean(sa == so) < 0.2
+    assert np.array_equal(sa, signature(a, 128, 5, 1))  # stable
+    bands, rows = lsh_params(0.85, 128)
+    assert bands * rows <= 128 and rows > bands
+
+
+def test_dedup_keeps_first_and_counts_exact_and_near() -> None:
+    a, other = _src("shlex.py"), _src("fnmatch.py")
+    near = a.replace("shlex", "shlexx", 1)
+    docs = [(0, "b.py", 0, a), (0, "a.py", 0, other), (0, "c.py", 0, a), (1, "a.py", 0, near)]
+    cfg = DedupConfig()
+    sigs = [signature(t, cfg.num_perm, cfg.shingle_size, cfg.seed) for *_, t in docs]
+    keys = pa.table({
+        "source": pa.array([d[0] for d in docs], pa.int32()), "path": [d[1] for d in docs],
+        "record": pa.array([d[2] for d in docs], pa.int64()),
+        "uid": [record_uid(*d[:3]) for d in docs], "hash": [content_hash(d[3]) for d in docs],
+        "minhash": pa.array([s.tolist() for s in sigs], pa.list_(pa.uint32())),
+    })
+    r = decide(keys, cfg)
+    assert r.dropped == {record_uid(0, "c.py", 0): EXACT_DUPLICATE, record_uid(1, "a.py", 0): NEAR_DUPLICATE}
+    assert (r.docs_in, r.exact_dropped, r.near_dropped) == (4, 1, 1)
+    assert decide(keys, DedupConfig(near=False)).dropped == {record_uid(0, "c.py", 0): EXACT_DUPLICATE}
+
+
+def test_split_is_deterministic_and_weights_repeat() -> None:
+    hashes = [content_hash(str(i)) for i in range(4000)]
+    splits = [assign_split(h, 0.1) for h in hashes]
+    assert splits == [assign_split(h, 0.1) for h in hashes]
+    assert 0.08 < splits.count(VAL) / len(splits) < 0.12
+    assert all(repeats(h, 2.0, TRAIN) == 2 for h in hashes[:50])
+    assert all(repeats(h, 2.0, VAL) == 1 for h in hashes[:50])
+    assert all(repeats(h, 0.0, TRAIN) == 0 for h in hashes[:50])
+    half = sum(repeats(h, 0.5, TRAIN) for h in hashes) / len(hashes)
+    assert 0.45 < half < 0.55
+
+
+def test_pack_ids_layout() -> None:
+    tokens, mask = pack_ids([[5, 6, 7], [8], [9, 10]], row_len=4, eos_id=0, pad_id=1)
+    assert tokens.tolist() == [[5, 6, 7, 0], [8, 0, 9, 10], [0, 1, 1, 1]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert pack_ids([], 4, 0, 1)[0].shape == (0, 4)
+
+
+def test_byte_level_bpe_from_config(tmp_path: Path) -> None:
+    texts = [_src(n) for n in ("textwrap.py", "shlex.py", "fnmatch.py")]
+    cfg = TokenizerConfig(special_tokens=["<|endoftext|>", "<|pad|>", "<|sep|>"])
+    tok = train_tokenizer(iter(texts), 400, cfg, tmp_path / "tok.json")
+    assert tok.get_vocab_size() == 400
+    assert [tok.token_to_id(t) for t in cfg.special_tokens] == [0, 1, 2]
+    for s in (texts[0][:500], "na\u00efve \u65e5\u672c \U0001f600 \x00"):  # bytes never seen in training still encode
+        assert tok.decode(tok.encode(s).ids) == s
+
+
+def test_line_reader_skips_a_huge_line_in_bounded_chunks() -> None:
+    data = b'{"a": 1}\n' + b"x" * (3 << 20) + b"\n" + b'{"a": 2}\n' + b"tail"
+    lines = list(_iter_lines(io.BytesIO(data), max_bytes=1 << 20))
+    assert [(n, r) for n, r, _ in lines] == [(0, b'{"a": 1}'), (1, None), (2, b'{"a": 2}'), (3, b"tail")]
+    assert lines[1][2] == b"x" * 160
+    assert ReaderConfig().max_record_bytes < 50_000_000
