@@ -123,15 +123,15 @@ class Evaluator:
     """Mean validation loss over a fixed set of batches (the first `eval_batches` per rank, read
     once and kept), so every point of the validation curve measures the same sequences."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: TrainConfig, device: torch.device, n_val_sequences: int) -> None:
+        self.cfg, self.device, self.n_val_sequences = cfg, device, n_val_sequences
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def _load(self, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
         shard = ray.train.get_dataset_shard("val")
         budget = self.cfg.train.eval_batches * world
         batches = []
-        for i, batch in enumerate(iter_batches(shard, self.cfg.train.micro_batch_size, ConsumedSet(0))):
+        for i, batch in enumerate(iter_batches(shard, self.cfg.train.micro_batch_size, ConsumedSet(self.n_val_sequences))):
             if i >= budget:
                 break
             if i % world == rank:
@@ -194,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops else measure_matmul_peak()
     peak_total = float(_all_reduce_(torch.tensor([peak], dtype=torch.float64))[0])
-    evaluator = Evaluator(cfg, device)
+    evaluator = Evaluator(cfg, device, config["n_val_sequences"])
     shard = ray.train.get_dataset_shard("train")
     batches = iter(iter_batches(shard, cfg.train.micro_batch_size, consumed))
     seq_len = cfg.data.seq_len

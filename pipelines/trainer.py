@@ -117,7 +117,8 @@ def run_training(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan) -> Tr
     resources = worker_resources(cfg.cluster)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "n_train_sequences": manifest["splits"]["train"]["sequences"]},
+        train_loop_config={"cfg": cfg, "n_train_sequences": manifest["splits"]["train"]["sequences"],
+                           "n_val_sequences": manifest["splits"]["val"]["sequences"]},
         torch_config=TorchConfig(backend=cfg.cluster.backend),
         scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=cfg.cluster.gpus_per_worker > 0,
                                      resources_per_worker=resources),

@@ -24,10 +24,17 @@ STEPS_OVERRIDES = ["train.micro_batch_size=8", "train.log_every=4", "train.eval_
 
 
 @pytest.fixture(scope="module")
-def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.pipelines.datasets import make_tiny_dataset
+def dataset_root(ray_cluster, compose, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real preprocessed dataset: 40 stdlib files, tiny vocabulary, through pipelines.preprocess."""
+    from pipelines.config import to_preprocess_config
+    from pipelines.data.pipeline import run_preprocess
 
-    return make_tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+    root = tmp_path_factory.mktemp("train-data") / "processed"
+    cfg = to_preprocess_config(compose("preprocess", [
+        "data=tiny", f"data.output_dir={root}", "tracking.enabled=false", "runtime.progress_bars=false",
+        "data.sources=[{kind:stdlib,max_files:40}]"]))
+    run_preprocess(cfg)
+    return root
 
 
 def tiny_config(compose, tmp_path: Path, dataset_root: Path, *extra: str):
@@ -85,9 +92,9 @@ def _kill_one_worker() -> int:
 
 def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, compose, tmp_path: Path,
                                                                   dataset_root: Path) -> None:
-    steps = 40
+    steps = 24
     cfg, yaml_text, plan = tiny_config(compose, tmp_path, dataset_root, f"train.steps={steps}",
-                                       "train.eval_every=40", "train.checkpoint_every=8", "train.max_failures=2")
+                                       "train.eval_every=40", "train.checkpoint_every=6", "train.max_failures=2")
     result: dict[str, TrainingOutcome | BaseException] = {}
 
     def target() -> None:
