@@ -44,7 +44,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND holds tokens sorted by expert; counts_E[e] rows belong to expert e, in order."""
-        if self.resolve_kernel(x_ND) == "grouped_mm":
+        if x_ND.shape[0] and self.resolve_kernel(x_ND) == "grouped_mm":
             return self._grouped_mm(x_ND, counts_E)
         return self._per_expert_gemm(x_ND, counts_E)
 
@@ -69,7 +69,9 @@ class GroupedExperts(nn.Module):
             outs.append(h_nH @ self.w2[e])
             start += n
         if not outs:
-            return x_ND.new_zeros(0, self.d_model) + 0 * self.w2.sum()  # keep the graph connected
+            # keep the graph connected to the input and the weights (expert parallelism's backward
+            # all-to-all must run on every rank, also one whose experts received no tokens)
+            return x_ND.new_zeros(0, self.d_model) + 0 * (x_ND.sum() + self.w2.sum())
         return torch.cat(outs, dim=0)
 
     def _grouped_mm(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
