@@ -15,7 +15,7 @@ Seams for parallelism (moe/parallel sets them; the layer itself never communicat
   token count of the whole global batch (all ranks), kept first-come in global token order
   (rank order, then token order, then slot). With no seam set the local batch is the global
   batch, so one process on the global batch and any parallel layout drop exactly the same tokens.
-- `self.experts(x_sorted_ND, counts_E)`: expert parallelism wraps this call (token exchange).
+- `self.experts(x_sorted_ND, counts_E, weight_N)`: expert parallelism wraps this call (token exchange).
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ class MoE(nn.Module):
             pos_in_expert_N = torch.arange(order_N.numel(), device=x_TD.device) - starts_E[sorted_expert_N]
             order_N = order_N[pos_in_expert_N < kept_counts_E[sorted_expert_N]]
         token_N = order_N // top_k
-        out_ND = self.experts(x_TD[token_N], kept_counts_E)
-        out_ND = out_ND * topk_weight_TK.reshape(-1)[order_N].unsqueeze(-1)
+        weight_N = topk_weight_TK.reshape(-1)[order_N]
+        out_ND = self.experts(x_TD[token_N], kept_counts_E, weight_N)  # rows already scaled by weight_N
         y_TD = torch.zeros_like(x_TD).index_add(0, token_N, out_ND)
         with torch.no_grad():
             self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)

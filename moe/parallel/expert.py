@@ -2,14 +2,15 @@
 with all-to-all, applied to the one-device model from outside (forward hooks on `GroupedExperts`).
 
 The MoE layer sorts its (token, slot) assignments by global expert id and calls
-`experts(x_sorted_ND, counts_E)`. Under EP the experts module holds only experts
+`experts(x_sorted_ND, counts_E, weight_N)`. Under EP the experts module holds only experts
 [ep_rank * E_l, (ep_rank + 1) * E_l) with E_l = E / ep, and its call is wrapped:
 
     pre-hook   counts_E (E,) viewed as (ep, E_l) -> all_to_all_single: recv_PL[j, e] = tokens rank j
                sends to local expert e (counts are exchanged first, they size the token exchange)
-               x_sorted -> all_to_all_single with uneven splits -> rows ordered (source rank, expert)
+               x_sorted (and weight_N) -> all_to_all_single with uneven splits -> rows ordered
+               (source rank, expert)
                -> permuted to (expert, source rank) so local experts see contiguous slices
-    experts    the local grouped GEMMs on (x_local_ND, recv_PL.sum(0))
+    experts    the local grouped GEMMs on (x_local_ND, recv_PL.sum(0), w_local_N)
     post-hook  un-permute to (source rank, expert) -> all_to_all_single back with the splits swapped
                -> rows in the caller's original sorted order; the layer combines as on one device
 
@@ -101,22 +102,23 @@ class ExpertParallel:
         self.handles = [experts.register_forward_pre_hook(self._dispatch),
                         experts.register_forward_hook(self._combine)]
 
-    def _dispatch(self, module: nn.Module, args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        x_ND, counts_E = args
+    def _dispatch(self, module: nn.Module, args: tuple) -> tuple[torch.Tensor, ...]:
+        x_ND, counts_E, *rest = args
+        weight_N = rest[0] if rest else None
         counts_PL = counts_E.to(torch.int64).reshape(self.ep, self.n_local)
         recv_PL = torch.empty_like(counts_PL)
         dist.all_to_all_single(recv_PL, counts_PL, group=self.group)
         send_recv = torch.stack([counts_PL.sum(1), recv_PL.sum(1)]).tolist()  # one host sync
         send_splits, recv_splits = send_recv
         x_recv_ND = all_to_all(x_ND, recv_splits, send_splits, self.group)
-        if self.n_local == 1:  # (source, expert) order is already expert order
-            idx = None
-            x_local_ND = x_recv_ND
-        else:
-            idx = source_to_expert_order(recv_PL)
-            x_local_ND = x_recv_ND.index_select(0, idx)
+        w_recv_N = None if weight_N is None else all_to_all(weight_N, recv_splits, send_splits, self.group)
+        idx = None if self.n_local == 1 else source_to_expert_order(recv_PL)  # n_local=1: already in order
+        if idx is not None:
+            x_recv_ND = x_recv_ND[idx]
+            w_recv_N = None if w_recv_N is None else w_recv_N[idx]
         self._state.append((idx, send_splits, recv_splits))
-        return x_local_ND, recv_PL.sum(0)
+        local_counts_L = recv_PL.sum(0)
+        return (x_recv_ND, local_counts_L) if w_recv_N is None else (x_recv_ND, local_counts_L, w_recv_N)
 
     def _combine(self, module: nn.Module, args: tuple, out_local_ND: torch.Tensor) -> torch.Tensor:
         idx, send_splits, recv_splits = self._state.pop()
@@ -125,7 +127,7 @@ class ExpertParallel:
         else:
             inverse = torch.empty_like(idx)
             inverse[idx] = torch.arange(idx.numel(), device=idx.device)
-            out_recv_ND = out_local_ND.index_select(0, inverse)
+            out_recv_ND = out_local_ND[inverse]
         return all_to_all(out_recv_ND, send_splits, recv_splits, self.group)
 
     def remove(self) -> None:
