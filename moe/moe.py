@@ -7,8 +7,15 @@ added to the backward pass by `attach_aux_loss` (their gradient flows without ch
 layer's output), so any wrapper (DDP, pipeline stages) sees a plain tensor-in, tensor-out module.
 Their detached values are kept on the module for logging.
 
-`reduce_stats` is the one seam for distributed statistics: parallelism may set it to a function
-that all-reduces (counts, probability sums, token count) so the aux loss uses global statistics.
+Seams for parallelism (moe/parallel sets them; the layer itself never communicates):
+- `reduce_stats`: all-reduces (counts, probability sums, token count) so the aux loss uses the
+  statistics of the global batch.
+- `gather_counts`: capacity mode only. Capacity semantics: each expert keeps at most
+  ceil(capacity_factor * T_global * top_k / E) assignments per forward, where T_global is the
+  token count of the whole global batch (all ranks), kept first-come in global token order
+  (rank order, then token order, then slot). With no seam set the local batch is the global
+  batch, so one process on the global batch and any parallel layout drop exactly the same tokens.
+- `self.experts(x_sorted_ND, counts_E, weight_N)`: expert parallelism wraps this call (token exchange).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from moe.layers import SwiGLU
 from moe.router import TopKRouter, load_balance_loss, router_z_loss
 
 StatsReducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (this rank's [counts_E..., n_tokens] int64 (E+1,)) -> (every rank's rows in global batch order (R, E+1), own row)
+CountsGather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
 class AuxLossBackprop(torch.autograd.Function):
@@ -57,6 +66,7 @@ class MoE(nn.Module):
         self.register_buffer("dropped_tokens", torch.zeros(()), persistent=False)
         self.register_buffer("routed_tokens", torch.zeros(()), persistent=False)
         self.reduce_stats: StatsReducer | None = None
+        self.gather_counts: CountsGather | None = None
         self.last_aux_loss = torch.zeros(())
         self.last_z_loss = torch.zeros(())
 
@@ -78,22 +88,34 @@ class MoE(nn.Module):
         flat_expert_N = topk_idx_TK.reshape(-1)
         order_N = torch.argsort(flat_expert_N, stable=True)
         counts_E = torch.bincount(flat_expert_N, minlength=n_experts)
-        capacity = expert_capacity(n_tokens, self.cfg)
-        kept_counts_E = counts_E
-        if capacity is not None:
+        kept_counts_E = self._kept_counts(counts_E, n_tokens)
+        if kept_counts_E is None:
+            kept_counts_E = counts_E
+        else:
             starts_E = torch.cumsum(counts_E, 0) - counts_E
-            pos_in_expert_N = torch.arange(order_N.numel(), device=x_TD.device) - starts_E[flat_expert_N[order_N]]
-            order_N = order_N[pos_in_expert_N < capacity]
-            kept_counts_E = counts_E.clamp(max=capacity)
+            sorted_expert_N = flat_expert_N[order_N]
+            pos_in_expert_N = torch.arange(order_N.numel(), device=x_TD.device) - starts_E[sorted_expert_N]
+            order_N = order_N[pos_in_expert_N < kept_counts_E[sorted_expert_N]]
         token_N = order_N // top_k
-        out_ND = self.experts(x_TD[token_N], kept_counts_E)
-        out_ND = out_ND * topk_weight_TK.reshape(-1)[order_N].unsqueeze(-1)
+        weight_N = topk_weight_TK.reshape(-1)[order_N]
+        out_ND = self.experts(x_TD[token_N], kept_counts_E, weight_N)  # rows already scaled by weight_N
         y_TD = torch.zeros_like(x_TD).index_add(0, token_N, out_ND)
         with torch.no_grad():
             self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
             self.routed_tokens += counts_E.sum()
             self.dropped_tokens += counts_E.sum() - kept_counts_E.sum()
         return y_TD, counts_E
+
+    def _kept_counts(self, counts_E: torch.Tensor, n_tokens: int) -> torch.Tensor | None:
+        """Capacity mode: assignments each expert keeps from this batch (see the module docstring)."""
+        if self.cfg.capacity_factor <= 0:
+            return None
+        if self.gather_counts is None:
+            return counts_E.clamp(max=expert_capacity(n_tokens, self.cfg))
+        rows_RE, me = self.gather_counts(torch.cat([counts_E, counts_E.new_tensor([n_tokens])]))
+        capacity = expert_capacity(int(rows_RE[:, -1].sum()), self.cfg)
+        before_E = rows_RE[:me, :-1].sum(0)  # assignments of earlier ranks that the expert kept first
+        return (capacity - before_E).clamp(min=0).minimum(counts_E)
 
     def _balance_losses(self, topk_idx_TK: torch.Tensor, probs_TE: torch.Tensor, logits_TE: torch.Tensor
                         ) -> torch.Tensor:

@@ -1,7 +1,31 @@
-"""parallelize(model, dims): apply parallelism to the one-device model in a fixed order.
+"""parallelize(model, dims): apply parallelism to the one-device model in a fixed order; the plan's steps.
 
-Today: data parallelism by all-reducing every gradient over the world after backward, and
-all-reducing expert loads before the aux-loss-free bias update so every rank holds the same bias.
+Order applied (every rank calls it, after `torch.distributed` is initialized, before the optimizer
+is created, because expert parameters are replaced by their local shards):
+    1. build the mesh (moe/parallel/mesh.py) and broadcast parameters and buffers from rank 0 of the
+       stage, so every rank starts from identical weights;
+    2. expert parallelism (ep > 1): each MoE layer keeps its E/ep local experts and exchanges tokens
+       with all-to-all (moe/parallel/expert.py);
+    3. global statistics: the aux loss reduces its statistics over the stage (every dp*ep rank),
+       capacity mode drops tokens by the global token order (see moe/moe.py);
+    4. data parallelism by gradient all-reduce in `sync_gradients` (below).
+
+Training loop, per step (all ranks, same order; ep=1 and ep>1 alike):
+    plan = parallelize(model, dims)                  # once, then build the optimizer on model.parameters()
+    loss = cross_entropy(model(tokens_local), targets_local)   # each rank its own micro-batch
+    loss.backward()
+    plan.sync_gradients()                            # before grad clipping and optimizer.step()
+    optimizer.step(); optimizer.zero_grad()
+    loads = plan.reduce_expert_loads()               # {layer: (E,) global assignments per expert}
+    plan.update_expert_bias(loads)                   # identical bias on every rank
+    dropped = plan.reduce_dropped_fractions()        # {layer: global dropped fraction} (collective)
+Export: `state = plan.full_state_dict()` on every rank (collective), rank 0 writes it.
+
+Gradient sync: every rank reads distinct data, so non-expert gradients are averaged over all
+dp*ep ranks of the stage; an expert's gradient already sums the contributions of its EP group
+(through the all-to-all's backward), so it is summed over the `dp` ranks holding the same experts
+and divided by the same dp*ep. Each parameter belongs to exactly one of the two buckets
+(`grad_sync_buckets`); the result equals one process on the global batch.
 """
 
 from __future__ import annotations
@@ -10,51 +34,161 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe.experts import GroupedExperts
 from moe.model import MoETransformer
-from moe.parallel.mesh import ParallelDims
+from moe.parallel.expert import (
+    EXPERT_PARAM_NAMES,
+    ExpertParallel,
+    apply_expert_parallel,
+    make_counts_gather,
+    make_stats_reducer,
+)
+from moe.parallel.mesh import Mesh, ParallelDims, build_mesh
 
 
 class ParallelPlan:
     """What parallelize() did to a model, and the collective steps the training loop calls."""
 
-    def __init__(self, model: MoETransformer, dims: ParallelDims) -> None:
-        self.model, self.dims = model, dims
+    def __init__(self, model: MoETransformer, dims: ParallelDims, mesh: Mesh) -> None:
+        self.model, self.dims, self.mesh = model, dims, mesh
+        self.expert_parallel: dict[str, ExpertParallel] = {}
+        self.expert_param_names = {f"{prefix}.{name}" for prefix, mod in model.named_modules()
+                                   if isinstance(mod, GroupedExperts) for name in EXPERT_PARAM_NAMES}
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return self.mesh.distributed
 
+    def grad_sync_buckets(self) -> dict[str, list[str]]:
+        """Parameter names per gradient all-reduce: "stage" (all dp*ep ranks) or "expert_dp" (same experts)."""
+        buckets: dict[str, list[str]] = {"stage": [], "expert_dp": []}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            sharded_expert = name in self.expert_param_names and self.dims.ep > 1
+            buckets["expert_dp" if sharded_expert else "stage"].append(name)
+        return buckets
+
+    @torch.no_grad()
     def sync_gradients(self) -> None:
-        """Average gradients over the data-parallel world (one flat buffer per dtype)."""
+        """Average gradients as one process on the global batch would compute them (see module docstring)."""
         if not self.distributed:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
+        params = dict(self.model.named_parameters())
+        n_ranks = self.dims.dp * self.dims.ep
+        for bucket, names in self.grad_sync_buckets().items():
+            group = self.mesh.stage_group if bucket == "stage" else self.mesh.expert_dp_group
+            skip_collective = bucket == "expert_dp" and self.dims.dp == 1
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for name in names:
+                p = params[name]
+                if p.grad is None:  # every rank must contribute the same buffer layout
+                    p.grad = torch.zeros_like(p)
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+            for grads in by_dtype.values():
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                if not skip_collective:
+                    dist.all_reduce(flat, group=group)
+                flat /= n_ranks
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
 
+    @torch.no_grad()
     def reduce_expert_loads(self) -> dict[str, torch.Tensor]:
-        """Per MoE layer: routed assignments per expert since the last call, summed over all ranks."""
+        """Per MoE layer: routed assignments per (global) expert since the last call, summed over the stage."""
         loads = {name: moe.take_load() for name, moe in self.model.moe_layers().items()}
         if self.distributed and loads:
             stacked = torch.stack(list(loads.values()))
-            dist.all_reduce(stacked)
+            dist.all_reduce(stacked, group=self.mesh.stage_group)
             loads = dict(zip(loads, stacked, strict=True))
         return loads
 
     def update_expert_bias(self, loads: dict[str, torch.Tensor]) -> None:
+        """Aux-loss-free bias step from global loads; identical inputs keep the bias identical on every rank."""
         for name, moe in self.model.moe_layers().items():
             moe.router.update_expert_bias(loads[name])
 
+    @torch.no_grad()
+    def reduce_dropped_fractions(self) -> dict[str, float]:
+        """Per MoE layer: dropped / routed assignments since the last call over the whole stage (collective)."""
+        layers = self.model.moe_layers()
+        if not layers:
+            return {}
+        counts = torch.stack([torch.stack([m.dropped_tokens.float(), m.routed_tokens.float()])
+                              for m in layers.values()])
+        if self.distributed:
+            dist.all_reduce(counts, group=self.mesh.stage_group)
+        for m in layers.values():
+            m.take_dropped_fraction()  # reset the local counters
+        return {name: float(c[0] / c[1].clamp(min=1)) for name, c in zip(layers, counts)}
 
-def parallelize(model: nn.Module, dims: ParallelDims) -> ParallelPlan:
-    if dims.ep != 1 or dims.pp != 1:
-        raise NotImplementedError("expert and pipeline parallelism are not applied yet; use parallel.ep=1 pp=1.")
-    return ParallelPlan(model, dims)
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded state dict (same keys and shapes as the one-device model); collective, every rank gets it."""
+        state = self.model.state_dict()
+        if self.dims.ep == 1 or not self.distributed:
+            return {k: v.detach() for k, v in state.items()}
+        full = {}
+        for key, value in state.items():
+            if key in self.expert_param_names:
+                parts = [torch.empty_like(value) for _ in range(self.dims.ep)]
+                dist.all_gather(parts, value.contiguous(), group=self.mesh.ep_group)
+                full[key] = torch.cat(parts, dim=0)
+            else:
+                full[key] = value.detach()
+        return full
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load an unsharded state dict (e.g. an export) into the parallelized model, slicing local experts."""
+        local = {}
+        for key, value in state.items():
+            if key in self.expert_param_names and self.dims.ep > 1:
+                n_local = value.shape[0] // self.dims.ep
+                lo = self.mesh.ep_rank * n_local
+                value = value[lo:lo + n_local]
+            local[key] = value
+        self.model.load_state_dict(local, strict=True)
+
+
+@torch.no_grad()
+def _broadcast_from_stage_rank0(model: nn.Module, mesh: Mesh) -> None:
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.numel()]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    src = dist.get_global_rank(mesh.stage_group, 0)
+    for group_tensors in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group_tensors])
+        dist.broadcast(flat, src=src, group=mesh.stage_group)
+        offset = 0
+        for t in group_tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def parallelize(model: MoETransformer, dims: ParallelDims, device_type: str | None = None) -> ParallelPlan:
+    """Apply the parallelisms `dims` asks for to `model` in place; returns the plan the loop steps with.
+
+    device_type ("cpu" or "cuda", ROCm included) defaults to the device of the model's parameters.
+    """
+    if dims.pp != 1:
+        raise NotImplementedError("pipeline parallelism is not applied yet; use parallel.pp=1.")
+    if device_type is None:
+        device_type = next(model.parameters()).device.type
+    mesh = build_mesh(dims, device_type)
+    plan = ParallelPlan(model, dims, mesh)
+    if not mesh.distributed:
+        return plan
+    _broadcast_from_stage_rank0(model, mesh)
+    for name, moe in model.moe_layers().items():
+        if dims.ep > 1:
+            if moe.experts.n_experts % dims.ep:
+                raise ValueError(f"layer {name}: {moe.experts.n_experts} experts not divisible by ep={dims.ep}.")
+            plan.expert_parallel[name] = apply_expert_parallel(moe.experts, mesh.ep_group, mesh.ep_rank, dims.ep)
+        moe.reduce_stats = make_stats_reducer(mesh.stage_group)
+        if moe.cfg.capacity_factor > 0:
+            moe.gather_counts = make_counts_gather(mesh.stage_group)
+    return plan

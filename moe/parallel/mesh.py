@@ -1,8 +1,25 @@
-"""The world arranged as (pp x dp x ep): degrees, their validation, and rank coordinates."""
+"""The world arranged as (pp x dp x ep): degrees, their validation, rank coordinates and process groups.
+
+Rank layout (ep innermost, so an expert-parallel group is a block of neighbouring ranks, i.e. one
+node's fast interconnect when ep <= GPUs per node):
+
+    rank = (pp_idx * dp + dp_idx) * ep + ep_idx
+
+Every rank reads its own micro-batch: the data-parallel world of the non-expert parameters is
+all dp*ep ranks of a pipeline stage. Expert parameters are sharded over the `ep` ranks of a
+group and replicated over the `dp` ranks that hold the same experts (same ep_idx).
+
+`build_mesh(dims, device_type)` checks the degrees against the initialized process group and
+creates the torch `DeviceMesh` (dims "pp", "dp", "ep") whose per-dimension groups the
+parallelisms use. Backend-neutral: the mesh is built over whatever backend the default process
+group uses (gloo on CPU, NCCL on NVIDIA, RCCL through torch's nccl backend on ROCm).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch.distributed as dist
 
 from moe.config import ConfigError
 
@@ -18,8 +35,12 @@ class ParallelDims:
     def from_degrees(cls, world_size: int, dp: int = -1, ep: int = 1, pp: int = 1, n_experts: int | None = None
                      ) -> ParallelDims:
         """dp=-1 takes what is left of the world; raises ConfigError naming the degree and the fix."""
+        if world_size < 1:
+            raise ConfigError(f"world size {world_size} must be >= 1 (cluster.num_workers).")
         if ep < 1 or pp < 1:
             raise ConfigError(f"parallel.ep={ep} and parallel.pp={pp} must be >= 1.")
+        if dp != -1 and dp < 1:
+            raise ConfigError(f"parallel.dp={dp} must be >= 1, or -1 for 'the rest of the world'.")
         if world_size % (ep * pp):
             raise ConfigError(
                 f"parallel.ep*parallel.pp={ep * pp} does not divide the world size {world_size}; "
@@ -38,3 +59,81 @@ class ParallelDims:
                 "choose an ep that divides the number of experts."
             )
         return cls(world_size=world_size, dp=dp, ep=ep, pp=pp)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp_idx, dp_idx, ep_idx) of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size} ranks.")
+        return rank // (self.dp * self.ep), (rank // self.ep) % self.dp, rank % self.ep
+
+    def ep_group_ranks(self, rank: int) -> list[int]:
+        """Ranks that split the experts among themselves (and exchange tokens) with `rank`."""
+        pp_idx, dp_idx, _ = self.coords(rank)
+        base = (pp_idx * self.dp + dp_idx) * self.ep
+        return list(range(base, base + self.ep))
+
+    def expert_dp_group_ranks(self, rank: int) -> list[int]:
+        """Ranks that hold the same experts as `rank` (its expert gradients are averaged over these)."""
+        pp_idx, _, ep_idx = self.coords(rank)
+        return [(pp_idx * self.dp + d) * self.ep + ep_idx for d in range(self.dp)]
+
+    def stage_ranks(self, rank: int) -> list[int]:
+        """All dp*ep ranks of `rank`'s pipeline stage: the data-parallel world of non-expert parameters."""
+        pp_idx = self.coords(rank)[0]
+        return list(range(pp_idx * self.dp * self.ep, (pp_idx + 1) * self.dp * self.ep))
+
+
+@dataclass
+class Mesh:
+    """Process groups of one rank; `None` groups mean 'not distributed' (a world of one)."""
+
+    dims: ParallelDims
+    rank: int
+    device_mesh: object | None  # torch.distributed.device_mesh.DeviceMesh when distributed
+    ep_group: dist.ProcessGroup | None  # this rank's expert-parallel group (token exchange)
+    expert_dp_group: dist.ProcessGroup | None  # ranks holding the same experts
+    stage_group: dist.ProcessGroup | None  # all dp*ep ranks of this pipeline stage
+
+    @property
+    def distributed(self) -> bool:
+        return self.stage_group is not None
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dims.coords(self.rank)[2]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.coords(self.rank)[1]
+
+
+def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> Mesh:
+    """Create the DeviceMesh and its groups; every rank must call this, in the same order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if dims.world_size != 1:
+            raise ConfigError(
+                f"parallel degrees describe a world of {dims.world_size} ranks but torch.distributed is not "
+                "initialized; start workers through Ray Train (or init_process_group) first."
+            )
+        return Mesh(dims, 0, None, None, None, None)
+    world = dist.get_world_size()
+    if world != dims.world_size:
+        raise ConfigError(
+            f"parallel degrees describe a world of {dims.world_size} ranks (dp={dims.dp} x ep={dims.ep} x "
+            f"pp={dims.pp}) but the process group has {world}; match cluster.num_workers to the degrees."
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_mesh = init_device_mesh(device_type, (dims.pp, dims.dp, dims.ep), mesh_dim_names=("pp", "dp", "ep"))
+    rank = dist.get_rank()
+    if dims.pp == 1:
+        stage_group = dist.group.WORLD
+    else:  # the stage's dp*ep ranks as one group
+        stage_group = device_mesh["dp", "ep"]._flatten("dp_ep").get_group()
+    mesh = Mesh(dims, rank, device_mesh, device_mesh.get_group("ep"), device_mesh.get_group("dp"), stage_group)
+    for name, group, expected in (("ep", mesh.ep_group, dims.ep_group_ranks(rank)),
+                                  ("dp", mesh.expert_dp_group, dims.expert_dp_group_ranks(rank))):
+        got = dist.get_process_group_ranks(group)
+        if got != expected:  # the layout documented above is what gradient sync and tests rely on
+            raise RuntimeError(f"DeviceMesh {name} group of rank {rank} is {got}, expected {expected}.")
+    return mesh
