@@ -146,7 +146,8 @@ class Sequence:
 
     def __init__(self, prompt_ids: SequenceABC[int], params: SamplingParams, *, eos_ids: SequenceABC[int] = (),
                  detokenize: Callable[[list[int]], str] | None = None,
-                 text_check: Callable[[str], int | None] | None = None, seq_id: str | None = None) -> None:
+                 text_check: Callable[[str], int | None] | None = None, seq_id: str | None = None,
+                 stream_text: bool = True) -> None:
         if not prompt_ids:
             raise ValueError("a prompt needs at least one token.")
         self.id = seq_id or secrets.token_hex(8)
@@ -155,6 +156,9 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.detokenize = detokenize
         self.text_check = text_check
+        # Decode the text after every token only when something reads it then (stop strings, the
+        # text check, streaming); otherwise once, at the end.
+        self.text_every_step = bool(stream_text or params.stop or text_check)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.output_ids: list[int] = []
@@ -175,16 +179,19 @@ class Sequence:
         """Record a sampled token and decide whether the sequence is finished."""
         if token_id in self.stop_ids:
             self.finish_reason = FINISH_STOP
+            if self.detokenize is not None and not self.text_every_step:
+                self.text = self.detokenize(self.output_ids)
             return
         self.output_ids.append(token_id)
         if logprob is not None:
             self.logprobs.append(logprob)
-        if self.detokenize is not None:
+        if self.detokenize is not None and self.text_every_step:
             self._update_text()
-        if self.done:
-            return
-        if len(self.output_ids) >= self.params.max_tokens or len(self.prompt_ids) + len(self.output_ids) >= max_len:
+        if not self.done and (len(self.output_ids) >= self.params.max_tokens
+                              or len(self.prompt_ids) + len(self.output_ids) >= max_len):
             self.finish_reason = FINISH_LENGTH
+        if self.done and self.detokenize is not None and not self.text_every_step:
+            self.text = self.detokenize(self.output_ids)
 
     def _update_text(self) -> None:
         assert self.detokenize is not None
@@ -232,7 +239,7 @@ def _logprob_entries(logp_V: torch.Tensor, token_id: int, k: int) -> TokenLogpro
 
 def sample_tokens(logits_BV: torch.Tensor, seqs: SequenceABC[Sequence]) -> torch.Tensor:
     """One token per row: greedy where temperature is 0, else temperature, top-k, top-p, each row
-    drawing from its own sequence's generator."""
+    drawing from its own sequence's generator. Only rows with top_p < 1 pay for a full sort."""
     logits_BV = logits_BV.float().cpu()
     out_B = logits_BV.argmax(-1)
     rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
@@ -241,16 +248,25 @@ def sample_tokens(logits_BV: torch.Tensor, seqs: SequenceABC[Sequence]) -> torch
     V = logits_BV.shape[-1]
     rows_t = torch.tensor(rows)
     temps = torch.tensor([seqs[i].params.temperature for i in rows])
-    top_ks = torch.tensor([seqs[i].params.top_k if seqs[i].params.top_k > 0 else V for i in rows])
+    top_ks = torch.tensor([seqs[i].params.top_k if 0 < seqs[i].params.top_k < V else V for i in rows])
     top_ps = torch.tensor([seqs[i].params.top_p for i in rows])
-    x_RV, order_RV = (logits_BV[rows_t] / temps[:, None]).sort(-1, descending=True)
-    x_RV = x_RV.masked_fill(torch.arange(V)[None, :] >= top_ks[:, None], float("-inf"))
+    x_RV = logits_BV[rows_t] / temps[:, None]
+    cut = top_ks < V
+    if bool(cut.any()):
+        k_max = int(top_ks[cut].max())
+        kth_R1 = x_RV.topk(k_max, -1).values.gather(-1, (top_ks.clamp(max=k_max) - 1)[:, None])
+        kth_R1 = torch.where(cut[:, None], kth_R1, torch.full_like(kth_R1, float("-inf")))
+        x_RV = x_RV.masked_fill(x_RV < kth_R1, float("-inf"))
     probs_RV = torch.softmax(x_RV, -1)
-    probs_RV = probs_RV.masked_fill(probs_RV.cumsum(-1) - probs_RV > top_ps[:, None], 0.0)
+    nucleus = top_ps < 1
+    if bool(nucleus.any()):
+        sorted_PV, order_PV = probs_RV[nucleus].sort(-1, descending=True)
+        sorted_PV = sorted_PV.masked_fill(sorted_PV.cumsum(-1) - sorted_PV > top_ps[nucleus][:, None], 0.0)
+        probs_RV[nucleus] = torch.zeros_like(sorted_PV).scatter(-1, order_PV, sorted_PV)
     cum_RV = probs_RV.cumsum(-1)
     u_R = torch.stack([torch.rand((), generator=seqs[i].generator) for i in rows]) * cum_RV[:, -1]
-    choice_R = torch.searchsorted(cum_RV, u_R[:, None], right=False).clamp(max=V - 1)
-    out_B[rows_t] = order_RV.gather(-1, choice_R).squeeze(-1)
+    choice_R = torch.searchsorted(cum_RV, u_R[:, None].contiguous()).clamp(max=V - 1).squeeze(-1)
+    out_B[rows_t] = choice_R
     return out_B
 
 

@@ -177,7 +177,8 @@ class OpenAIServing:
                     stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
                     logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                 seqs.append(Sequence(x, params, eos_ids=self.eos_ids, detokenize=self.decode,
-                                     text_check=text_check, seq_id=f"{request_id}-{len(seqs)}"))
+                                     text_check=text_check, seq_id=f"{request_id}-{len(seqs)}",
+                                     stream_text=req.stream))
         return Prepared(kind, request_id, int(time.time()), ids, texts, seqs, req.n, time.perf_counter())
 
     # ---- running ------------------------------------------------------------------------------
