@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ModelConfig
+
+if TYPE_CHECKING:
+    from moe.generate import LayerKVCache
 
 
 class RMSNorm(nn.Module):
@@ -52,15 +57,25 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        """Without `kv_cache`: causal attention over x. With it (decoding): cos/sin hold each row's
+        positions, the new keys/values are written into the cache and the queries attend to every
+        cached position up to their own (`kv_cache.update` returns keys, values and that mask)."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out_BHTd = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if kv_cache is None:
+            out_BHTd = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            )
+        else:
+            k_BHSd, v_BHSd, mask_B1TS = kv_cache.update(k, v)
+            out_BHTd = F.scaled_dot_product_attention(
+                q, k_BHSd, v_BHSd, attn_mask=mask_B1TS, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.wo(out_BHTd.transpose(1, 2).reshape(B, T, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -9,6 +9,7 @@ do not own; `forward` skips a missing embedding, norm or head for the same reaso
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from torch import nn
 from moe.config import ModelConfig
 from moe.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from moe.moe import MoE
+
+if TYPE_CHECKING:
+    from moe.generate import KVCache, LayerKVCache
 
 
 class Block(nn.Module):
@@ -27,8 +31,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_id) else SwiGLU(cfg.d_model, cfg.dense_hidden)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, kv_cache)
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -50,13 +55,20 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V). A pipeline stage without an embedding takes (B, T, D)."""
+    def forward(self, tokens_BT: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V). A pipeline stage without an embedding takes (B, T, D).
+
+        `kv_cache` (decoding, moe/generate.py): the rows continue sequences whose earlier keys and
+        values are cached; their positions come from the cache, which this call extends by T.
+        """
         h_BTD = self.tok_emb(tokens_BT) if self.tok_emb is not None else tokens_BT
         T = h_BTD.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for block in self.layers.values():
-            h_BTD = block(h_BTD, cos, sin)
+        if kv_cache is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = kv_cache.rotary(self.rope_cos, self.rope_sin)
+        for name, block in self.layers.items():
+            h_BTD = block(h_BTD, cos, sin, None if kv_cache is None else kv_cache.layer(int(name)))
         if self.norm is not None:
             h_BTD = self.norm(h_BTD)
         return self.head(h_BTD) if self.head is not None else h_BTD

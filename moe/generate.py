@@ -1,0 +1,380 @@
+"""KV-cache decoding for serving and evaluation: the slot cache, sampling, sequences and a batch decoder.
+
+- `KVCache` holds keys/values for `n_slots` sequences, (slots, max_len, n_kv_heads, head_dim) per
+  layer, and each slot's length. `MoETransformer.forward(tokens, kv_cache=cache)` continues the
+  sequences in the slots chosen by `cache.begin(slots, T)`: rows take their own positions, write
+  their new keys/values and attend to everything cached before them.
+- `SamplingParams` / `Sequence`: temperature, top-p, top-k, seed (a generator per sequence, so a
+  seeded result does not depend on what else is in the batch), max_tokens, stop token ids, stop
+  strings (with a `detokenize` function), an optional text check (content filter), the chosen
+  token's logprob with the top alternatives, and prompt logprobs (for scoring, `echo`).
+- `BatchDecoder`: continuous batching on one device. `prefill(seqs)` admits new sequences into free
+  slots with one forward pass (right-padded), `decode()` advances every active sequence by one
+  token with one forward pass; finished sequences free their slot at once, so new ones can be
+  admitted between decode steps. `generate()` is the one-call version.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from collections.abc import Callable
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moe.config import ModelConfig
+from moe.model import MoETransformer
+
+FINISH_STOP, FINISH_LENGTH, FINISH_FILTER = "stop", "length", "content_filter"
+
+
+class KVCache:
+    """Keys and values of `n_slots` sequences for every layer, plus each slot's cached length."""
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_len: int | None = None) -> None:
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (n_slots, self.max_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.lengths = [0] * n_slots
+        self.device = torch.device(device)
+        self._slots_B: torch.Tensor | None = None
+        self._pos_BT = torch.zeros(0, 0, dtype=torch.long)
+        self._mask_B1TS = torch.zeros(0, dtype=torch.bool)
+        self._span = 0
+        self._contiguous = False
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.lengths)
+
+    def begin(self, slots: SequenceABC[int], n_tokens: int) -> None:
+        """Prepare a forward pass of `n_tokens` new tokens for each of `slots` (one row per slot)."""
+        starts = [self.lengths[s] for s in slots]
+        span = max(starts) + n_tokens
+        if span > self.max_len:
+            raise ValueError(f"KV cache overflow: {span} positions > max_len={self.max_len}.")
+        dev = self.device
+        self._slots_B = torch.tensor(list(slots), device=dev, dtype=torch.long)
+        self._contiguous = list(slots) == list(range(len(slots)))
+        self._pos_BT = torch.tensor(starts, device=dev)[:, None] + torch.arange(n_tokens, device=dev)[None, :]
+        keys_S = torch.arange(span, device=dev)
+        self._mask_B1TS = (keys_S[None, None, :] <= self._pos_BT[:, :, None]).unsqueeze(1)
+        self._span = span
+
+    def rotary(self, cos_table: torch.Tensor, sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row rotary tables (B, 1, T, head_dim/2) for the positions prepared by `begin`."""
+        return cos_table[self._pos_BT].unsqueeze(1), sin_table[self._pos_BT].unsqueeze(1)
+
+    def layer(self, layer_id: int) -> LayerKVCache:
+        return LayerKVCache(self, layer_id)
+
+    def commit(self, slots: SequenceABC[int], n_new: SequenceABC[int]) -> None:
+        """After the forward pass: slot s now holds n_new[i] more valid positions (padding excluded)."""
+        for s, n in zip(slots, n_new):
+            self.lengths[s] += n
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+class LayerKVCache:
+    """One layer's view of a `KVCache`, handed to `Attention.forward`."""
+
+    def __init__(self, cache: KVCache, layer_id: int) -> None:
+        self.cache, self.layer_id = cache, layer_id
+
+    def update(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the new keys/values; return all keys/values of these rows (B, H, S, d) and the mask."""
+        c = self.cache
+        k_NSHd, v_NSHd = c.k[self.layer_id], c.v[self.layer_id]
+        rows_B1 = c._slots_B[:, None]
+        k_NSHd[rows_B1, c._pos_BT] = k_BHTd.transpose(1, 2).to(k_NSHd.dtype)
+        v_NSHd[rows_B1, c._pos_BT] = v_BHTd.transpose(1, 2).to(v_NSHd.dtype)
+        B, S = rows_B1.shape[0], c._span
+        if c._contiguous:
+            k_BSHd, v_BSHd = k_NSHd[:B, :S], v_NSHd[:B, :S]
+        else:
+            k_BSHd, v_BSHd = k_NSHd[c._slots_B, :S], v_NSHd[c._slots_B, :S]
+        dtype = k_BHTd.dtype
+        return k_BSHd.transpose(1, 2).to(dtype), v_BSHd.transpose(1, 2).to(dtype), c._mask_B1TS
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1): no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    prompt_logprobs: int | None = None  # same for prompt tokens (the first has none)
+
+    def validate(self) -> SamplingParams:
+        checks = [
+            (self.max_tokens >= 0, f"max_tokens={self.max_tokens} must be >= 0"),
+            (self.temperature >= 0, f"temperature={self.temperature} must be >= 0"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+            (self.top_k >= -1, f"top_k={self.top_k} must be >= 0 (0 or -1 disables it)"),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs={self.logprobs} must be >= 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             f"prompt_logprobs={self.prompt_logprobs} must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+class Sequence:
+    """One prompt being continued: its sampling state, outputs, logprobs, text and finish reason."""
+
+    def __init__(self, prompt_ids: SequenceABC[int], params: SamplingParams, *, eos_ids: SequenceABC[int] = (),
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 text_check: Callable[[str], int | None] | None = None, seq_id: str | None = None,
+                 stream_text: bool = True) -> None:
+        if not prompt_ids:
+            raise ValueError("a prompt needs at least one token.")
+        self.id = seq_id or secrets.token_hex(8)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.detokenize = detokenize
+        self.text_check = text_check
+        # Decode the text after every token only when something reads it then (stop strings, the
+        # text check, streaming); otherwise once, at the end.
+        self.text_every_step = bool(stream_text or params.stop or text_check)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.output_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.emitted = 0  # characters of `text` already handed out by `take_text`
+        self.slot: int | None = None
+        if params.max_tokens == 0:
+            self.finish_reason = FINISH_LENGTH
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int, logprob: TokenLogprob | None, max_len: int) -> None:
+        """Record a sampled token and decide whether the sequence is finished."""
+        if token_id in self.stop_ids:
+            self.finish_reason = FINISH_STOP
+            if self.detokenize is not None and not self.text_every_step:
+                self.text = self.detokenize(self.output_ids)
+            return
+        self.output_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.detokenize is not None and self.text_every_step:
+            self._update_text()
+        if not self.done and (len(self.output_ids) >= self.params.max_tokens
+                              or len(self.prompt_ids) + len(self.output_ids) >= max_len):
+            self.finish_reason = FINISH_LENGTH
+        if self.done and self.detokenize is not None and not self.text_every_step:
+            self.text = self.detokenize(self.output_ids)
+
+    def _update_text(self) -> None:
+        assert self.detokenize is not None
+        prev = len(self.text)
+        self.text = self.detokenize(self.output_ids)
+        if self.params.stop:
+            longest = max(len(s) for s in self.params.stop)
+            start = max(0, min(prev, len(self.text)) - longest + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.finish_reason = FINISH_STOP
+        if self.text_check is not None:
+            blocked_at = self.text_check(self.text)
+            if blocked_at is not None:
+                self.text = self.text[:blocked_at]
+                self.finish_reason = FINISH_FILTER
+
+    def take_text(self) -> str:
+        """Text not handed out yet; while running, hold back an incomplete UTF-8 character and any
+        tail that could still become a stop string."""
+        end = len(self.text)
+        if not self.done:
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+            for s in self.params.stop:
+                for n in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[end - n:end] == s[:n]:
+                        end = min(end, len(self.text) - n)
+                        break
+        if end <= self.emitted:
+            return ""
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+
+def _logprob_entries(logp_V: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        vals, idx = logp_V.topk(min(k, logp_V.shape[-1]))
+        top = list(zip(idx.tolist(), vals.tolist()))
+    return TokenLogprob(token_id, float(logp_V[token_id]), top)
+
+
+def sample_tokens(logits_BV: torch.Tensor, seqs: SequenceABC[Sequence]) -> torch.Tensor:
+    """One token per row: greedy where temperature is 0, else temperature, top-k, top-p, each row
+    drawing from its own sequence's generator. Only rows with top_p < 1 pay for a full sort."""
+    logits_BV = logits_BV.float().cpu()
+    out_B = logits_BV.argmax(-1)
+    rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+    if not rows:
+        return out_B
+    V = logits_BV.shape[-1]
+    rows_t = torch.tensor(rows)
+    temps = torch.tensor([seqs[i].params.temperature for i in rows])
+    top_ks = torch.tensor([seqs[i].params.top_k if 0 < seqs[i].params.top_k < V else V for i in rows])
+    top_ps = torch.tensor([seqs[i].params.top_p for i in rows])
+    x_RV = logits_BV[rows_t] / temps[:, None]
+    cut = top_ks < V
+    if bool(cut.any()):
+        k_max = int(top_ks[cut].max())
+        kth_R1 = x_RV.topk(k_max, -1).values.gather(-1, (top_ks.clamp(max=k_max) - 1)[:, None])
+        kth_R1 = torch.where(cut[:, None], kth_R1, torch.full_like(kth_R1, float("-inf")))
+        x_RV = x_RV.masked_fill(x_RV < kth_R1, float("-inf"))
+    probs_RV = torch.softmax(x_RV, -1)
+    nucleus = top_ps < 1
+    if bool(nucleus.any()):
+        sorted_PV, order_PV = probs_RV[nucleus].sort(-1, descending=True)
+        sorted_PV = sorted_PV.masked_fill(sorted_PV.cumsum(-1) - sorted_PV > top_ps[nucleus][:, None], 0.0)
+        probs_RV[nucleus] = torch.zeros_like(sorted_PV).scatter(-1, order_PV, sorted_PV)
+    cum_RV = probs_RV.cumsum(-1)
+    u_R = torch.stack([torch.rand((), generator=seqs[i].generator) for i in rows]) * cum_RV[:, -1]
+    choice_R = torch.searchsorted(cum_RV, u_R[:, None].contiguous()).clamp(max=V - 1).squeeze(-1)
+    out_B[rows_t] = choice_R
+    return out_B
+
+
+class BatchDecoder:
+    """Continuous batching over a slot KV cache: admit with `prefill`, advance with `decode`."""
+
+    def __init__(self, model: MoETransformer, n_slots: int) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache(model.cfg, n_slots, device=p.device, dtype=p.dtype)
+        self._free = list(range(n_slots))
+        self.active: dict[int, Sequence] = {}
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.active.pop(seq.slot, None)
+            self.cache.reset(seq.slot)
+            heapq.heappush(self._free, seq.slot)
+            seq.slot = None
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence (client gone); its slot is free for the next admission."""
+        self._release(seq)
+
+    @torch.no_grad()
+    def prefill(self, seqs: SequenceABC[Sequence]) -> list[Sequence]:
+        """Run the prompts of `seqs` (at most `n_free`) in one forward pass; sample each first token."""
+        if len(seqs) > self.n_free:
+            raise ValueError(f"{len(seqs)} sequences but only {self.n_free} free slots.")
+        for s in seqs:
+            if len(s.prompt_ids) > self.max_len:
+                raise ValueError(f"prompt of {len(s.prompt_ids)} tokens exceeds the context of {self.max_len}.")
+        if not seqs:
+            return []
+        slots = [heapq.heappop(self._free) for _ in seqs]
+        lens = [len(s.prompt_ids) for s in seqs]
+        T = max(lens)
+        tokens_BT = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens_BT[b, :lens[b]] = torch.tensor(s.prompt_ids)
+            s.slot = slots[b]
+            self.active[slots[b]] = s
+        self.cache.begin(slots, T)
+        logits_BTV = self.model(tokens_BT.to(self.device), kv_cache=self.cache)
+        self.cache.commit(slots, lens)
+        for b, s in enumerate(seqs):
+            k = s.params.prompt_logprobs
+            if k is not None:
+                logp_TV = F.log_softmax(logits_BTV[b, :lens[b] - 1].float(), -1).cpu()
+                s.prompt_logprobs = [None] + [_logprob_entries(logp_TV[t], s.prompt_ids[t + 1], k)
+                                              for t in range(lens[b] - 1)]
+        last_BV = logits_BTV[torch.arange(len(seqs), device=logits_BTV.device),
+                             torch.tensor(lens, device=logits_BTV.device) - 1]
+        live = [b for b, s in enumerate(seqs) if not s.done]
+        if live:
+            self._sample_and_append([seqs[b] for b in live], last_BV[live])
+        for s in seqs:
+            if s.done:
+                self._release(s)
+        return list(seqs)
+
+    @torch.no_grad()
+    def decode(self) -> list[Sequence]:
+        """Advance every active sequence by one token in one forward pass; returns those sequences."""
+        if not self.active:
+            return []
+        slots = sorted(self.active)
+        seqs = [self.active[s] for s in slots]
+        tokens_B1 = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        self.cache.begin(slots, 1)
+        logits_BV = self.model(tokens_B1, kv_cache=self.cache)[:, 0]
+        self.cache.commit(slots, [1] * len(slots))
+        self._sample_and_append(seqs, logits_BV)
+        for s in seqs:
+            if s.done:
+                self._release(s)
+        return seqs
+
+    def _sample_and_append(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> None:
+        next_B = sample_tokens(logits_BV, seqs).tolist()
+        logp_BV = None
+        if any(s.params.logprobs is not None for s in seqs):
+            logp_BV = F.log_softmax(logits_BV.float(), -1).cpu()
+        for b, s in enumerate(seqs):
+            lp = None
+            if logp_BV is not None and s.params.logprobs is not None:
+                lp = _logprob_entries(logp_BV[b], next_B[b], s.params.logprobs)
+            s.append(next_B[b], lp, self.max_len)
+
+
+def generate(model: MoETransformer, prompts: SequenceABC[SequenceABC[int]], params: SamplingParams | None = None,
+             *, eos_ids: SequenceABC[int] = (), detokenize: Callable[[list[int]], str] | None = None
+             ) -> list[Sequence]:
+    """Decode all prompts together (one batch, KV cache) until each finishes; returns the sequences."""
+    params = (params or SamplingParams()).validate()
+    seqs = [Sequence(p, params, eos_ids=eos_ids, detokenize=detokenize) for p in prompts]
+    decoder = BatchDecoder(model, max(1, len(seqs)))
+    decoder.prefill(seqs)
+    while decoder.active:
+        decoder.decode()
+    return seqs

@@ -1,0 +1,171 @@
+"""`python -m pipelines.bench serve`: throughput and latency of the Serve app over real HTTP, with
+batching on (engine.max_batch_size=32) and off (=1), at 1, 8 and 32 concurrent clients, in one run.
+
+The model is an exported directory (`--model-dir`), a registered model (`--registered-name`, with
+`--tracking-uri`), or by default a freshly initialized `--preset` (conf/model/*.yaml) with a
+byte-level BPE trained on a few stdlib files (random weights generate as fast as trained ones; every
+request asks for exactly `--max-tokens` tokens with ignore_eos). Both modes use the same replica
+resources and limits; only the batch size differs. Both apps are deployed side by side and each
+concurrency level runs batched then unbatched back to back, so load from elsewhere on the machine
+hits both alike. Goal: batched throughput at 32 clients >= 4x
+the unbatched throughput at 32 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pipelines.bench import BenchResult, Goal
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def make_model_dir(preset: str, out: Path) -> Path:
+    """A randomly initialized preset with a small byte-level BPE tokenizer, exported for serving."""
+    from omegaconf import OmegaConf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from moe.checkpoint import export_model
+    from moe.config import ModelConfig
+    from moe.model import build_model
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                              OmegaConf.load(REPO / "conf" / "model" / f"{preset}.yaml")))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(stdlib / f) for f in ("textwrap.py", "string.py", "fnmatch.py", "shlex.py", "difflib.py")],
+              trainers.BpeTrainer(vocab_size=min(2048, cfg.vocab_size), special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(out / "tokenizer.json"))
+    return export_model(build_model(cfg, seed=0).eval(), out / "model", out / "tokenizer.json")
+
+
+def load(base: str, clients: int, requests_per_client: int, prompt: str, max_tokens: int) -> dict:
+    """`clients` threads, each sending its requests one after another; latency per request."""
+    import httpx
+
+    latencies: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        nonlocal tokens
+        with httpx.Client(base_url=base, timeout=600) as c:
+            barrier.wait()
+            for j in range(requests_per_client):
+                body = {"prompt": f"{prompt} # {i}.{j}", "max_tokens": max_tokens, "temperature": 0.8,
+                        "seed": i * 1000 + j, "ignore_eos": True}
+                t0 = time.perf_counter()
+                r = c.post("/v1/completions", json=body)
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+                        continue
+                    latencies.append(dt)
+                    tokens += r.json()["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return {"requests": len(latencies), "req_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99)}
+
+
+def run(args: list[str]) -> BenchResult:
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench serve", description=__doc__)
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--registered-name", default=None)
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--preset", default="small", help="conf/model/<preset>.yaml when no model is given")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs for the model replica")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-gpus", type=float, default=0.0)
+    a = p.parse_args(args)
+    levels = [int(x) for x in a.concurrency.split(",")]
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import load_config
+    from tests.serve.conftest import free_port
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
+    source: list[str]
+    if a.model_dir:
+        source = [f"model.path={a.model_dir}"]
+    elif a.registered_name:
+        source = [f"model.registered_name={a.registered_name}", f"tracking.uri={a.tracking_uri}"]
+    else:
+        source = [f"model.path={make_model_dir(a.preset, Path(tmp.name))}"]
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    prompt = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description="
+    modes = {"on": a.batch_size, "off": 1}
+    rows: list[dict] = []
+    notes: list[str] = []
+    try:
+        for mode, size in modes.items():
+            cfg = load_config(source + [
+                f"app_name=bench_{mode}", f"engine.max_batch_size={size}", "engine.batch_wait_timeout_s=0.005",
+                "deployment.num_replicas=1", f"deployment.num_cpus={a.num_cpus}",
+                f"deployment.num_gpus={a.num_gpus}", f"model.device={a.device}",
+                "deployment.max_ongoing_requests=256", "deployment.max_queued_requests=-1",
+                "engine.max_waiting=1024", "ingress.num_cpus=0.1"])
+            serve.run(build_app(cfg), name=f"bench_{mode}", route_prefix=f"/{mode}", blocking=False)
+            load(f"{base}/{mode}", 2, 1, prompt, a.max_tokens)  # warm-up
+        for clients in levels:
+            for mode, size in modes.items():
+                r = load(f"{base}/{mode}", clients,
+                         a.requests_per_client if clients > 1 else 2 * a.requests_per_client, prompt, a.max_tokens)
+                rows.append({"batching": mode, "max_batch": size, "clients": clients, **r})
+        for mode in modes:
+            stats = httpx.get(f"{base}/{mode}/stats", timeout=60).json()["model"]
+            notes.append(f"batching {mode}: mean decode batch {stats['mean_decode_batch_size']:.1f}, "
+                         f"max {stats['max_decode_batch_size']}")
+    finally:
+        serve.shutdown()
+        tmp.cleanup()
+    top = max(levels)
+    on = next(r for r in rows if r["batching"] == "on" and r["clients"] == top)["tokens_per_s"]
+    off = next(r for r in rows if r["batching"] == "off" and r["clients"] == top)["tokens_per_s"]
+    notes.append(f"{a.max_tokens} generated tokens per request; throughput = completion tokens / wall time")
+    return BenchResult(
+        name="serve", rows=rows, notes=notes,
+        goals={f"batched_vs_unbatched_throughput_at_{top}_clients": Goal(on / off, 4.0)})

@@ -1,0 +1,195 @@
+"""Serving configuration: the typed dataclasses behind `conf/serve.yaml`, their validation, and
+`load_config(overrides)` for code paths that do not go through `@hydra.main` (`serve.app`).
+
+`python -m serve.deploy` and `serve.app` both end in `to_serve_config`, so every value the
+deployments see has been type-checked by Hydra and range-checked here, before Ray is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe.config import ConfigError
+from pipelines.config import TrackingConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class ModelSourceConfig:
+    """Where the weights come from: a local directory, a run, or the registry (default: latest version)."""
+
+    path: str | None = None  # exported model directory (model.safetensors, config.json, tokenizer.json)
+    run_id: str | None = None  # an MLflow run that logged the model
+    registered_name: str | None = None  # registry name; null: tracking.registered_model
+    version: str | None = None  # registry version; null with alias null: the latest version
+    alias: str | None = None  # registry alias (e.g. "champion")
+    served_name: str | None = None  # the `model` id clients send; null: the registry name or directory name
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16
+    num_threads: int = 0  # torch intra-op threads per replica; 0: the replica's num_cpus (at least 1)
+
+
+@dataclass
+class EngineConfig:
+    """Continuous batching inside one model replica."""
+
+    max_batch_size: int = 32  # sequences decoded together (KV-cache slots); 1 turns batching off
+    batch_wait_timeout_s: float = 0.005  # when idle, wait this long for more requests before a prefill
+    max_waiting: int = 256  # sequences queued for a slot inside a replica; beyond: 503
+    default_max_tokens: int = 16  # completions without max_tokens (chat defaults to the rest of the context)
+    max_n: int = 16  # largest `n` (choices per prompt)
+    eos_token: str | None = "<|endoftext|>"  # ends generation when the tokenizer knows it
+    log_interval_s: float = 10.0  # engine stats (batch size, queue, tokens/s) to the replica log
+
+
+@dataclass
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 2
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 16.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
+
+
+@dataclass
+class ModelDeploymentConfig:
+    """The model replica's resource profile, scaling and backpressure."""
+
+    num_replicas: int | None = None  # a fixed count; null: autoscaling below
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    max_ongoing_requests: int = 64  # requests in one replica at once (>= engine.max_batch_size)
+    max_queued_requests: int = 128  # requests waiting at the caller for a replica; beyond: 503 (-1: no limit)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+
+
+@dataclass
+class ChatTemplateConfig:
+    """A simple chat template: each message rendered with its role's format, then the generation prompt."""
+
+    system: str = "<|system|>\n{content}\n"
+    user: str = "<|user|>\n{content}\n"
+    assistant: str = "<|assistant|>\n{content}\n"
+    generation_prompt: str = "<|assistant|>\n"
+    stop: list[str] = field(default_factory=lambda: ["<|user|>", "<|system|>"])  # added to every chat request
+
+
+@dataclass
+class IngressConfig:
+    """The OpenAI-compatible HTTP deployment (light: no model, no torch)."""
+
+    num_replicas: int = 1
+    num_cpus: float = 0.1
+    max_ongoing_requests: int = 1024
+    api_key_env: str = "MOE_API_KEY"  # if this environment variable is set, requests need `Bearer <key>`
+
+
+@dataclass
+class SafetyRules:
+    block_words: list[str] = field(default_factory=list)  # whole words/phrases, case-insensitive
+    regexes: list[str] = field(default_factory=list)  # Python regular expressions (re.search)
+
+
+@dataclass
+class SafetyConfig:
+    """Content filter: blocked input -> 400 policy error; blocked output -> finish_reason content_filter."""
+
+    input: SafetyRules = field(default_factory=SafetyRules)
+    output: SafetyRules = field(default_factory=SafetyRules)
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass
+class ServeConfig:
+    app_name: str = "moe"
+    route_prefix: str = "/"
+    ray_address: str | None = None  # null: RAY_ADDRESS or a new local Ray; "auto"; ray://host:10001
+    blocking: bool = True  # keep `python -m serve.deploy` in the foreground (needed when it started Ray)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    deployment: ModelDeploymentConfig = field(default_factory=ModelDeploymentConfig)
+    chat: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate_serve_config(c: ServeConfig) -> ServeConfig:
+    e, d, a, m = c.engine, c.deployment, c.deployment.autoscaling, c.model
+    _check(e.max_batch_size >= 1, f"engine.max_batch_size={e.max_batch_size} must be >= 1 (1 disables batching).")
+    _check(e.batch_wait_timeout_s >= 0, f"engine.batch_wait_timeout_s={e.batch_wait_timeout_s} must be >= 0.")
+    _check(e.max_waiting >= 1, f"engine.max_waiting={e.max_waiting} must be >= 1.")
+    _check(e.default_max_tokens >= 1, f"engine.default_max_tokens={e.default_max_tokens} must be >= 1.")
+    _check(e.max_n >= 1, f"engine.max_n={e.max_n} must be >= 1.")
+    _check(d.max_ongoing_requests >= 1, f"deployment.max_ongoing_requests={d.max_ongoing_requests} must be >= 1.")
+    _check(d.max_queued_requests == -1 or d.max_queued_requests >= 0,
+           f"deployment.max_queued_requests={d.max_queued_requests} must be >= 0, or -1 for no limit.")
+    if d.num_replicas is not None:
+        _check(d.num_replicas >= 1, f"deployment.num_replicas={d.num_replicas} must be >= 1 (null: autoscaling).")
+    else:
+        _check(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1,
+               f"deployment.autoscaling: need 0 <= min_replicas ({a.min_replicas}) <= max_replicas "
+               f"({a.max_replicas}) and max_replicas >= 1.")
+        _check(a.target_ongoing_requests > 0,
+               f"deployment.autoscaling.target_ongoing_requests={a.target_ongoing_requests} must be > 0.")
+    _check(m.device in ("cpu", "cuda"), f"model.device={m.device!r}: use cpu or cuda.")
+    _check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use float32 or bfloat16.")
+    _check(m.device == "cpu" or d.num_gpus > 0,
+           "model.device=cuda needs deployment.num_gpus > 0 so Ray gives the replica a GPU.")
+    _check(sum(x is not None for x in (m.path, m.run_id)) <= 1,
+           "set at most one of model.path and model.run_id (or neither, for the registry).")
+    _check(not (m.version is not None and m.alias is not None),
+           "set model.version or model.alias, not both.")
+    for side in ("input", "output"):
+        for i, pattern in enumerate(getattr(c.safety, side).regexes):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"safety.{side}.regexes[{i}]={pattern!r} is not a valid regex: {err}.") from err
+    _check(c.route_prefix.startswith("/"), f"route_prefix={c.route_prefix!r} must start with '/'.")
+    return c
+
+
+def to_serve_config(cfg: DictConfig) -> ServeConfig:
+    obj: Any = OmegaConf.to_object(cfg)
+    if not isinstance(obj, ServeConfig):
+        raise ConfigError("the serve config did not compose against its schema (serve_schema).")
+    return validate_serve_config(obj)
+
+
+def load_config(overrides: list[str] | None = None) -> ServeConfig:
+    """Compose conf/serve.yaml with Hydra overrides (the path `serve.app` takes)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="serve", overrides=list(overrides or []))
+    GlobalHydra.instance().clear()
+    return to_serve_config(cfg)

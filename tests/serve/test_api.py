@@ -1,0 +1,353 @@
+"""The OpenAI-compatible API over real HTTP against a real Ray Serve deployment (tests/serve/conftest.py):
+every endpoint, all prompt forms, n, logprobs/echo, streaming, batching under concurrency,
+backpressure, the API key, the content filter, and bad input (each followed by a good request)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.serve.conftest import STRICT_KEY
+
+TIMEOUT = 120.0
+
+
+@pytest.fixture(scope="module")
+def client(server) -> httpx.Client:
+    with httpx.Client(base_url=server.base, timeout=TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def local(server):
+    """The registry's latest version (2) and the tokenizer, loaded here to check the server's numbers."""
+    from tokenizers import Tokenizer
+
+    from moe.checkpoint import load_model
+
+    return load_model(server.models.dirs[2]), Tokenizer.from_file(str(server.models.tokenizer_path))
+
+
+def good(client: httpx.Client, prefix: str = "", headers: dict | None = None) -> None:
+    r = client.post(f"{prefix}/v1/completions", json={"prompt": "def f(x):", "max_tokens": 2}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop", "content_filter")
+
+
+def sse(response: httpx.Response) -> list[dict]:
+    events, done = [], False
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        payload = line[len("data: "):]
+        if payload == "[DONE]":
+            done = True
+            continue
+        events.append(json.loads(payload))
+    assert done, "stream did not end with [DONE]"
+    return events
+
+
+def test_health_and_models(client, server):
+    assert client.get("/health").json() == {"status": "ok"}
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    data = r.json()["data"]
+    assert [m["id"] for m in data] == ["tiny-moe"] and data[0]["max_model_len"] == 128
+    from ray import serve
+
+    status = serve.status()
+    for app in ("moe", "strict"):
+        assert status.applications[app].status == "RUNNING"
+        for dep in status.applications[app].deployments.values():
+            assert dep.status == "HEALTHY"
+
+
+def test_completion_matches_local_greedy_decoding(client, local):
+    from moe.generate import SamplingParams, generate
+
+    model, tok = local
+    prompt = "import os\nfrom collections import"
+    r = client.post("/v1/completions", json={"model": "tiny-moe", "prompt": prompt, "max_tokens": 12,
+                                              "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = tok.encode(prompt).ids
+    ref = generate(model, [ids], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    assert body["object"] == "text_completion" and body["model"] == "tiny-moe"
+    assert body["choices"][0]["text"] == tok.decode(ref.output_ids)
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
+
+
+def test_prompt_forms_and_n(client, local):
+    _, tok = local
+    a, b = "class A:", "while True:"
+    ids_a, ids_b = tok.encode(a).ids, tok.encode(b).ids
+    base = {"max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    texts = {}
+    for name, prompt in [("str", a), ("strs", [a, b]), ("ids", ids_a), ("idss", [ids_a, ids_b])]:
+        r = client.post("/v1/completions", json={**base, "prompt": prompt, "n": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        n_prompts = 2 if name in ("strs", "idss") else 1
+        assert [c["index"] for c in body["choices"]] == list(range(2 * n_prompts))
+        assert body["usage"]["prompt_tokens"] == len(ids_a) + (len(ids_b) if n_prompts == 2 else 0)
+        assert body["usage"]["completion_tokens"] == 5 * 2 * n_prompts
+        texts[name] = [c["text"] for c in body["choices"]]
+    # greedy: every form of the same prompt continues the same way, and n copies agree
+    assert texts["str"] == texts["ids"] == texts["strs"][:2] == texts["idss"][:2]
+    assert texts["strs"][2:] == texts["idss"][2:]
+    assert texts["str"][0] == texts["str"][1]
+
+
+def test_seed_makes_sampling_reproducible(client):
+    req = {"prompt": "for i in range(", "max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "top_k": 50,
+           "seed": 1234, "ignore_eos": True, "n": 2}
+    one, two = (client.post("/v1/completions", json=req).json() for _ in range(2))
+    assert [c["text"] for c in one["choices"]] == [c["text"] for c in two["choices"]]
+
+
+def test_echo_and_logprobs_score_the_prompt(client, local):
+    model, tok = local
+    prompt = "return self._value"
+    ids = tok.encode(prompt).ids
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == prompt
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]) == prompt
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        ref = F.log_softmax(model(torch.tensor([ids]))[0], -1)
+    for t in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][t] - float(ref[t - 1, ids[t]])) < 1e-3
+        assert 1 <= len(lp["top_logprobs"][t]) <= 3
+    assert lp["text_offset"] == [sum(len(s) for s in lp["tokens"][:i]) for i in range(len(ids))]
+    # echo with generation: prompt entries then generated entries
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1,
+                                              "temperature": 0, "ignore_eos": True})
+    choice = r.json()["choices"][0]
+    assert choice["text"].startswith(prompt)
+    assert len(choice["logprobs"]["tokens"]) == len(ids) + 3
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_chat_completion_and_template(client, local):
+    _, tok = local
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": [{"type": "text", "text": "Write a loop."}]}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-moe", "messages": messages, "max_tokens": 6,
+                                                   "temperature": 0, "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("length", "stop")
+    rendered = "<|system|>\nYou write Python.\n<|user|>\nWrite a loop.\n<|assistant|>\n"
+    assert body["usage"]["prompt_tokens"] == len(tok.encode(rendered).ids)
+    content = choice["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    assert all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in content)
+    tk = client.post("/tokenize", json={"messages": messages}).json()
+    assert tk["count"] == body["usage"]["prompt_tokens"]
+
+
+def test_streaming_completions_equal_non_streaming(client):
+    req = {"prompt": "def main():\n", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    full = client.post("/v1/completions", json=req).json()
+    with client.stream("POST", "/v1/completions",
+                       json={**req, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r)
+    chunks = [e for e in events if e["choices"]]
+    assert len(chunks) > 2  # tokens arrive in pieces
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == full["usage"]
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    req = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "temperature": 0}
+    full = client.post("/v1/chat/completions", json=req).json()
+    with client.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as r:
+        assert r.status_code == 200
+        events = sse(r)
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text == full["choices"][0]["message"]["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+
+
+def test_stop_sequences(client):
+    req = {"prompt": "x = 1\n", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    text = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    stop = text[5:8]
+    assert len(stop) == 3
+    r = client.post("/v1/completions", json={**req, "stop": [stop]}).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["text"] == text[:text.index(stop)]
+
+
+def test_tokenize_detokenize_roundtrip(client, local):
+    _, tok = local
+    text = "def greet(name):\n    return f'hi {name}'"
+    r = client.post("/tokenize", json={"model": "tiny-moe", "prompt": text, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode(text).ids and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 128 and "".join(body["token_strs"]) == text
+    r = client.post("/detokenize", json={"tokens": body["tokens"]})
+    assert r.json() == {"prompt": text}
+
+
+def test_concurrent_requests_are_batched(client):
+    before = client.get("/stats").json()["model"]
+    prompts = [f"value_{i} = compute(" for i in range(8)]
+
+    def one(p: str) -> str:
+        r = client.post("/v1/completions", json={"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(one, prompts))
+    after = client.get("/stats").json()["model"]
+    new = {int(k): v - before["decode_batch_sizes"].get(k, 0) for k, v in after["decode_batch_sizes"].items()}
+    assert max(k for k, v in new.items() if v > 0) > 1, new  # several sequences shared decode steps
+    assert after["max_decode_batch_size"] <= 8
+    alone = [one(p) for p in prompts[:3]]
+    assert alone == together[:3]  # batching does not change greedy results
+
+
+def test_backpressure_returns_503_and_recovers(server):
+    headers = {"Authorization": f"Bearer {STRICT_KEY}"}
+    req = {"prompt": "import sys", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=server.strict, timeout=TIMEOUT, headers=headers) as c:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: c.post("/v1/completions", json=req), range(12)))
+        codes = sorted(r.status_code for r in results)
+        assert 200 in codes and 503 in codes, codes
+        assert set(codes) <= {200, 503}
+        rejected = next(r for r in results if r.status_code == 503)
+        err = rejected.json()["error"]
+        assert err["code"] == "overloaded" and "overloaded" in err["message"] and rejected.headers["retry-after"]
+        good(c)
+
+
+def test_api_key(server):
+    with httpx.Client(base_url=server.strict, timeout=TIMEOUT) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": STRICT_KEY}):
+            r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}, headers=headers)
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert c.get("/v1/models", headers=headers).status_code == 401
+        assert c.get("/health").status_code == 200  # health stays open for probes
+        ok = {"Authorization": f"Bearer {STRICT_KEY}"}
+        assert c.get("/v1/models", headers=ok).json()["data"][0]["id"] == "tiny-strict"
+        good(c, headers=ok)
+
+
+def test_no_api_key_needed_by_default(client):
+    assert client.get("/v1/models").status_code == 200
+
+
+def test_input_content_filter(client):
+    for prompt in ("please say FORBIDDENWORD now", "the code is secret-1234"):
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "content_policy_violation"
+        good(client)
+    r = client.post("/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "forbiddenword"}], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation"
+    assert client.post("/v1/completions", json={"prompt": "forbiddenwords are fine", "max_tokens": 1}).status_code == 200
+
+
+def test_output_content_filter(server):
+    text, blocked = server.filter_text, server.blocked
+    assert blocked in text
+    headers = {"Authorization": f"Bearer {STRICT_KEY}"}
+    req = {"prompt": server.filter_prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=server.strict, timeout=TIMEOUT, headers=headers) as c:
+        choice = c.post("/v1/completions", json=req).json()["choices"][0]
+        assert choice["finish_reason"] == "content_filter"
+        assert choice["text"] == text[:text.index(blocked)]
+        with c.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+            events = sse(r)
+        assert events[-1]["choices"][0]["finish_reason"] == "content_filter"
+        assert blocked not in "".join(e["choices"][0]["text"] for e in events)
+        good(c)
+
+
+BAD_INPUTS = [
+    ("invalid JSON", "/v1/completions", b'{"prompt": "x", ', 400, "not valid JSON"),
+    ("non-UTF-8 body", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400, "UTF-8"),
+    ("JSON not an object", "/v1/completions", b'["prompt"]', 400, "JSON object"),
+    ("missing prompt", "/v1/completions", {"max_tokens": 3}, 400, "prompt: field required"),
+    ("missing messages", "/v1/chat/completions", {"max_tokens": 3}, 400, "messages: field required"),
+    ("prompt wrong type", "/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("max_tokens wrong type", "/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("stream wrong type", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("messages wrong type", "/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("negative max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ("huge max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 10**9}, 400, "maximum context length"),
+    ("huge max_tokens chat", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "maximum context length"),
+    ("prompt longer than context", "/v1/completions", {"prompt": "word " * 400, "max_tokens": 1}, 400,
+     "maximum context length"),
+    ("token ids longer than context", "/v1/completions", {"prompt": [5] * 200, "max_tokens": 0, "echo": True},
+     400, "maximum context length"),
+    ("token id out of vocabulary", "/v1/completions", {"prompt": [1, 2, 99999]}, 400, "outside the vocabulary"),
+    ("negative token id", "/detokenize", {"tokens": [-1]}, 400, "outside the vocabulary"),
+    ("unknown model", "/v1/completions", {"model": "gpt-17", "prompt": "x"}, 404, "does not exist"),
+    ("unknown model chat", "/v1/chat/completions", {"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]},
+     404, "does not exist"),
+    ("unknown model stream", "/v1/completions", {"model": "gpt-17", "prompt": "x", "stream": True}, 404,
+     "does not exist"),
+    ("temperature too high", "/v1/completions", {"prompt": "x", "temperature": 7.5}, 400, "temperature"),
+    ("temperature negative", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+    ("top_p out of range", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("n too large", "/v1/completions", {"prompt": "x", "n": 1000}, 400, "n="),
+    ("n zero", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("logprobs too many", "/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("tokenize neither", "/tokenize", {"model": "tiny-moe"}, 400, "exactly one"),
+    ("unknown route", "/v1/embeddings", {"input": "x"}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_4xx_and_server_stays_healthy(client, case):
+    _, path, body, status, fragment = case
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"}
+    good(client)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(client):
+    req = {"prompt": "while True:", "max_tokens": 100, "temperature": 0, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/completions", json=req) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk
+    good(client)
+    stats = client.get("/stats").json()["model"]
+    assert stats["waiting"] == 0
