@@ -10,6 +10,7 @@ of a torch.distributed.checkpoint into the reported checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -17,24 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from cluster.profiles import torch_dtype, uses_gpu
 from moe.flops import measure_matmul_peak, mfu
 from moe.model import MoETransformer, build_model
 from moe.parallel.apply import ParallelPlan, parallelize
 from moe.parallel.mesh import ParallelDims
+from pipelines.checkpointing import load_checkpoint, save_checkpoint
 from pipelines.config import OptimConfig, TrainConfig
 from pipelines.data.ingest import ConsumedSet, iter_batches
-
-TRAINER_STATE_FILE = "trainer_state.pt"
-DCP_DIR = "dcp"
 
 
 @dataclass
@@ -91,34 +87,6 @@ def _all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def save_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, sched: Any, state: TrainerState,
-                    directory: Path, rank: int) -> None:
-    model_sd, optim_sd = get_state_dict(model, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / DCP_DIR))
-    if rank == 0:
-        torch.save({"trainer": state.__dict__, "scheduler": sched.state_dict()}, directory / TRAINER_STATE_FILE)
-
-
-def load_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, sched: Any, directory: Path
-                    ) -> TrainerState:
-    model_sd, optim_sd = get_state_dict(model, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
-    sched.load_state_dict(extra["scheduler"])
-    return TrainerState(**extra["trainer"])
-
-
-def load_model_from_checkpoint(cfg: TrainConfig, directory: Path) -> MoETransformer:
-    """Full model from a training checkpoint, in a single process (used by the driver to export)."""
-    model = build_model(cfg.model, device="cpu", seed=None)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
-    model.load_state_dict(state["model"])
-    return model
-
-
 class Evaluator:
     """Mean validation loss over a fixed set of batches (the first `eval_batches` per rank, read
     once and kept), so every point of the validation curve measures the same sequences."""
@@ -164,7 +132,6 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: TrainConfig = config["cfg"]
     n_train_sequences: int = config["n_train_sequences"]
-    ray.data.DataContext.get_current().enable_progress_bars = False  # keep the console to progress lines
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if uses_gpu(cfg.cluster) else torch.device("cpu")
@@ -175,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dims = ParallelDims.from_degrees(world, cfg.parallel.dp, cfg.parallel.ep, cfg.parallel.pp,
                                      cfg.model.moe.n_routed_experts)
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
-    plan: ParallelPlan = parallelize(model, dims)
+    plan: ParallelPlan = parallelize(model, dims, device_type=device.type)
     opt = build_optimizer(model, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.train.steps))
 
@@ -183,7 +150,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = load_checkpoint(model, opt, sched, Path(d))
+            extra = load_checkpoint(model, opt, Path(d))
+        sched.load_state_dict(extra["scheduler"])
+        state = TrainerState(**extra["trainer"])
         state.restarts += 1
         if rank == 0:
             print(f"[train] resumed at step {state.step} (epoch {state.epoch}, world size {world})", flush=True)
@@ -256,12 +225,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "eta_s": (cfg.train.steps - state.step) * (time.perf_counter() - run_start)
                 / max(1, state.step - start_step),
             }
+            dropped = plan.reduce_dropped_fractions()
             for name in moe_names:
                 share = loads[name].double() / loads[name].sum().clamp(min=1) if loads else None
                 if share is not None:
                     metrics[f"moe/layer{name}/max_load"] = float(share.max() * share.numel())
                     metrics[f"moe/layer{name}/min_load"] = float(share.min() * share.numel())
-                metrics[f"moe/layer{name}/dropped_frac"] = model.moe_layers()[name].take_dropped_fraction()
+                metrics[f"moe/layer{name}/dropped_frac"] = dropped[name]
             if state.step % cfg.train.eval_every == 0 or last:
                 metrics["val/loss"] = evaluator(model, rank, world)
             state.consumed = consumed.state_dict()
@@ -271,7 +241,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["moe_layers"] = moe_names
             if state.step % cfg.train.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory(prefix="moe-ckpt-") as tmp:
-                    save_checkpoint(model, opt, sched, state, Path(tmp), rank)
+                    extra = {"trainer": dataclasses.asdict(state), "scheduler": sched.state_dict()}
+                    save_checkpoint(model, opt, Path(tmp), extra, rank)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import ray
+import ray.data
 from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import DataConfig as RayDataConfig
@@ -20,12 +21,13 @@ from cluster.profiles import worker_resources
 from cluster.runtime import ClusterMismatchError, connect
 from moe.checkpoint import export_model
 from pipelines import tracking
+from pipelines.checkpointing import load_full_model
 from pipelines.config import TrainConfig
 from pipelines.data.ingest import read_manifest, resolve_dataset_dir, split_dataset
 from pipelines.plan import TrainingPlan
 from pipelines.progress import TrainProgress
 from pipelines.report import expert_load_heatmap, loss_curves
-from pipelines.train_loop import load_model_from_checkpoint, train_loop_per_worker
+from pipelines.train_loop import train_loop_per_worker
 
 
 class TrainingFailed(RuntimeError):
@@ -109,6 +111,8 @@ def run_training(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan) -> Tr
         mlflow.log_artifact(str(dataset_dir / manifest["tokenizer_file"]), "tokenizer")
         mlflow.set_tags({"cluster": cfg.cluster.name, "model": cfg.model.name, "dataset_version": manifest["version"]})
 
+    # the datasets carry this context to the workers: progress lines, not Ray Data's bars, on the console
+    ray.data.DataContext.get_current().enable_progress_bars = False
     storage = Path(cfg.train.storage_path).resolve()
     name = f"train-{run_id or 'local'}"
     n_workers: int | tuple[int, int] = cfg.cluster.num_workers
@@ -145,7 +149,7 @@ def run_training(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan) -> Tr
     if result.checkpoint is None:
         raise TrainingFailed("training finished without a checkpoint; nothing to export.")
     with result.checkpoint.as_directory() as ckpt_dir:
-        model = load_model_from_checkpoint(cfg, Path(ckpt_dir))
+        model = load_full_model(cfg.model, Path(ckpt_dir))
     model_dir = storage / name / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
