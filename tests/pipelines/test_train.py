@@ -127,3 +127,20 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, co
     # the run resumed from a checkpoint (not from scratch: step 0 was evaluated once)
     assert max(m.value for m in client.get_metric_history(outcome.run_id, "train/restarts")) >= 1
     assert [m.step for m in client.get_metric_history(outcome.run_id, "val/loss")].count(0) == 1
+
+
+def test_expert_parallel_training_logs_load_and_drops(ray_cluster, compose, tmp_path: Path,
+                                                       dataset_root: Path) -> None:
+    """`parallel.ep=2` trains through Ray Train; capacity mode drops tokens and says how many."""
+    cfg, yaml_text, plan = tiny_config(compose, tmp_path, dataset_root, "parallel=ep2", "train.steps=8",
+                                       "train.eval_every=8", "train.checkpoint_every=8",
+                                       "model.moe.capacity_factor=1.0")
+    assert (plan.dims.dp, plan.dims.ep) == (1, 2)
+    outcome = run_training(cfg, yaml_text, plan)
+    assert outcome.steps == 8
+    client = MlflowClient(tracking_uri=outcome.tracking_uri)
+    dropped = client.get_metric_history(outcome.run_id, "moe/layer1/dropped_frac")
+    assert dropped and all(0 < m.value < 1 for m in dropped)
+    assert client.get_metric_history(outcome.run_id, "moe/layer1/max_load")[-1].value >= 1.0
+    model = load_model(outcome.model_dir)  # exported from the EP-sharded checkpoint, all experts present
+    assert model.layers["1"].ffn.experts.w1.shape[0] == cfg.model.moe.n_routed_experts
