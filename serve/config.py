@@ -130,6 +130,15 @@ class ServeConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db, so replicas (other working directories) find
+    the store. Same rule as pipelines.tracking.absolute_tracking_uri, without importing MLflow here."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
