@@ -72,7 +72,7 @@ class Engine:
     async def generate(self, seqs: list[Sequence]) -> AsyncIterator[SeqEvent]:
         """Queue `seqs` and yield their events until all are finished; aborts them if the caller leaves."""
         self._ensure_started()
-        if len(self.waiting) + len(seqs) > self.cfg.max_waiting:
+        if not self.has_room(len(seqs)):
             raise EngineOverloaded(
                 f"{len(self.waiting)} sequences already wait for a batch slot (engine.max_waiting="
                 f"{self.cfg.max_waiting}); retry later.")
@@ -96,6 +96,9 @@ class Engine:
                     self._aborted.add(s.id)
             if self._wake is not None:
                 self._wake.set()
+
+    def has_room(self, n: int) -> bool:
+        return len(self.waiting) + n <= self.cfg.max_waiting
 
     def check_health(self) -> None:
         if self._task is not None and self._task.done():
