@@ -84,3 +84,27 @@ def test_import_is_light_and_app_builds_on_access():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "11"
+
+
+def test_model_source_resolves_version_alias_latest_run_and_path(tiny_models):
+    import filecmp
+
+    from mlflow import MlflowClient
+
+    from serve.deployments import resolve_model_dir, served_model_name
+
+    MlflowClient(tracking_uri=tiny_models.tracking_uri).set_registered_model_alias("tiny-moe", "champion", "1")
+    base = [f"tracking.uri={tiny_models.tracking_uri}", "model.registered_name=tiny-moe"]
+
+    def weights_of(overrides: list[str]) -> int:
+        d = resolve_model_dir(load_config(overrides))
+        return next(v for v, src in tiny_models.dirs.items()
+                    if filecmp.cmp(d / "model.safetensors", src / "model.safetensors", shallow=False))
+
+    assert weights_of(base) == 2  # latest
+    assert weights_of(base + ["model.version=1"]) == 1
+    assert weights_of(base + ["model.alias=champion"]) == 1
+    assert weights_of([f"tracking.uri={tiny_models.tracking_uri}", f"model.run_id={tiny_models.run_ids[2]}"]) == 2
+    assert weights_of([f"model.path={tiny_models.dirs[1]}"]) == 1
+    assert served_model_name(load_config(base)) == "tiny-moe"
+    assert served_model_name(load_config([f"model.path={tiny_models.dirs[1]}"])) == tiny_models.dirs[1].name
