@@ -15,13 +15,12 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve.config import ServeConfig, load_config
+from serve.config import ServeConfig, absolute_tracking_uri, load_config
 
 OVERRIDES_ENV = "MOE_SERVE_OVERRIDES"
 
 
 def build_app(cfg: ServeConfig) -> Application:
-    from pipelines.tracking import absolute_tracking_uri
     from serve.api import OpenAIIngress
     from serve.deployments import MoEModelServer
 

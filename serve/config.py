@@ -43,6 +43,7 @@ class EngineConfig:
     max_batch_size: int = 32  # sequences decoded together (KV-cache slots); 1 turns batching off
     batch_wait_timeout_s: float = 0.005  # when idle, wait this long for more requests before a prefill
     max_waiting: int = 256  # sequences queued for a slot inside a replica; beyond: 503
+    max_prefill_tokens: int = 4096  # padded prompt tokens admitted in one prefill pass (at least one prompt)
     default_max_tokens: int = 16  # completions without max_tokens (chat defaults to the rest of the context)
     max_n: int = 16  # largest `n` (choices per prompt)
     eos_token: str | None = "<|endoftext|>"  # ends generation when the tokenizer knows it
@@ -130,6 +131,15 @@ class ServeConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db, so replicas (other working directories) find
+    the store. Same rule as pipelines.tracking.absolute_tracking_uri, without importing MLflow here."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
@@ -144,6 +154,7 @@ def validate_serve_config(c: ServeConfig) -> ServeConfig:
     _check(e.max_batch_size >= 1, f"engine.max_batch_size={e.max_batch_size} must be >= 1 (1 disables batching).")
     _check(e.batch_wait_timeout_s >= 0, f"engine.batch_wait_timeout_s={e.batch_wait_timeout_s} must be >= 0.")
     _check(e.max_waiting >= 1, f"engine.max_waiting={e.max_waiting} must be >= 1.")
+    _check(e.max_prefill_tokens >= 1, f"engine.max_prefill_tokens={e.max_prefill_tokens} must be >= 1.")
     _check(e.default_max_tokens >= 1, f"engine.default_max_tokens={e.default_max_tokens} must be >= 1.")
     _check(e.max_n >= 1, f"engine.max_n={e.max_n} must be >= 1.")
     _check(d.max_ongoing_requests >= 1, f"deployment.max_ongoing_requests={d.max_ongoing_requests} must be >= 1.")

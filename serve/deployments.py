@@ -114,6 +114,10 @@ class MoEModelServer:
         except APIError as err:
             yield err.to_dict()
             return
+        if not self.engine.has_room(len(prep.seqs)):  # refuse before the 200 and the event stream start
+            yield APIError(503, f"{len(self.engine.waiting)} sequences already wait for a batch slot; retry later.",
+                           "server_overloaded", code="overloaded").to_dict()
+            return
         yield {"ok": True}
         opts = req.stream_options
         try:

@@ -72,7 +72,7 @@ class Engine:
     async def generate(self, seqs: list[Sequence]) -> AsyncIterator[SeqEvent]:
         """Queue `seqs` and yield their events until all are finished; aborts them if the caller leaves."""
         self._ensure_started()
-        if len(self.waiting) + len(seqs) > self.cfg.max_waiting:
+        if not self.has_room(len(seqs)):
             raise EngineOverloaded(
                 f"{len(self.waiting)} sequences already wait for a batch slot (engine.max_waiting="
                 f"{self.cfg.max_waiting}); retry later.")
@@ -96,6 +96,9 @@ class Engine:
                     self._aborted.add(s.id)
             if self._wake is not None:
                 self._wake.set()
+
+    def has_room(self, n: int) -> bool:
+        return len(self.waiting) + n <= self.cfg.max_waiting
 
     def check_health(self) -> None:
         if self._task is not None and self._task.done():
@@ -130,12 +133,25 @@ class Engine:
                     and len(self.waiting) < self.decoder.n_free):
                 await asyncio.sleep(self.cfg.batch_wait_timeout_s)  # let a burst of requests arrive together
                 self._drop_aborted()
-            admit = [self.waiting.popleft() for _ in range(min(self.decoder.n_free, len(self.waiting)))]
+            admit = self._take_admissions()
             if admit:
                 await self._step(loop, "prefill", admit)
             if self.decoder.active:
                 await self._step(loop, "decode", None)
             self._maybe_log()
+
+    def _take_admissions(self) -> list[Sequence]:
+        """Waiting sequences for the next prefill: up to the free slots, and (padded) prompt tokens up
+        to `engine.max_prefill_tokens`, so one prefill's activations and logits stay bounded."""
+        admit: list[Sequence] = []
+        longest = 0
+        while self.waiting and len(admit) < self.decoder.n_free:
+            n = len(self.waiting[0].prompt_ids)
+            if admit and (len(admit) + 1) * max(longest, n) > self.cfg.max_prefill_tokens:
+                break
+            longest = max(longest, n)
+            admit.append(self.waiting.popleft())
+        return admit
 
     async def _step(self, loop: asyncio.AbstractEventLoop, phase: str, admit: list[Sequence] | None) -> None:
         try:
@@ -145,7 +161,8 @@ class Engine:
                 seqs = await loop.run_in_executor(self._executor, self.decoder.decode)
         except Exception as err:  # a failed forward pass ends its sequences, not the replica
             logger.exception("engine %s step failed", phase)
-            failed = list(admit or []) + list(self.decoder.active.values())
+            # a failed prefill touched only the admitted sequences' slots; a failed decode, all active ones
+            failed = list(admit) if admit is not None else list(self.decoder.active.values())
             for s in failed:
                 self.decoder.abort(s)
                 self._emit(s, error=f"{type(err).__name__}: {err}")

@@ -25,6 +25,10 @@ class EngineMetrics:
             "moe_serve_batch_size", description="Sequences in one decode forward pass.",
             boundaries=BATCH_BOUNDARIES, tag_keys=("model", "phase"))
         self.batch_size.set_default_tags(tags)
+        self.last_batch = metrics.Gauge(
+            "moe_serve_last_batch_size", description="Sequences in the latest forward pass (exact value; the "
+            "histogram's sum is approximated from bucket midpoints).", tag_keys=("model", "phase"))
+        self.last_batch.set_default_tags(tags)
         self.queue_length = metrics.Gauge(
             "moe_serve_queue_length", description="Sequences waiting for a batch slot.", tag_keys=("model",))
         self.queue_length.set_default_tags(tags)
@@ -45,6 +49,7 @@ class EngineMetrics:
 
     def observe_step(self, phase: str, batch: int, new_tokens: int, waiting: int, active: int) -> None:
         self.batch_size.observe(batch, tags={"phase": phase})
+        self.last_batch.set(batch, tags={"phase": phase})
         (self.decode_hist if phase == "decode" else self.prefill_hist)[batch] += 1
         self.queue_length.set(waiting)
         self.active.set(active)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import sysconfig
 import tempfile
@@ -34,6 +35,12 @@ def _percentile(xs: list[float], q: float) -> float:
     k = (len(xs) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_model_dir(preset: str, out: Path) -> Path:
@@ -120,7 +127,6 @@ def run(args: list[str]) -> BenchResult:
 
     from serve.app import build_app
     from serve.config import load_config
-    from tests.serve.conftest import free_port
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
     source: list[str]

@@ -117,7 +117,7 @@ def blocked_fragment(models: TinyModels) -> tuple[str, str, str]:
     raise AssertionError("no continuation with a cleanly decoded fragment")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(ray_cluster, tiny_models: TinyModels) -> Iterator[Server]:
     import re
 

@@ -351,3 +351,24 @@ def test_client_disconnect_mid_stream_frees_the_slot(client):
     good(client)
     stats = client.get("/stats").json()["model"]
     assert stats["waiting"] == 0
+
+
+def test_streaming_several_prompts_n_echo_and_logprobs(client):
+    req = {"prompt": ["a = 1", "b = 2"], "n": 2, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+           "echo": True, "logprobs": 1}
+    full = client.post("/v1/completions", json=req).json()
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+        events = sse(r)
+    texts: dict[int, str] = {}
+    tokens: dict[int, list[str]] = {}
+    finish: dict[int, str] = {}
+    for e in events:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+            tokens.setdefault(c["index"], []).extend(c["logprobs"]["tokens"] if c["logprobs"] else [])
+            if c["finish_reason"]:
+                finish[c["index"]] = c["finish_reason"]
+    assert sorted(texts) == [0, 1, 2, 3] and finish == {i: "length" for i in range(4)}
+    for c in full["choices"]:
+        assert texts[c["index"]] == c["text"] and c["text"].startswith(["a = 1", "b = 2"][c["index"] // 2])
+        assert tokens[c["index"]] == c["logprobs"]["tokens"]
