@@ -179,7 +179,7 @@ class _ShardWriter:
             self._flush(self.rows)
 
     def _flush(self, n: int) -> None:
-        t = pa.concat_tables(self.pending).combine_chunks()
+        t = pa.concat_tables(self.pending).combine_chunks() if self.pending else self.SCHEMA.empty_table()
         head, rest = t.slice(0, n), t.slice(n)
         ids = pa.array(range(self.sequences, self.sequences + len(head)), pa.int64())
         name = f"part-{len(self.shards):05d}.parquet"
@@ -190,7 +190,7 @@ class _ShardWriter:
         self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
 
     def close(self) -> None:
-        if self.n_pending:
+        if self.n_pending or not self.shards:  # an empty split still gets one (empty) shard to read
             self._flush(self.n_pending)
 
 
@@ -220,6 +220,11 @@ def _no_input_message(cfg: PreprocessConfig, bad: dict[str, int], filtered: dict
 
 def run_preprocess(cfg: PreprocessConfig) -> Path:
     """Preprocess `cfg.data.sources` into a versioned output directory; returns it (existing if unchanged)."""
+    return preprocess(cfg)[0]
+
+
+def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
+    """-> (output directory, whether an existing output with the same config and inputs was reused)."""
     root = Path(cfg.data.output_dir).expanduser().resolve()
     files, missing = sources.resolve_sources(cfg.data.sources)
     if not files:
@@ -232,7 +237,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Path:
     existing = manifest.find_existing(root, key)
     if existing is not None and not cfg.force:
         print(f"[preprocess] config and inputs unchanged: reusing {existing}")
-        return existing
+        return existing, True
 
     ensure_ray(cfg.runtime)
     _configure_data_context(cfg)
@@ -248,7 +253,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return final
+    return final, False
 
 
 def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
