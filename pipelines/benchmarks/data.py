@@ -85,6 +85,27 @@ def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer:
     return sum(w.tokens for w in writers.values()), dict(t)
 
 
+def _spin(n: int) -> float:
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i
+    return time.perf_counter() - t0
+
+
+def parallel_capacity(n: int = 3_000_000) -> float:
+    """How many cores two processes get right now: 2 x (one job alone) / (two jobs side by side)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_spin, [1000, 1000])  # start both processes first
+        one = pool.apply(_spin, (n,))
+        t0 = time.perf_counter()
+        pool.map(_spin, [n, n], chunksize=1)
+        two = time.perf_counter() - t0
+    return 2 * one / two
+
+
 def run(args: list[str]) -> BenchResult:
     # One thread per process on both sides: the plain loop is one core, Ray spreads processes over
     # the cores. (Ray's tokenizer actors run with TOKENIZERS_PARALLELISM=false too, see ensure_ray.)
@@ -104,6 +125,7 @@ def run(args: list[str]) -> BenchResult:
         tok = work / "tokenizer.json"
         train_tokenizer((r[2] for it in texts for r in it if not r[1]), cfg.data.vocab_size, cfg.tokenizer, tok)
 
+        capacity = parallel_capacity()
         ensure_ray(cfg.runtime)  # cluster start is not part of either side
         # Warm-up (untimed): a small run starts Ray's worker processes and imports, as on a long-lived cluster.
         (work / "warm").mkdir()
@@ -146,6 +168,7 @@ def run(args: list[str]) -> BenchResult:
              f"tokenizer actors={cfg.runtime.tokenize_actors}",
              f"plain loop CPU time {plain_cpu:.1f}s of {plain_s:.1f}s wall; 1-min load average after the Ray side "
              f"{load_ray:.1f}, after the plain side {load_plain:.1f} (on {os.cpu_count()} cores shared with other work)",
+             f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU",
              f"speedup (Ray tokens/s / plain tokens/s): {speedup:.2f}x"]
     return BenchResult(name="data", rows=rows, goals={"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)},
                        notes=notes)
