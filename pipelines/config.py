@@ -130,7 +130,7 @@ class ReaderConfig:
     max_record_bytes: int = 8_000_000  # a longer record (file, JSONL line) is dropped as record_too_large
     on_invalid_utf8: str = "drop"  # drop | replace (decode with U+FFFD and keep)
     binary_sniff_bytes: int = 8192  # a NUL byte in this many leading bytes marks a binary file
-    files_per_task: int = 8  # input files per Ray Data read batch
+    files_per_task: int = 32  # input files per Ray Data read task
     records_per_batch: int = 512  # records per emitted block while reading one file
     quarantine: bool = True  # write quarantine.jsonl (path, record, reason, excerpt) for every bad record
 

@@ -19,15 +19,15 @@ def main(cfg: DictConfig) -> None:
     from pipelines.bench import format_table
     from pipelines.data.ingest import read_manifest
     from pipelines.data.manifest import report_rows
-    from pipelines.data.pipeline import run_preprocess
+    from pipelines.data.pipeline import preprocess
     from pipelines.data.report import log_to_mlflow
 
     pc = to_preprocess_config(cfg)
-    out = run_preprocess(pc)
+    out, reused = preprocess(pc)
     m = read_manifest(out)
     print(format_table(report_rows(m)))
     if pc.tracking.enabled:
-        log_to_mlflow(pc, out, m)
+        log_to_mlflow(pc, out, m, reused=reused)
     print(f"[preprocess] dataset: {out}")
 
 

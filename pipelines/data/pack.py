@@ -58,10 +58,10 @@ class TokenizePack:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        splits = batch.column("split").to_pylist()
-        copies = batch.column("copies").to_pylist()
-        ids = self.encode(texts)
+        ids = self.encode(batch.column("text").to_pylist())
+        return self.pack(ids, batch.column("split").to_pylist(), batch.column("copies").to_pylist())
+
+    def pack(self, ids: list[list[int]], splits: list[str], copies: list[int]) -> pa.Table:
         parts = []
         for split in SPLITS:
             docs = [d for d, s, c in zip(ids, splits, copies) if s == split for _ in range(c)]

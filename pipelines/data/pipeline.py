@@ -60,6 +60,9 @@ def ensure_ray(rt: RuntimeConfig) -> None:
     repo = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": repo, "TOKENIZERS_PARALLELISM": "false"}
     if rt.address is None and not os.environ.get("RAY_ADDRESS"):
+        # Ray starts workers at niceness 15 by default; on a shared machine that hands the CPU to every
+        # other process. Preprocessing is the job here, so its workers run at normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=rt.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                  runtime_env={"env_vars": env})
     else:
@@ -89,13 +92,21 @@ def build_docs(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path)
     ds.write_parquet(str(out), max_rows_per_file=cfg.runtime.tokenize_batch_docs * 2)
 
 
+def _read_docs(batch: pa.Table):
+    for path in batch.column("path").to_pylist():
+        yield from (pa.Table.from_batches([b]) for b in pq.ParquetFile(path).iter_batches(
+            batch_size=4096, columns=["source", "uid", "hash", "reason", "text"]))
+
+
 def build_packed(cfg: PreprocessConfig, docs: Path, tokenizer_path: Path, dropped: set[str], out: Path) -> None:
     """Phase D: kept documents -> split + weights -> tokenize and pack in an actor pool."""
     import ray.data
 
     weights = [s.weight for s in cfg.data.sources]
-    ds = ray.data.read_parquet([str(p) for p in _parquet_files(docs)],
-                               columns=["source", "uid", "hash", "reason", "text"])
+    # One block per staging file (not read_parquet, which may merge small files into one task), so
+    # every tokenizer actor gets work and the order of documents is fixed.
+    ds = ray.data.from_arrow([pa.table({"path": [str(p)]}) for p in _parquet_files(docs)])
+    ds = ds.map_batches(_read_docs, batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(split_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"dropped": dropped, "val_fraction": cfg.data.val_fraction, "weights": weights})
     ds = ds.map_batches(
@@ -168,7 +179,7 @@ class _ShardWriter:
             self._flush(self.rows)
 
     def _flush(self, n: int) -> None:
-        t = pa.concat_tables(self.pending).combine_chunks()
+        t = pa.concat_tables(self.pending).combine_chunks() if self.pending else self.SCHEMA.empty_table()
         head, rest = t.slice(0, n), t.slice(n)
         ids = pa.array(range(self.sequences, self.sequences + len(head)), pa.int64())
         name = f"part-{len(self.shards):05d}.parquet"
@@ -179,7 +190,7 @@ class _ShardWriter:
         self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
 
     def close(self) -> None:
-        if self.n_pending:
+        if self.n_pending or not self.shards:  # an empty split still gets one (empty) shard to read
             self._flush(self.n_pending)
 
 
@@ -209,6 +220,11 @@ def _no_input_message(cfg: PreprocessConfig, bad: dict[str, int], filtered: dict
 
 def run_preprocess(cfg: PreprocessConfig) -> Path:
     """Preprocess `cfg.data.sources` into a versioned output directory; returns it (existing if unchanged)."""
+    return preprocess(cfg)[0]
+
+
+def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
+    """-> (output directory, whether an existing output with the same config and inputs was reused)."""
     root = Path(cfg.data.output_dir).expanduser().resolve()
     files, missing = sources.resolve_sources(cfg.data.sources)
     if not files:
@@ -221,7 +237,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Path:
     existing = manifest.find_existing(root, key)
     if existing is not None and not cfg.force:
         print(f"[preprocess] config and inputs unchanged: reusing {existing}")
-        return existing
+        return existing, True
 
     ensure_ray(cfg.runtime)
     _configure_data_context(cfg)
@@ -237,11 +253,13 @@ def run_preprocess(cfg: PreprocessConfig) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return final
+    return final, False
 
 
 def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
-           fingerprints: list[dict], cfg_hash: str, key: str, work: Path) -> dict[str, Any]:
+           fingerprints: list[dict], cfg_hash: str, key: str, work: Path,
+           tokenizer: Path | None = None) -> dict[str, Any]:
+    """Phases A-E into `work`; `tokenizer` reuses a trained tokenizer file instead of phase C (benchmarks)."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     docs = work / "_docs"
@@ -288,8 +306,11 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
     t0 = time.perf_counter()
     tok_path = work / TOKENIZER_FILE
     sample_stats = {"documents": 0, "bytes": 0}
-    tok = train_tokenizer(tokenizer_sample(cfg, docs, set(result.dropped), train_bytes, sample_stats),
-                          cfg.data.vocab_size, cfg.tokenizer, tok_path)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tok_path)
+    else:
+        train_tokenizer(tokenizer_sample(cfg, docs, set(result.dropped), train_bytes, sample_stats),
+                        cfg.data.vocab_size, cfg.tokenizer, tok_path)
     times["tokenizer_train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

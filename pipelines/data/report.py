@@ -19,12 +19,13 @@ def report_markdown(m: dict[str, Any]) -> str:
     return f"# Dataset {m['version']}\n\n```\n{format_table(report_rows(m))}\n```\n"
 
 
-def log_to_mlflow(cfg: PreprocessConfig, dataset_dir: Path, m: dict[str, Any]) -> str:
+def log_to_mlflow(cfg: PreprocessConfig, dataset_dir: Path, m: dict[str, Any], reused: bool = False) -> str:
     """One MLflow run per call (also for a reused output, tagged reused); returns the run id."""
     configure(cfg.tracking)
     with mlflow.start_run(run_name=f"preprocess-{m['version']}") as run:
         mlflow.set_tags({"stage": "preprocess", "dataset_version": m["version"], "dataset_dir": str(dataset_dir),
-                         "config_hash": m["config_hash"], "tokenizer_sha256": m["tokenizer_sha256"]})
+                         "config_hash": m["config_hash"], "tokenizer_sha256": m["tokenizer_sha256"],
+                         "reused": str(reused).lower()})
         log_params(flatten(hashed_config(cfg)))
         metrics: dict[str, float] = {"records_read": m["records"]["read"], "records_kept": m["records"]["kept"]}
         for split, s in m["splits"].items():

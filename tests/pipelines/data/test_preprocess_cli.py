@@ -43,7 +43,7 @@ def test_rerun_reuses_output_and_logs_manifest_to_mlflow(tiny_dataset: Path, tin
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("data-test")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.data.tags["dataset_version"] == tiny_dataset.name
+    assert run.data.tags["dataset_version"] == tiny_dataset.name and run.data.tags["reused"] == "true"
     m = read_manifest(tiny_dataset)
     assert run.data.metrics["train_sequences"] == m["splits"]["train"]["sequences"]
     assert run.data.metrics["records_read"] == m["records"]["read"]

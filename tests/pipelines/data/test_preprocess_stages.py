@@ -118,3 +118,29 @@ def test_line_reader_skips_a_huge_line_in_bounded_chunks() -> None:
     assert [(n, r) for n, r, _ in lines] == [(0, b'{"a": 1}'), (1, None), (2, b'{"a": 2}'), (3, b"tail")]
     assert lines[1][2] == b"x" * 160
     assert ReaderConfig().max_record_bytes < 50_000_000
+
+
+def test_reader_policies_per_record(tmp_path: Path) -> None:
+    from pipelines.data.sources import InputFile, read_file
+
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    f = InputFile(0, "text", str(tmp_path / "latin1.txt"), "text")
+    assert [r[1] for r in read_file(f, ReaderConfig())] == ["invalid_utf8"]
+    (rec,) = read_file(f, ReaderConfig(on_invalid_utf8="replace"))
+    assert rec[1] == "" and rec[2] == "caf\ufffd au lait"
+
+    (tmp_path / "s.jsonl").write_text('{"text": "ok one"}\n{"text": "\\ud800 lone surrogate"}\n{"text": "ok two"}\n')
+    recs = list(read_file(InputFile(0, "jsonl", str(tmp_path / "s.jsonl"), "text"), ReaderConfig()))
+    assert [(r[0], r[1], r[2]) for r in recs] == [(0, "", "ok one"), (1, "invalid_utf8", ""), (2, "", "ok two")]
+
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": pa.array([b"bytes ok", b"\xff\xfe", None], pa.binary())}), tmp_path / "b.parquet")
+    recs = list(read_file(InputFile(0, "parquet", str(tmp_path / "b.parquet"), "body"), ReaderConfig()))
+    assert [(r[0], r[1], r[2]) for r in recs] == [(0, "", "bytes ok"), (1, "invalid_utf8", ""), (2, "missing_field", "")]
+    pq.write_table(pa.table({"body": pa.array([1, 2], pa.int64())}), tmp_path / "i.parquet")
+    (rec,) = read_file(InputFile(0, "parquet", str(tmp_path / "i.parquet"), "body"), ReaderConfig())
+    assert rec[1] == "field_not_string"
+    (tmp_path / "dir.jsonl").mkdir()
+    (rec,) = read_file(InputFile(0, "jsonl", str(tmp_path / "dir.jsonl"), "text"), ReaderConfig())
+    assert rec[1] == "unreadable" and "IsADirectoryError" in rec[3]

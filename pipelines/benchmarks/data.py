@@ -1,0 +1,174 @@
+"""`python -m pipelines.bench data [--files N] [hydra overrides...]`: Ray Data preprocessing vs a plain loop.
+
+Both sides run the same stages on the same input with the same (pre-trained) tokenizer, one after
+the other in this one run: read -> normalize -> filter -> hash+MinHash -> dedup -> split ->
+tokenize -> pack -> write shards. The plain side is a single-process loop over the very same
+stage functions; the Ray side is `pipelines.data.pipeline` (tasks for the document stages, an
+actor pool for tokenization). Goal: Ray tokens/s >= 1.6x the loop's. Both must produce the same
+number of tokens, which the benchmark checks. The table shows where the loop spends its time
+per stage and the Ray phases next to the stage groups they cover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipelines.bench import BenchResult, Goal
+from pipelines.config import PreprocessConfig, register_configs, to_preprocess_config
+from pipelines.data import dedup, sources
+from pipelines.data.clean import normalize_batch
+from pipelines.data.filters import filter_batch
+from pipelines.data.pack import TokenizePack
+from pipelines.data.pipeline import _build, _ShardWriter, ensure_ray
+from pipelines.data.split import SPLITS, split_batch
+from pipelines.data.tokenizer import train_tokenizer
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+TARGET = 1.6
+
+
+def _compose(overrides: list[str]) -> PreprocessConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_preprocess_config(compose(config_name="preprocess", overrides=overrides))
+
+
+def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer: Path, out: Path
+               ) -> tuple[int, dict[str, float]]:
+    """The same stages in one process; -> (real tokens written, seconds per stage)."""
+    t: dict[str, float] = defaultdict(float)
+
+    def timed(stage: str, fn, *args):
+        t0 = time.perf_counter()
+        r = fn(*args)
+        t[stage] += time.perf_counter() - t0
+        return r
+
+    signed: list[pa.Table] = []
+    per = cfg.reader.files_per_task
+    for i in range(0, len(files), per):
+        for table in timed("read", lambda g: list(sources.read_files(sources.files_table(g), cfg.reader)),
+                           files[i:i + per]):
+            table = timed("normalize", normalize_batch, table, cfg.normalize)
+            table = timed("filter", filter_batch, table, cfg.filters)
+            signed.append(timed("hash+minhash", dedup.sign_batch, table, cfg.dedup))
+    docs = pa.concat_tables(signed)
+    keys = docs.filter(pa.compute.equal(docs.column("reason"), ""))
+    result = timed("dedup", dedup.decide, keys, cfg.dedup)
+    weights = [s.weight for s in cfg.data.sources]
+    kept = timed("split", split_batch, docs, set(result.dropped), cfg.data.val_fraction, weights)
+    tp = TokenizePack(str(tokenizer), cfg.data.seq_len, cfg.tokenizer.eos_token, cfg.tokenizer.pad_token)
+    writers = {s: _ShardWriter(out / s, cfg.runtime.rows_per_shard) for s in SPLITS}
+    b = cfg.runtime.tokenize_batch_docs
+    for i in range(0, len(kept), b):
+        batch = kept.slice(i, b)
+        ids = timed("tokenize", tp.encode, batch.column("text").to_pylist())
+        packed = timed("pack", tp.pack, ids, batch.column("split").to_pylist(), batch.column("copies").to_pylist())
+        for s in SPLITS:
+            part = packed.filter(pa.compute.equal(packed.column("split"), s))
+            if len(part):
+                timed("write", writers[s].add, part)
+    for w in writers.values():
+        timed("write", w.close)
+    return sum(w.tokens for w in writers.values()), dict(t)
+
+
+def _spin(n: int) -> float:
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i
+    return time.perf_counter() - t0
+
+
+def parallel_capacity(n: int = 3_000_000) -> float:
+    """How many cores two processes get right now: 2 x (one job alone) / (two jobs side by side)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_spin, [1000, 1000])  # start both processes first
+        one = pool.apply(_spin, (n,))
+        t0 = time.perf_counter()
+        pool.map(_spin, [n, n], chunksize=1)
+        two = time.perf_counter() - t0
+    return 2 * one / two
+
+
+def run(args: list[str]) -> BenchResult:
+    # One thread per process on both sides: the plain loop is one core, Ray spreads processes over
+    # the cores. (Ray's tokenizer actors run with TOKENIZERS_PARALLELISM=false too, see ensure_ray.)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench data")
+    parser.add_argument("--files", type=int, default=0, help="cap the stdlib corpus (0: all files)")
+    ns, overrides = parser.parse_known_args(args)
+    src = f"data.sources=[{{kind:stdlib,max_files:{ns.files}}}]" if ns.files else None
+    cfg = _compose([*([src] if src else []), "tracking.enabled=false", *overrides])
+    files, missing = sources.resolve_sources(cfg.data.sources)
+    fingerprints = sources.fingerprint_files(files, missing, len(cfg.data.sources))
+    n_bytes = sum(f["bytes"] for f in fingerprints)
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        work = Path(tmp)
+        # One tokenizer for both sides (trained once on a sample, not timed).
+        texts = (sources._read_text(f.path, cfg.reader) for f in files[:: max(1, len(files) // 200)])
+        tok = work / "tokenizer.json"
+        train_tokenizer((r[2] for it in texts for r in it if not r[1]), cfg.data.vocab_size, cfg.tokenizer, tok)
+
+        capacity = parallel_capacity()
+        ensure_ray(cfg.runtime)  # cluster start is not part of either side
+        # Warm-up (untimed): a small run starts Ray's worker processes and imports, as on a long-lived cluster.
+        (work / "warm").mkdir()
+        _build(cfg, files[:16], [], fingerprints, "bench", "bench", work / "warm", tokenizer=tok)
+        ray_dir = work / "ray"
+        ray_dir.mkdir()
+        t0 = time.perf_counter()
+        info = _build(cfg, files, missing, fingerprints, "bench", "bench", ray_dir, tokenizer=tok)
+        ray_s = time.perf_counter() - t0
+        ray_tokens = sum(s["tokens"] for s in info["splits"].values())
+
+        load_ray = os.getloadavg()[0]
+        t0, c0 = time.perf_counter(), time.process_time()
+        plain_tokens, stages = plain_loop(cfg, files, tok, work / "plain")
+        plain_s, plain_cpu = time.perf_counter() - t0, time.process_time() - c0
+        load_plain = os.getloadavg()[0]
+        shutil.rmtree(work / "plain", ignore_errors=True)
+    if plain_tokens != ray_tokens:
+        raise RuntimeError(f"the two sides disagree: plain loop wrote {plain_tokens} tokens, Ray {ray_tokens}")
+
+    phases = info["stage_seconds"]
+    groups = [("A read..minhash", ["read", "normalize", "filter", "hash+minhash"], "read_normalize_filter_sign"),
+              ("B dedup", ["dedup"], "dedup"),
+              ("D split..pack", ["split", "tokenize", "pack"], "tokenize_pack"),
+              ("E write shards", ["write"], "write_shards")]
+    rows = []
+    for label, names, phase in groups:
+        for n in names:
+            rows.append({"stage": n, "plain_s": stages.get(n, 0.0), "plain_%": 100 * stages.get(n, 0.0) / plain_s,
+                         "ray_s": None})
+        rows.append({"stage": f"= {label}", "plain_s": sum(stages.get(n, 0.0) for n in names), "plain_%": None,
+                     "ray_s": phases[phase]})
+    rows.append({"stage": "TOTAL (wall)", "plain_s": plain_s, "plain_%": 100.0, "ray_s": ray_s})
+    plain_tps, ray_tps = plain_tokens / plain_s, ray_tokens / ray_s
+    rows.append({"stage": "tokens/s", "plain_s": plain_tps, "plain_%": None, "ray_s": ray_tps})
+    speedup = ray_tps / plain_tps
+    notes = ["both sides: one thread per process (TOKENIZERS_PARALLELISM=false); Ray warmed up on 16 files first",
+             f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {ray_tokens:,} tokens on both sides; "
+             f"seq_len={cfg.data.seq_len} vocab={cfg.data.vocab_size}; "
+             f"tokenizer actors={cfg.runtime.tokenize_actors}",
+             f"plain loop CPU time {plain_cpu:.1f}s of {plain_s:.1f}s wall; 1-min load average after the Ray side "
+             f"{load_ray:.1f}, after the plain side {load_plain:.1f} (on {os.cpu_count()} cores shared with other work)",
+             f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU",
+             f"speedup (Ray tokens/s / plain tokens/s): {speedup:.2f}x"]
+    return BenchResult(name="data", rows=rows, goals={"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)},
+                       notes=notes)
