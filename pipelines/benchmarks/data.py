@@ -163,6 +163,7 @@ def run(args: list[str]) -> BenchResult:
     rows.append({"stage": "tokens/s", "plain_s": plain_tps, "plain_%": None, "ray_s": ray_tps})
     speedup = ray_tps / plain_tps
     notes = ["both sides: one thread per process (TOKENIZERS_PARALLELISM=false); Ray warmed up on 16 files first",
+             "Ray stages documents in Parquet between phases A and D (bounded memory); the loop keeps them in memory",
              f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {ray_tokens:,} tokens on both sides; "
              f"seq_len={cfg.data.seq_len} vocab={cfg.data.vocab_size}; "
              f"tokenizer actors={cfg.runtime.tokenize_actors}",

@@ -33,7 +33,7 @@ from pipelines.data.clean import normalize_batch
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.minhash import lsh_params
 from pipelines.data.pack import TokenizePack
-from pipelines.data.split import SPLITS, TRAIN, _unit, assign_split, repeats, split_batch
+from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats, split_batch
 from pipelines.data.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer, special_id, train_tokenizer
 
 BAD_INPUT_REASONS = (sources.UNREADABLE_PATH, sources.UNREADABLE, sources.EMPTY_FILE, sources.BINARY_FILE,
@@ -149,7 +149,7 @@ def tokenizer_sample(cfg: PreprocessConfig, docs: Path, dropped: set[str], train
     dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
     for batch in dataset.to_batches(columns=["uid", "hash", "reason", "text"], filter=pc.field("reason") == ""):
         for uid, h, text in zip(*(batch.column(c).to_pylist() for c in ("uid", "hash", "text"))):
-            if uid in dropped or assign_split(h, cfg.data.val_fraction) != TRAIN or _unit(h, "tok") >= rate:
+            if uid in dropped or assign_split(h, cfg.data.val_fraction) != TRAIN or hash_unit(h, "tok") >= rate:
                 continue
             stats["documents"] += 1
             stats["bytes"] += len(text)

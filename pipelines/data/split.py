@@ -16,7 +16,7 @@ TRAIN, VAL = "train", "val"
 SPLITS = (TRAIN, VAL)
 
 
-def _unit(hex_hash: str, salt: str = "") -> float:
+def hash_unit(hex_hash: str, salt: str = "") -> float:
     """A hash -> [0, 1) deterministically."""
     if salt:
         hex_hash = hashlib.blake2b((salt + hex_hash).encode(), digest_size=8).hexdigest()
@@ -24,7 +24,7 @@ def _unit(hex_hash: str, salt: str = "") -> float:
 
 
 def assign_split(hex_hash: str, val_fraction: float) -> str:
-    return VAL if _unit(hex_hash) < val_fraction else TRAIN
+    return VAL if hash_unit(hex_hash) < val_fraction else TRAIN
 
 
 def repeats(hex_hash: str, weight: float, split: str) -> int:
@@ -32,7 +32,7 @@ def repeats(hex_hash: str, weight: float, split: str) -> int:
     if split != TRAIN:
         return 1
     whole = math.floor(weight)
-    return whole + (1 if _unit(hex_hash, "weight") < weight - whole else 0)
+    return whole + (1 if hash_unit(hex_hash, "weight") < weight - whole else 0)
 
 
 def split_batch(batch: pa.Table, dropped: frozenset[str] | set[str], val_fraction: float,

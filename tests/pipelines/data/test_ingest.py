@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
+import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -42,6 +45,18 @@ def _run_workers(ds, n: int, batch_size: int, consumed: ConsumedSet, equal: bool
         t.join(timeout=300)
     assert not errors, errors
     return seen
+
+
+@pytest.fixture(scope="module")
+def small_dir(tiny_dataset: Path, tmp_path_factory) -> Path:
+    """The first train shard (1000 sequences) of the tiny dataset as its own output: quick to iterate row by row."""
+    d = tmp_path_factory.mktemp("small") / tiny_dataset.name
+    (d / "train").mkdir(parents=True)
+    shutil.copy(tiny_dataset / "train" / "part-00000.parquet", d / "train")
+    m = read_manifest(tiny_dataset)
+    m["splits"]["train"]["sequences"] = pq.read_metadata(d / "train" / "part-00000.parquet").num_rows
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
 
 
 def test_resolve_latest_named_and_missing(tiny_dataset: Path, tiny_cfg, tmp_path: Path) -> None:
@@ -79,6 +94,7 @@ def test_consumed_set_state_dict_round_trip() -> None:
 def test_two_worker_shards_are_disjoint(tiny_dataset: Path) -> None:
     ds = split_dataset(tiny_dataset, "train")
     n = read_manifest(tiny_dataset)["splits"]["train"]["sequences"]
+    assert n > 1000  # several shards
     assert np.array_equal(_all_ids(ds), np.arange(n))
     batch_size = 16
     seen = _run_workers(ds, 2, batch_size, ConsumedSet(n), equal=True)  # what Ray Train's get_dataset_shard does
@@ -92,9 +108,10 @@ def test_two_worker_shards_are_disjoint(tiny_dataset: Path) -> None:
 
 
 @pytest.mark.parametrize("new_workers", [1, 3])
-def test_resume_with_other_worker_count_neither_repeats_nor_skips(tiny_dataset: Path, new_workers: int) -> None:
-    n = read_manifest(tiny_dataset)["splits"]["train"]["sequences"]
-    ds = split_dataset(tiny_dataset, "train")
+def test_resume_with_other_worker_count_neither_repeats_nor_skips(small_dir: Path, new_workers: int) -> None:
+    n = read_manifest(small_dir)["splits"]["train"]["sequences"]
+    assert n == 1000
+    ds = split_dataset(small_dir, "train").materialize()
     # Run 1: two workers train 5 steps of 8 sequences, then a checkpoint records what all ranks consumed.
     first = _run_workers(ds, 2, 8, ConsumedSet(n), equal=True, stop_after=5)
     consumed = ConsumedSet(n)
