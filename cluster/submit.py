@@ -7,23 +7,17 @@ Renders the KubeRay manifest for a cluster profile and creates it with the `kube
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
 import yaml
 
 from cluster.kuberay import KINDS, render_raycluster, render_rayjob, render_rayservice
-from pipelines.config import ClusterConfig, TrainConfig, register_configs, to_train_config
+from pipelines.config import ClusterConfig, TrainConfig, compose_config, to_train_config
 
 
 def compose_profile(profile: str, overrides: list[str]) -> TrainConfig:
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        return to_train_config(compose("train", overrides=[f"+cluster={profile}", *overrides]))
+    return to_train_config(compose_config("train", [f"+cluster={profile}", *overrides]))
 
 
 def render(kind: str, cluster: ClusterConfig, name: str, overrides: list[str]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ key and the fix, all before Ray starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -215,44 +216,71 @@ def register_configs() -> None:
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Composed Hydra config -> validated `TrainConfig` (raises ConfigError naming the key and fix)."""
-    obj: Any = OmegaConf.to_object(cfg)
-    if not isinstance(obj, TrainConfig):
-        raise ConfigError("the train config did not compose against its schema (train_schema).")
-    return validate_train_config(obj)
+    return validate_train_config(to_dataclass(cfg, TrainConfig, "train_schema"))
 
 
-def _check(cond: bool, message: str) -> None:
+def check(cond: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `cond`: messages name the key, the value and the fix."""
     if not cond:
         raise ConfigError(message)
 
 
+T = TypeVar("T")
+
+
+def to_dataclass(cfg: DictConfig, cls: type[T], schema: str) -> T:
+    """A composed DictConfig -> the dataclass instance its schema describes."""
+    obj: Any = OmegaConf.to_object(cfg)
+    if not isinstance(obj, cls):
+        raise ConfigError(f"the config did not compose against its schema ({schema}); keep `{schema}` first "
+                          "in the defaults list.")
+    return obj
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/<name>.yaml with overrides outside `@hydra.main` (library callers, app builders)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides or []))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def validate_train_config(c: TrainConfig) -> TrainConfig:
     c.model.validate(seq_len=c.data.seq_len)
-    _check(c.model.vocab_size >= c.data.vocab_size,
+    check(c.model.vocab_size >= c.data.vocab_size,
            f"model.vocab_size={c.model.vocab_size} is smaller than data.vocab_size={c.data.vocab_size}; "
            f"set model.vocab_size>={c.data.vocab_size} or lower data.vocab_size.")
-    _check(c.data.seq_len > 0, f"data.seq_len={c.data.seq_len} must be positive.")
+    check(c.data.seq_len > 0, f"data.seq_len={c.data.seq_len} must be positive.")
     t, o, cl, p = c.train, c.optim, c.cluster, c.parallel
     for key, value in (("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
                        ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
                        ("train.checkpoint_every", t.checkpoint_every), ("cluster.num_workers", cl.num_workers)):
-        _check(value > 0, f"{key}={value} must be positive.")
-    _check(o.lr > 0, f"optim.lr={o.lr} must be positive.")
-    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1].")
-    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
-    _check(cl.vendor in ("cpu", "nvidia", "amd"), f"cluster.vendor={cl.vendor!r}: use cpu, nvidia or amd.")
-    _check(cl.device in ("cpu", "cuda"), f"cluster.device={cl.device!r}: use cpu or cuda (ROCm also uses cuda).")
-    _check(cl.backend in ("gloo", "nccl"), f"cluster.backend={cl.backend!r}: use gloo (CPU) or nccl (NCCL/RCCL).")
-    _check(cl.dtype in ("float32", "bfloat16"), f"cluster.dtype={cl.dtype!r}: use float32 or bfloat16.")
-    _check(not (cl.device == "cpu" and cl.backend == "nccl"),
+        check(value > 0, f"{key}={value} must be positive.")
+    check(o.lr > 0, f"optim.lr={o.lr} must be positive.")
+    check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1].")
+    check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
+    check(cl.vendor in ("cpu", "nvidia", "amd"), f"cluster.vendor={cl.vendor!r}: use cpu, nvidia or amd.")
+    check(cl.device in ("cpu", "cuda"), f"cluster.device={cl.device!r}: use cpu or cuda (ROCm also uses cuda).")
+    check(cl.backend in ("gloo", "nccl"), f"cluster.backend={cl.backend!r}: use gloo (CPU) or nccl (NCCL/RCCL).")
+    check(cl.dtype in ("float32", "bfloat16"), f"cluster.dtype={cl.dtype!r}: use float32 or bfloat16.")
+    check(not (cl.device == "cpu" and cl.backend == "nccl"),
            "cluster.backend=nccl needs cluster.device=cuda; use backend=gloo on CPU.")
     if cl.min_workers is not None:
-        _check(0 < cl.min_workers <= cl.num_workers,
+        check(0 < cl.min_workers <= cl.num_workers,
                f"cluster.min_workers={cl.min_workers} must be within [1, cluster.num_workers={cl.num_workers}].")
     for key, value in (("parallel.ep", p.ep), ("parallel.pp", p.pp)):
-        _check(value >= 1, f"{key}={value} must be >= 1.")
-    _check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1, or -1 for 'the rest of the world'.")
-    _check(c.model.moe.n_routed_experts % p.ep == 0,
+        check(value >= 1, f"{key}={value} must be >= 1.")
+    check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1, or -1 for 'the rest of the world'.")
+    check(c.model.moe.n_routed_experts % p.ep == 0,
            f"model.moe.n_routed_experts={c.model.moe.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
            "choose an ep that divides the number of experts.")
     return c
@@ -264,36 +292,33 @@ _NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 
 def to_preprocess_config(cfg: DictConfig) -> PreprocessConfig:
     """Composed Hydra config -> validated `PreprocessConfig` (raises ConfigError naming the key and fix)."""
-    obj: Any = OmegaConf.to_object(cfg)
-    if not isinstance(obj, PreprocessConfig):
-        raise ConfigError("the preprocess config did not compose against its schema (preprocess_schema).")
-    return validate_preprocess_config(obj)
+    return validate_preprocess_config(to_dataclass(cfg, PreprocessConfig, "preprocess_schema"))
 
 
 def validate_preprocess_config(c: PreprocessConfig) -> PreprocessConfig:
     d = c.data
-    _check(len(d.sources) > 0, "data.sources is empty; add at least one source, e.g. data.sources=[{kind: stdlib}].")
+    check(len(d.sources) > 0, "data.sources is empty; add at least one source, e.g. data.sources=[{kind: stdlib}].")
     for i, s in enumerate(d.sources):
         key = f"data.sources[{i}]"
-        _check(s.kind in _SOURCE_KINDS, f"{key}.kind={s.kind!r}: use one of {', '.join(_SOURCE_KINDS)}.")
-        _check(s.kind == "stdlib" or bool(s.path),
+        check(s.kind in _SOURCE_KINDS, f"{key}.kind={s.kind!r}: use one of {', '.join(_SOURCE_KINDS)}.")
+        check(s.kind == "stdlib" or bool(s.path),
                f"{key}.kind={s.kind} needs {key}.path (a file, directory or glob).")
-        _check(s.weight >= 0, f"{key}.weight={s.weight} must be >= 0 (0 keeps the source out of the train split).")
-        _check(s.max_files is None or s.max_files > 0, f"{key}.max_files={s.max_files} must be positive or null.")
-        _check(bool(s.field), f"{key}.field is empty; name the JSONL field / Parquet column holding the text.")
-    _check(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive.")
-    _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be within [0, 1).")
+        check(s.weight >= 0, f"{key}.weight={s.weight} must be >= 0 (0 keeps the source out of the train split).")
+        check(s.max_files is None or s.max_files > 0, f"{key}.max_files={s.max_files} must be positive or null.")
+        check(bool(s.field), f"{key}.field is empty; name the JSONL field / Parquet column holding the text.")
+    check(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive.")
+    check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be within [0, 1).")
     t = c.tokenizer
-    _check(t.eos_token in t.special_tokens and t.pad_token in t.special_tokens,
+    check(t.eos_token in t.special_tokens and t.pad_token in t.special_tokens,
            f"tokenizer.eos_token={t.eos_token!r} and tokenizer.pad_token={t.pad_token!r} must both be listed in "
            f"tokenizer.special_tokens={t.special_tokens}.")
-    _check(d.vocab_size >= 256 + len(t.special_tokens),
+    check(d.vocab_size >= 256 + len(t.special_tokens),
            f"data.vocab_size={d.vocab_size} is below the 256 byte symbols + {len(t.special_tokens)} special tokens "
            "of a byte-level BPE; raise data.vocab_size.")
-    _check(t.sample_bytes > 0, f"tokenizer.sample_bytes={t.sample_bytes} must be positive.")
-    _check(c.normalize.form in _NORMAL_FORMS,
+    check(t.sample_bytes > 0, f"tokenizer.sample_bytes={t.sample_bytes} must be positive.")
+    check(c.normalize.form in _NORMAL_FORMS,
            f"normalize.form={c.normalize.form!r}: use one of {', '.join(_NORMAL_FORMS)}.")
-    _check(c.reader.on_invalid_utf8 in ("drop", "replace"),
+    check(c.reader.on_invalid_utf8 in ("drop", "replace"),
            f"reader.on_invalid_utf8={c.reader.on_invalid_utf8!r}: use drop or replace.")
     for key, value in (("reader.max_record_bytes", c.reader.max_record_bytes),
                        ("reader.binary_sniff_bytes", c.reader.binary_sniff_bytes),
@@ -304,13 +329,13 @@ def validate_preprocess_config(c: PreprocessConfig) -> PreprocessConfig:
                        ("runtime.tokenize_actors", c.runtime.tokenize_actors),
                        ("runtime.tokenize_batch_docs", c.runtime.tokenize_batch_docs),
                        ("runtime.rows_per_shard", c.runtime.rows_per_shard)):
-        _check(value > 0, f"{key}={value} must be positive.")
+        check(value > 0, f"{key}={value} must be positive.")
     f = c.filters
-    _check(0 <= f.min_chars <= f.max_chars,
+    check(0 <= f.min_chars <= f.max_chars,
            f"filters.min_chars={f.min_chars} and filters.max_chars={f.max_chars} need 0 <= min_chars <= max_chars.")
     for key, value in (("filters.max_non_printable_frac", f.max_non_printable_frac),
                        ("filters.max_repeated_line_frac", f.max_repeated_line_frac),
                        ("filters.max_repeated_ngram_frac", f.max_repeated_ngram_frac)):
-        _check(0 <= value <= 1, f"{key}={value} must be within [0, 1] (1 disables the filter).")
-    _check(0 < c.dedup.threshold <= 1, f"dedup.threshold={c.dedup.threshold} must be within (0, 1].")
+        check(0 <= value <= 1, f"{key}={value} must be within [0, 1] (1 disables the filter).")
+    check(0 < c.dedup.threshold <= 1, f"dedup.threshold={c.dedup.threshold} must be within (0, 1].")
     return c

@@ -10,15 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from moe.config import ConfigError
-from pipelines.config import TrackingConfig
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from pipelines.config import TrackingConfig, check, compose_config, to_dataclass
 
 
 @dataclass
@@ -144,37 +141,32 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
 def validate_serve_config(c: ServeConfig) -> ServeConfig:
     e, d, a, m = c.engine, c.deployment, c.deployment.autoscaling, c.model
-    _check(e.max_batch_size >= 1, f"engine.max_batch_size={e.max_batch_size} must be >= 1 (1 disables batching).")
-    _check(e.batch_wait_timeout_s >= 0, f"engine.batch_wait_timeout_s={e.batch_wait_timeout_s} must be >= 0.")
-    _check(e.max_waiting >= 1, f"engine.max_waiting={e.max_waiting} must be >= 1.")
-    _check(e.max_prefill_tokens >= 1, f"engine.max_prefill_tokens={e.max_prefill_tokens} must be >= 1.")
-    _check(e.default_max_tokens >= 1, f"engine.default_max_tokens={e.default_max_tokens} must be >= 1.")
-    _check(e.max_n >= 1, f"engine.max_n={e.max_n} must be >= 1.")
-    _check(d.max_ongoing_requests >= 1, f"deployment.max_ongoing_requests={d.max_ongoing_requests} must be >= 1.")
-    _check(d.max_queued_requests == -1 or d.max_queued_requests >= 0,
+    check(e.max_batch_size >= 1, f"engine.max_batch_size={e.max_batch_size} must be >= 1 (1 disables batching).")
+    check(e.batch_wait_timeout_s >= 0, f"engine.batch_wait_timeout_s={e.batch_wait_timeout_s} must be >= 0.")
+    check(e.max_waiting >= 1, f"engine.max_waiting={e.max_waiting} must be >= 1.")
+    check(e.max_prefill_tokens >= 1, f"engine.max_prefill_tokens={e.max_prefill_tokens} must be >= 1.")
+    check(e.default_max_tokens >= 1, f"engine.default_max_tokens={e.default_max_tokens} must be >= 1.")
+    check(e.max_n >= 1, f"engine.max_n={e.max_n} must be >= 1.")
+    check(d.max_ongoing_requests >= 1, f"deployment.max_ongoing_requests={d.max_ongoing_requests} must be >= 1.")
+    check(d.max_queued_requests == -1 or d.max_queued_requests >= 0,
            f"deployment.max_queued_requests={d.max_queued_requests} must be >= 0, or -1 for no limit.")
     if d.num_replicas is not None:
-        _check(d.num_replicas >= 1, f"deployment.num_replicas={d.num_replicas} must be >= 1 (null: autoscaling).")
+        check(d.num_replicas >= 1, f"deployment.num_replicas={d.num_replicas} must be >= 1 (null: autoscaling).")
     else:
-        _check(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1,
+        check(0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1,
                f"deployment.autoscaling: need 0 <= min_replicas ({a.min_replicas}) <= max_replicas "
                f"({a.max_replicas}) and max_replicas >= 1.")
-        _check(a.target_ongoing_requests > 0,
+        check(a.target_ongoing_requests > 0,
                f"deployment.autoscaling.target_ongoing_requests={a.target_ongoing_requests} must be > 0.")
-    _check(m.device in ("cpu", "cuda"), f"model.device={m.device!r}: use cpu or cuda.")
-    _check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use float32 or bfloat16.")
-    _check(m.device == "cpu" or d.num_gpus > 0,
+    check(m.device in ("cpu", "cuda"), f"model.device={m.device!r}: use cpu or cuda.")
+    check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use float32 or bfloat16.")
+    check(m.device == "cpu" or d.num_gpus > 0,
            "model.device=cuda needs deployment.num_gpus > 0 so Ray gives the replica a GPU.")
-    _check(sum(x is not None for x in (m.path, m.run_id)) <= 1,
+    check(sum(x is not None for x in (m.path, m.run_id)) <= 1,
            "set at most one of model.path and model.run_id (or neither, for the registry).")
-    _check(not (m.version is not None and m.alias is not None),
+    check(not (m.version is not None and m.alias is not None),
            "set model.version or model.alias, not both.")
     for side in ("input", "output"):
         for i, pattern in enumerate(getattr(c.safety, side).regexes):
@@ -182,25 +174,15 @@ def validate_serve_config(c: ServeConfig) -> ServeConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"safety.{side}.regexes[{i}]={pattern!r} is not a valid regex: {err}.") from err
-    _check(c.route_prefix.startswith("/"), f"route_prefix={c.route_prefix!r} must start with '/'.")
+    check(c.route_prefix.startswith("/"), f"route_prefix={c.route_prefix!r} must start with '/'.")
     return c
 
 
 def to_serve_config(cfg: DictConfig) -> ServeConfig:
-    obj: Any = OmegaConf.to_object(cfg)
-    if not isinstance(obj, ServeConfig):
-        raise ConfigError("the serve config did not compose against its schema (serve_schema).")
-    return validate_serve_config(obj)
+    return validate_serve_config(to_dataclass(cfg, ServeConfig, "serve_schema"))
 
 
 def load_config(overrides: list[str] | None = None) -> ServeConfig:
     """Compose conf/serve.yaml with Hydra overrides (the path `serve.app` takes)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="serve", overrides=list(overrides or []))
-    GlobalHydra.instance().clear()
-    return to_serve_config(cfg)
+    return to_serve_config(compose_config("serve", overrides))

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -38,26 +37,12 @@ def ray_cluster() -> Iterator[object]:
 @pytest.fixture(scope="session")
 def compose() -> Callable[..., object]:
     """compose(name, overrides) -> composed DictConfig, using the project's conf/ and schemas."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from pipelines.config import compose_config
+    from serve.config import register_configs as register_serve_configs
 
-    from pipelines.config import register_configs
-
-    register_configs()
+    register_serve_configs()
 
     def _compose(name: str = "train", overrides: list[str] | None = None):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hydra_compose(config_name=name, overrides=list(overrides or []))
+        return compose_config(name, overrides)
 
     return _compose
-
-
-@pytest.fixture
-def tiny_overrides(tmp_path: Path) -> list[str]:
-    """Overrides that make training fast on CPU and keep every output under tmp_path."""
-    return [
-        "model=tiny", "data=tiny", f"data.output_dir={tmp_path / 'processed'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage_path={tmp_path / 'ray_results'}",
-    ]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipelines.bench import BenchResult, Goal
-from pipelines.config import PreprocessConfig, register_configs, to_preprocess_config
+from pipelines.config import PreprocessConfig, compose_config, to_preprocess_config
 from pipelines.data import dedup, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.filters import filter_batch
@@ -31,18 +31,11 @@ from pipelines.data.pipeline import _build, _ShardWriter, ensure_ray
 from pipelines.data.split import SPLITS, split_batch
 from pipelines.data.tokenizer import train_tokenizer
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 TARGET = 1.6
 
 
 def _compose(overrides: list[str]) -> PreprocessConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_preprocess_config(compose(config_name="preprocess", overrides=overrides))
+    return to_preprocess_config(compose_config("preprocess", overrides))
 
 
 def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer: Path, out: Path
