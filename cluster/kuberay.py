@@ -117,8 +117,10 @@ def render_rayjob(cluster: ClusterConfig, name: str, overrides: list[str]) -> di
 def render_rayservice(cluster: ClusterConfig, name: str, app_args: dict[str, Any] | None = None
                       ) -> dict[str, Any]:
     """A RayService serving `serve.app:app` (the OpenAI-compatible MoE endpoint)."""
-    serve_config = {"applications": [{"name": "moe", "import_path": "serve.app:app", "route_prefix": "/",
-                                       "args": dict(app_args or {})}]}
+    app: dict[str, Any] = {"name": "moe", "import_path": "serve.app:app", "route_prefix": "/"}
+    if app_args:  # Hydra overrides for conf/serve.yaml go through the app builder
+        app.update(import_path="serve.app:build", args=dict(app_args))
+    serve_config = {"applications": [app]}
     return {
         "apiVersion": API_VERSION, "kind": "RayService", "metadata": _metadata(name, cluster),
         "spec": {"serveConfigV2": yaml.safe_dump(serve_config),
