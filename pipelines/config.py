@@ -102,6 +102,7 @@ class ClusterConfig:
 class TrainLoopConfig:
     steps: int = 200
     micro_batch_size: int = 16  # sequences per worker per step
+    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (0: stream order)
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 4  # per worker; the validation set is the first eval_batches * workers batches

@@ -88,23 +88,24 @@ def _all_gather_ids(ids: torch.Tensor) -> torch.Tensor:
 
 
 class Evaluator:
-    """Mean validation loss over a fixed set of batches (the first `eval_batches` per rank, read
-    once and kept), so every point of the validation curve measures the same sequences."""
+    """Mean validation loss over a fixed sample of the validation split, read once and kept, so every
+    point of the validation curve measures the same sequences. The sample takes evenly spaced
+    seq_ids across the whole split (not its first rows, which may all come from one document),
+    dealt out to the ranks by seq_id."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, n_val_sequences: int) -> None:
         self.cfg, self.device, self.n_val_sequences = cfg, device, n_val_sequences
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def _load(self, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
-        shard = ray.train.get_dataset_shard("val")
-        budget = self.cfg.train.eval_batches * world
-        batches = []
-        for i, batch in enumerate(iter_batches(shard, self.cfg.train.micro_batch_size, ConsumedSet(self.n_val_sequences))):
-            if i >= budget:
-                break
-            if i % world == rank:
-                batches.append(batch)
-        return batches
+        b = self.cfg.train.micro_batch_size
+        n_sample = min(self.n_val_sequences, self.cfg.train.eval_batches * world * b)
+        chosen = torch.linspace(0, self.n_val_sequences - 1, n_sample).round().long().unique()
+        keep = torch.zeros(self.n_val_sequences, dtype=torch.bool)
+        keep[chosen[rank::world]] = True  # by seq_id, so the ranks' shares never depend on read order
+        skip = ConsumedSet(self.n_val_sequences)  # everything outside this rank's share counts as "consumed"
+        skip.add(torch.nonzero(~keep).flatten())
+        return list(iter_batches(ray.train.get_dataset_shard("val"), b, skip))
 
     @torch.no_grad()
     def __call__(self, model: MoETransformer, rank: int, world: int) -> float:
@@ -121,6 +122,12 @@ class Evaluator:
         model.train()
         _all_reduce_(loss_sum)
         return float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
+
+
+def train_batches(cfg: TrainConfig, shard: Any, consumed: ConsumedSet, epoch: int, rank: int):
+    """This rank's batches of the epoch: not yet consumed, mixed through a seeded local shuffle buffer."""
+    seed = cfg.train.seed + 1000 * epoch + rank
+    return iter_batches(shard, cfg.train.micro_batch_size, consumed, cfg.train.shuffle_buffer, seed)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -165,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak_total = float(_all_reduce_(torch.tensor([peak], dtype=torch.float64))[0])
     evaluator = Evaluator(cfg, device, config["n_val_sequences"])
     shard = ray.train.get_dataset_shard("train")
-    batches = iter(iter_batches(shard, cfg.train.micro_batch_size, consumed))
+    batches = iter(train_batches(cfg, shard, consumed, state.epoch, rank))
     seq_len = cfg.data.seq_len
     window = {"loss": 0.0, "aux": 0.0, "z": 0.0, "grad_norm": 0.0, "steps": 0, "tokens": 0}
     window_start = time.perf_counter()
@@ -180,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if int(have[0]) == 0:  # some rank ran out: every rank starts the next epoch together
             state.epoch += 1
             consumed = ConsumedSet(n_train_sequences)
-            batches = iter(iter_batches(shard, cfg.train.micro_batch_size, consumed))
+            batches = iter(train_batches(cfg, shard, consumed, state.epoch, rank))
             continue
         tokens, mask = batch["tokens"].to(device), batch["loss_mask"].to(device)
         with _autocast(cfg, device):

@@ -132,7 +132,8 @@ def run_training(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan) -> Tr
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[TrainProgress(tracking_uri, run_id, cfg.train.steps)],
         ),
-        datasets={"train": split_dataset(dataset_dir, "train"), "val": split_dataset(dataset_dir, "val")},
+        datasets={"train": split_dataset(dataset_dir, "train").randomize_block_order(seed=cfg.train.seed),
+                  "val": split_dataset(dataset_dir, "val")},
         dataset_config=RayDataConfig(datasets_to_split=["train"]),
     )
     try:

@@ -122,15 +122,18 @@ def _lists_2d(col: pa.ChunkedArray | pa.Array, dtype: np.dtype) -> np.ndarray:
     return flat.astype(dtype, copy=False).reshape(n, -1) if n else np.zeros((0, 0), dtype)
 
 
-def iter_batches(shard: ray.data.DataIterator, batch_size: int, consumed: ConsumedSet
-                 ) -> Iterator[dict[str, torch.Tensor]]:
+def iter_batches(shard: ray.data.DataIterator, batch_size: int, consumed: ConsumedSet,
+                 shuffle_buffer: int = 0, seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """{"tokens": (B, L+1) int64, "loss_mask": (B, L+1) float32, "seq_id": (B,) int64} batches of
-    not-yet-consumed sequences; the last partial batch is dropped."""
+    not-yet-consumed sequences; the last partial batch is dropped. `shuffle_buffer` > 0 mixes rows
+    through a local shuffle buffer of that many rows (seeded), so neighbouring sequences of one
+    document do not land in the same batch."""
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
     buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     n_buf = 0
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+    shuffle = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed} if shuffle_buffer else {}
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle):
         seq = batch.column("seq_id").to_numpy()
         keep = ~consumed.contains(seq)
         if not keep.any():
