@@ -102,6 +102,12 @@ def _check_variant(rank: int, world: int, dp: int, ep: int, moe: dict, label: st
             assert all(torch.equal(b, bias) for b in everyone), f"bias differs across ranks: {where}"
         assert any(m.router.expert_bias.abs().sum() > 0 for m in serial.moe_layers().values())
 
+    # evaluation (no grad): statistics are per rank; with ep=1 a rank can evaluate alone
+    if ep > 1 or rank == 0:
+        with torch.no_grad():
+            torch.testing.assert_close(par(inputs[lo:hi]), serial(inputs[lo:hi]), **TOL, msg=f"eval: {label}")
+    dist.barrier()
+
     full = plan.full_state_dict()
     reference = serial.state_dict()
     assert full.keys() == reference.keys(), label
