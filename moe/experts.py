@@ -92,27 +92,40 @@ class GroupedExperts(nn.Module):
         return _ContiguousGrad.apply(torch._grouped_mm(h_NH, self.w2, offs=offs))
 
     @torch.no_grad()
-    def _measure_kernels(self, x_like: torch.Tensor, n_tokens: int = 2048, repeats: int = 3) -> str:
-        """Time forward+backward of both kernels on an evenly routed synthetic batch; return the faster."""
-        counts = torch.full((self.n_experts,), max(1, n_tokens // self.n_experts), device=x_like.device)
-        x = torch.randn(int(counts.sum()), self.d_model, device=x_like.device, dtype=x_like.dtype)
-        best, best_t = "loop", float("inf")
-        w = torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
+    def _measure_kernels(self, x_like: torch.Tensor, repeats: int = 3) -> str:
+        """Time forward+backward of both kernels as the MoE layer runs them (`gather_combine`: gather,
+        experts, weighted scatter-add) on an evenly routed synthetic batch; return the faster.
+
+        The batch has training-sized expert slices (>= 192 rows each): with few rows per expert the
+        weight-gradient writes dominate and hide the kernels' difference.
+        """
+        dev, dtype = x_like.device, x_like.dtype
+        n_rows = max(8192, 192 * self.n_experts)
+        counts = torch.full((self.n_experts,), max(1, n_rows // self.n_experts), device=dev)
+        n = int(counts.sum())
+        x_TD = torch.randn(max(1, n // 4), self.d_model, device=dev, dtype=dtype)
+        token_N = torch.randint(0, x_TD.shape[0], (n,), device=dev)
+        w_N = torch.rand(n, device=dev, dtype=dtype)
+        kernels = {
+            "loop": lambda x: _PerExpertSwiGLU.apply(x, token_N, w_N, self.w1, self.w3, self.w2, counts.tolist()),
+            "grouped_mm": lambda x: torch.zeros_like(x).index_add(0, token_N, self._grouped_mm(x[token_N], counts, w_N)),
+        }
         # on CPU count this process's CPU time: other processes' load must not decide the kernel
-        clock = time.process_time if x_like.device.type == "cpu" else time.perf_counter
-        for name, fn in (("loop", self._per_expert_gemm), ("grouped_mm", self._grouped_mm)):
+        clock = time.process_time if dev.type == "cpu" else time.perf_counter
+        best, best_t = "loop", float("inf")
+        for name, fn in kernels.items():
             try:
                 elapsed = []
                 for _ in range(repeats + 1):
                     with torch.enable_grad():
-                        xi = x.clone().requires_grad_(True)
-                        if x_like.device.type == "cuda":
-                            torch.cuda.synchronize(x_like.device)
+                        xi = x_TD.clone().requires_grad_(True)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
                         t0 = clock()
-                        out = fn(xi, counts, w)
+                        out = fn(xi)
                         torch.autograd.grad(out.sum(), [xi, self.w1, self.w3, self.w2])
-                        if x_like.device.type == "cuda":
-                            torch.cuda.synchronize(x_like.device)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
                         elapsed.append(clock() - t0)
                 t = sorted(elapsed[1:])[len(elapsed[1:]) // 2]
             except RuntimeError:
