@@ -81,6 +81,10 @@ def _check_variant(rank: int, world: int, dp: int, ep: int, moe: dict, label: st
                 ref = ref[e_lo:e_lo + n_local]
             assert p.grad is not None, f"{name} has no gradient: {where}"
             torch.testing.assert_close(p.grad, ref, **TOL, msg=lambda m, n=name, w=where: f"grad {n}: {w}\n{m}")
+        norm_s = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.1)
+        norm_p = plan.clip_grad_norm_(0.1)
+        torch.testing.assert_close(norm_p, norm_s, **TOL, msg=f"grad norm differs: {where}")
+        assert norm_s > 0.1, f"clipping was not exercised: {where}"
         _sgd(serial)
         _sgd(par)
 

@@ -33,6 +33,7 @@ def _train_loop(config: dict) -> None:
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         plan.sync_gradients()
+        plan.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loads = plan.reduce_expert_loads()
