@@ -3,7 +3,9 @@
 `GroupedExperts.forward(x_ND, counts_E, weight_N)` is the one method the MoE layer (and expert
 parallelism) calls; it returns weight_N[n] * expert(x_ND[n]) with the combine weight applied to
 the hidden activation before the (linear) down projection, which is exact and saves an (N, D)
-pass. Behind it sit two kernels: one GEMM per expert over its contiguous slice, or
+pass. `gather_combine(x_TD, token_N, counts_E, weight_N)` adds the gather of the token rows and
+their weighted scatter-add, fused into the per-expert kernel on one device (no (N, D) copies);
+the MoE layer calls it. Behind it sit two kernels: one GEMM per expert over its contiguous slice, or
 `torch._grouped_mm` over all experts at once. `expert_kernel="auto"` measures both once per
 (device, dtype, shape) and keeps the faster; the grouped kernel is only eligible where its
 alignment rules hold. `reference_forward` is a plain masked loop kept for tests.
@@ -56,6 +58,19 @@ class GroupedExperts(nn.Module):
             return self._grouped_mm(x_ND, counts_E, weight_N)
         return self._per_expert_gemm(x_ND, counts_E, weight_N)
 
+    def gather_combine(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
+                       weight_N: torch.Tensor) -> torch.Tensor:
+        """y_TD[t] = sum of weight_N[n] * expert_n(x_TD[t]) over the rows n with token_N[n] == t.
+
+        Rows are sorted by expert (counts_E). With the per-expert kernel the gather and the
+        scatter-add happen inside it, per expert; otherwise, and whenever something wraps this
+        module's forward (expert parallelism's hooks), the rows go through `forward`.
+        """
+        wrapped = bool(self._forward_pre_hooks or self._forward_hooks)
+        if not wrapped and x_TD.shape[0] and self.resolve_kernel(x_TD) == "loop":
+            return _PerExpertSwiGLU.apply(x_TD, token_N, weight_N, self.w1, self.w3, self.w2, counts_E.tolist())
+        return torch.zeros_like(x_TD).index_add(0, token_N, self(x_TD[token_N], counts_E, weight_N))
+
     def resolve_kernel(self, x_ND: torch.Tensor) -> str:
         if self.kernel == "loop" or not _grouped_mm_supported(x_ND, self.d_model, self.hidden):
             return "loop"
@@ -68,7 +83,7 @@ class GroupedExperts(nn.Module):
 
     def _per_expert_gemm(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor
                          ) -> torch.Tensor:
-        return _PerExpertSwiGLU.apply(x_ND, weight_N, self.w1, self.w3, self.w2, counts_E.tolist())
+        return _PerExpertSwiGLU.apply(x_ND, None, weight_N, self.w1, self.w3, self.w2, counts_E.tolist())
 
     def _grouped_mm(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, dim=0).to(device=x_ND.device, dtype=torch.int32)
@@ -77,26 +92,41 @@ class GroupedExperts(nn.Module):
         return _ContiguousGrad.apply(torch._grouped_mm(h_NH, self.w2, offs=offs))
 
     @torch.no_grad()
-    def _measure_kernels(self, x_like: torch.Tensor, n_tokens: int = 2048, repeats: int = 3) -> str:
-        """Time forward+backward of both kernels on an evenly routed synthetic batch; return the faster."""
-        counts = torch.full((self.n_experts,), max(1, n_tokens // self.n_experts), device=x_like.device)
-        x = torch.randn(int(counts.sum()), self.d_model, device=x_like.device, dtype=x_like.dtype)
+    def _measure_kernels(self, x_like: torch.Tensor, repeats: int = 3) -> str:
+        """Time forward+backward of both kernels as the MoE layer runs them (`gather_combine`: gather,
+        experts, weighted scatter-add) on an evenly routed synthetic batch; return the faster.
+
+        The batch has training-sized expert slices (>= 192 rows each): with few rows per expert the
+        weight-gradient writes dominate and hide the kernels' difference.
+        """
+        dev, dtype = x_like.device, x_like.dtype
+        n_rows = max(8192, 192 * self.n_experts)
+        counts = torch.full((self.n_experts,), max(1, n_rows // self.n_experts), device=dev)
+        n = int(counts.sum())
+        x_TD = torch.randn(max(1, n // 4), self.d_model, device=dev, dtype=dtype)
+        token_N = torch.randint(0, x_TD.shape[0], (n,), device=dev)
+        w_N = torch.rand(n, device=dev, dtype=dtype)
+        kernels = {
+            "loop": lambda x: _PerExpertSwiGLU.apply(x, token_N, w_N, self.w1, self.w3, self.w2, counts.tolist()),
+            "grouped_mm": lambda x: torch.zeros_like(x).index_add(0, token_N, self._grouped_mm(x[token_N], counts, w_N)),
+        }
+        # on CPU count this process's CPU time: other processes' load must not decide the kernel
+        clock = time.process_time if dev.type == "cpu" else time.perf_counter
         best, best_t = "loop", float("inf")
-        w = torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
-        for name, fn in (("loop", self._per_expert_gemm), ("grouped_mm", self._grouped_mm)):
+        for name, fn in kernels.items():
             try:
                 elapsed = []
                 for _ in range(repeats + 1):
                     with torch.enable_grad():
-                        xi = x.clone().requires_grad_(True)
-                        if x_like.device.type == "cuda":
-                            torch.cuda.synchronize(x_like.device)
-                        t0 = time.perf_counter()
-                        out = fn(xi, counts, w)
+                        xi = x_TD.clone().requires_grad_(True)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
+                        t0 = clock()
+                        out = fn(xi)
                         torch.autograd.grad(out.sum(), [xi, self.w1, self.w3, self.w2])
-                        if x_like.device.type == "cuda":
-                            torch.cuda.synchronize(x_like.device)
-                        elapsed.append(time.perf_counter() - t0)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
+                        elapsed.append(clock() - t0)
                 t = sorted(elapsed[1:])[len(elapsed[1:]) // 2]
             except RuntimeError:
                 continue
@@ -119,63 +149,76 @@ class GroupedExperts(nn.Module):
 
 
 class _PerExpertSwiGLU(torch.autograd.Function):
-    """out[n] = w[n] * (silu(x[n] W1[e]) * (x[n] W3[e])) W2[e]: one GEMM per expert over its contiguous
-    slice, with a hand-written backward.
+    """Weighted SwiGLU experts, one GEMM per expert over its contiguous slice, hand-written backward.
 
-    Autograd through `w1[e]` slices would materialize a zero-filled (E, ...) gradient per expert and
-    sum them (quadratic in E); here each expert's weight gradient is written into its own slice,
-    GEMMs write into preallocated buffers, and the elementwise work runs once over all rows.
+    Row n (sorted by expert) computes w[n] * (silu(x[n] W1[e]) * (x[n] W3[e])) W2[e].
+    Sorted mode (token_N None): x_ND holds the rows, the output is (N, D) in the same order.
+    Gather-scatter mode: x_TD holds the tokens, row n reads token_N[n] and its output is added to
+    that token of the (T, D) output, so no (N, D) gathered copy exists in forward or backward.
+
+    All elementwise work runs per expert on L2-sized temporaries right after its GEMM; only the
+    two pre-activations (N, H) are kept for backward. Each expert's weight gradient is written into
+    its own slice (autograd through `w1[e]` would build a zero-filled (E, ...) tensor per expert).
     """
 
     @staticmethod
-    def forward(ctx, x_ND: torch.Tensor, w_N: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,  # noqa: D102
-                w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        n_rows, hidden, d_out = x_ND.shape[0], w1.shape[2], w2.shape[2]
-        x_ND = x_ND.contiguous()
-        w_N1 = w_N.to(x_ND.dtype).reshape(-1, 1)
-        a_NH, b_NH = x_ND.new_empty(n_rows, hidden), x_ND.new_empty(n_rows, hidden)
+    def forward(ctx, x: torch.Tensor, token_N: torch.Tensor | None, w_N: torch.Tensor,  # noqa: D102
+                w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        x = x.contiguous()
+        n_rows, hidden, d_out = sum(counts), w1.shape[2], w2.shape[2]
+        w_N1 = w_N.to(x.dtype).reshape(-1, 1)
+        a_NH, b_NH = x.new_empty(n_rows, hidden), x.new_empty(n_rows, hidden)
+        out = x.new_empty(n_rows, d_out) if token_N is None else x.new_zeros(x.shape[0], d_out)
         slices = _expert_slices(counts)
         for e, lo, hi in slices:
-            torch.mm(x_ND[lo:hi], w1[e], out=a_NH[lo:hi])
-            torch.mm(x_ND[lo:hi], w3[e], out=b_NH[lo:hi])
-        hw_NH = F.silu(a_NH).mul_(b_NH).mul_(w_N1)
-        out_ND = x_ND.new_empty(n_rows, d_out)
-        for e, lo, hi in slices:
-            torch.mm(hw_NH[lo:hi], w2[e], out=out_ND[lo:hi])
-        ctx.save_for_backward(x_ND, w_N1, w1, w3, w2, a_NH, b_NH)
+            x_n = x[lo:hi] if token_N is None else x[token_N[lo:hi]]
+            a_n, b_n = a_NH[lo:hi], b_NH[lo:hi]
+            torch.mm(x_n, w1[e], out=a_n)
+            torch.mm(x_n, w3[e], out=b_n)
+            hw_n = F.silu(a_n).mul_(b_n).mul_(w_N1[lo:hi])
+            if token_N is None:
+                torch.mm(hw_n, w2[e], out=out[lo:hi])
+            else:
+                out.index_add_(0, token_N[lo:hi], hw_n @ w2[e])
+        ctx.save_for_backward(x, token_N, w_N1, w1, w3, w2, a_NH, b_NH)
         ctx.slices, ctx.w_dtype = slices, w_N.dtype
-        return out_ND
+        return out
 
     @staticmethod
-    def backward(ctx, g_ND: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
-        x_ND, w_N1, w1, w3, w2, a_NH, b_NH = ctx.saved_tensors
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
+        x, token_N, w_N1, w1, w3, w2, a_NH, b_NH = ctx.saved_tensors
         slices = ctx.slices
-        g_ND = g_ND.contiguous()
-        sig_NH = torch.sigmoid(a_NH)
-        silu_NH = a_NH * sig_NH
-        h_NH = silu_NH * b_NH  # unweighted hidden activation
-        dhw_NH = torch.empty_like(a_NH)  # gradient w.r.t. the weighted hidden activation
-        dw2 = _empty_grad_like(w2, slices)
-        hw_NH = h_NH * w_N1
+        g = g.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        dx = None
+        if need_x:
+            dx = torch.empty_like(x) if token_N is None else torch.zeros_like(x)  # slices cover all N rows
+        dw_N1 = torch.empty_like(w_N1) if need_w else None
+        dw1, dw3, dw2 = (_empty_grad_like(w, slices) for w in (w1, w3, w2))
         for e, lo, hi in slices:
-            torch.mm(g_ND[lo:hi], w2[e].t(), out=dhw_NH[lo:hi])
-            torch.mm(hw_NH[lo:hi].t(), g_ND[lo:hi], out=dw2[e])
-        del hw_NH
-        dw_N = (dhw_NH * h_NH).sum(-1).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        del h_NH
-        dh_NH = dhw_NH.mul_(w_N1)
-        db_NH = dh_NH * silu_NH
-        # d silu(a) / da = sig + silu * (1 - sig)
-        da_NH = dh_NH.mul_(b_NH).mul_(silu_NH.mul_(1 - sig_NH).add_(sig_NH))
-        dw1, dw3 = _empty_grad_like(w1, slices), _empty_grad_like(w3, slices)
-        dx_ND = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
-        for e, lo, hi in slices:
-            torch.mm(x_ND[lo:hi].t(), da_NH[lo:hi], out=dw1[e])
-            torch.mm(x_ND[lo:hi].t(), db_NH[lo:hi], out=dw3[e])
-            if dx_ND is not None:
-                torch.mm(da_NH[lo:hi], w1[e].t(), out=dx_ND[lo:hi])
-                dx_ND[lo:hi].addmm_(db_NH[lo:hi], w3[e].t())
-        return dx_ND, dw_N, dw1, dw3, dw2, None
+            tok = None if token_N is None else token_N[lo:hi]
+            x_n = x[lo:hi] if tok is None else x[tok]
+            g_n = g[lo:hi] if tok is None else g[tok]
+            a_n, b_n, w_n1 = a_NH[lo:hi], b_NH[lo:hi], w_N1[lo:hi]
+            silu_n = F.silu(a_n)
+            h_n = silu_n * b_n  # unweighted hidden activation
+            dhw_n = g_n @ w2[e].t()  # gradient w.r.t. the weighted hidden activation
+            torch.mm((h_n * w_n1).t(), g_n, out=dw2[e])
+            if dw_N1 is not None:
+                torch.sum(dhw_n * h_n, dim=-1, keepdim=True, out=dw_N1[lo:hi])
+            dh_n = dhw_n.mul_(w_n1)
+            db_n = silu_n.mul_(dh_n)
+            da_n = torch.ops.aten.silu_backward(dh_n.mul_(b_n), a_n)
+            torch.mm(x_n.t(), da_n, out=dw1[e])
+            torch.mm(x_n.t(), db_n, out=dw3[e])
+            if dx is not None:
+                if tok is None:
+                    torch.mm(da_n, w1[e].t(), out=dx[lo:hi])
+                    dx[lo:hi].addmm_(db_n, w3[e].t())
+                else:
+                    dx.index_add_(0, tok, torch.addmm(da_n @ w1[e].t(), db_n, w3[e].t()))
+        dw_N = None if dw_N1 is None else dw_N1.reshape(-1).to(ctx.w_dtype)
+        return dx, None, dw_N, dw1, dw3, dw2, None
 
 
 def _empty_grad_like(w: torch.Tensor, slices: list[tuple[int, int, int]]) -> torch.Tensor:

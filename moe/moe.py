@@ -15,7 +15,8 @@ Seams for parallelism (moe/parallel sets them; the layer itself never communicat
   token count of the whole global batch (all ranks), kept first-come in global token order
   (rank order, then token order, then slot). With no seam set the local batch is the global
   batch, so one process on the global batch and any parallel layout drop exactly the same tokens.
-- `self.experts(x_sorted_ND, counts_E, weight_N)`: expert parallelism wraps this call (token exchange).
+- `GroupedExperts.forward(x_sorted_ND, counts_E, weight_N)`, reached through
+  `experts.gather_combine`: expert parallelism wraps it (token exchange).
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ class MoE(nn.Module):
             order_N = order_N[pos_in_expert_N < kept_counts_E[sorted_expert_N]]
         token_N = order_N // top_k
         weight_N = topk_weight_TK.reshape(-1)[order_N]
-        out_ND = self.experts(x_TD[token_N], kept_counts_E, weight_N)  # rows already scaled by weight_N
-        y_TD = torch.zeros_like(x_TD).index_add(0, token_N, out_ND)
+        y_TD = self.experts.gather_combine(x_TD, token_N, kept_counts_E, weight_N)
         with torch.no_grad():
             self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
             self.routed_tokens += counts_E.sum()

@@ -15,6 +15,7 @@ Training loop, per step (all ranks, same order; ep=1 and ep>1 alike):
     loss = cross_entropy(model(tokens_local), targets_local)   # each rank its own micro-batch
     loss.backward()
     plan.sync_gradients()                            # before grad clipping and optimizer.step()
+    plan.clip_grad_norm_(max_norm)                   # not torch's: the norm of the unsharded gradient
     optimizer.step(); optimizer.zero_grad()
     loads = plan.reduce_expert_loads()               # {layer: (E,) global assignments per expert}
     plan.update_expert_bias(loads)                   # identical bias on every rank
@@ -94,6 +95,36 @@ class ParallelPlan:
                 for g in grads:
                     g.copy_(flat[offset:offset + g.numel()].view_as(g))
                     offset += g.numel()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the full, unsharded model (call after `sync_gradients`).
+
+        The local norm would differ between EP ranks (each holds other experts' gradients) and so
+        would the clip factor, letting replicated parameters drift apart; here expert squares are
+        summed over the EP group, so the norm and the factor are the same on every rank.
+        Returns the total norm.
+        """
+        params = dict(self.model.named_parameters())
+        buckets = self.grad_sync_buckets()
+        device = next(iter(params.values())).device
+
+        def squares(names: list[str]) -> torch.Tensor:
+            total = torch.zeros((), device=device, dtype=torch.float32)
+            for n in names:
+                if params[n].grad is not None:
+                    total += params[n].grad.detach().float().pow(2).sum()
+            return total
+
+        expert_sq = squares(buckets["expert_dp"])
+        if self.distributed and self.dims.ep > 1:
+            dist.all_reduce(expert_sq, group=self.mesh.ep_group)
+        total_norm = (squares(buckets["stage"]) + expert_sq).sqrt()
+        coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        for p in params.values():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return total_norm
 
     @torch.no_grad()
     def reduce_expert_loads(self) -> dict[str, torch.Tensor]:

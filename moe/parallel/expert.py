@@ -20,6 +20,9 @@ directions. Only torch.distributed collectives that gloo, NCCL and RCCL all impl
 
 Also here: the distributed statistics the MoE layer's seams take (`make_stats_reducer` for the
 aux loss over the global batch, `make_counts_gather` for capacity mode in global token order).
+Both communicate only while autograd is recording (training); under `torch.no_grad()`
+(evaluation, generation) they use the rank's own batch, so with ep=1 a rank may evaluate alone.
+With ep>1 every forward exchanges tokens: all ranks of an EP group must run it together.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ def make_stats_reducer(group: dist.ProcessGroup):
 
     def reduce(counts_E: torch.Tensor, probs_sum_E: torch.Tensor, n_tokens: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not torch.is_grad_enabled():  # evaluation: the loss is not trained, keep forward communication-free
+            return counts_E, probs_sum_E, n_tokens
         n = counts_E.numel()
         packed = torch.cat([counts_E.to(probs_sum_E.dtype), probs_sum_E, n_tokens.to(probs_sum_E).reshape(1)])
         total = all_reduce_sum(packed, group)
@@ -173,6 +178,8 @@ def make_counts_gather(group: dist.ProcessGroup):
     """MoE.gather_counts: every rank's [counts_E..., n_tokens] in group rank order (= global batch order)."""
 
     def gather(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if not torch.is_grad_enabled():  # evaluation: this rank's batch is the batch
+            return local.unsqueeze(0), 0
         rows = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(rows, local.contiguous(), group=group)
         return torch.stack(rows), dist.get_rank(group)

@@ -81,6 +81,10 @@ def _check_variant(rank: int, world: int, dp: int, ep: int, moe: dict, label: st
                 ref = ref[e_lo:e_lo + n_local]
             assert p.grad is not None, f"{name} has no gradient: {where}"
             torch.testing.assert_close(p.grad, ref, **TOL, msg=lambda m, n=name, w=where: f"grad {n}: {w}\n{m}")
+        norm_s = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.1)
+        norm_p = plan.clip_grad_norm_(0.1)
+        torch.testing.assert_close(norm_p, norm_s, **TOL, msg=f"grad norm differs: {where}")
+        assert norm_s > 0.1, f"clipping was not exercised: {where}"
         _sgd(serial)
         _sgd(par)
 
@@ -101,6 +105,12 @@ def _check_variant(rank: int, world: int, dp: int, ep: int, moe: dict, label: st
             dist.all_gather(everyone, bias)
             assert all(torch.equal(b, bias) for b in everyone), f"bias differs across ranks: {where}"
         assert any(m.router.expert_bias.abs().sum() > 0 for m in serial.moe_layers().values())
+
+    # evaluation (no grad): statistics are per rank; with ep=1 a rank can evaluate alone
+    if ep > 1 or rank == 0:
+        with torch.no_grad():
+            torch.testing.assert_close(par(inputs[lo:hi]), serial(inputs[lo:hi]), **TOL, msg=f"eval: {label}")
+    dist.barrier()
 
     full = plan.full_state_dict()
     reference = serial.state_dict()
