@@ -195,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss = masked_lm_loss(logits, tokens, mask)
         loss.backward()
         plan.sync_gradients()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        grad_norm = plan.clip_grad_norm_(cfg.optim.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
