@@ -1,7 +1,7 @@
 """Model export and loading: a self-contained directory with `model.safetensors`, `config.json`
 (the `ModelConfig`) and, when given, the tokenizer file. This is what MLflow registers and what
-serving loads. (Training state checkpoints with optimizer and data position live in
-pipelines/train_loop.py, written with torch.distributed.checkpoint.)
+serving loads. (Training checkpoints, with optimizer state and data position, are distributed
+checkpoints that reshard across EP degrees: pipelines/checkpointing.py.)
 """
 
 from __future__ import annotations

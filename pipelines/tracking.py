@@ -9,7 +9,6 @@ store.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -110,7 +109,3 @@ def download_model(tracking_uri: str, name: str | None = None, version: str | in
     local = mlflow.artifacts.download_artifacts(source, dst_path=str(dst) if dst else None, tracking_uri=uri)
     return Path(local)
 
-
-def set_env_for_children(uri: str) -> None:
-    """Make the absolute tracking URI visible to Ray actors started after this call."""
-    os.environ["MLFLOW_TRACKING_URI"] = uri
