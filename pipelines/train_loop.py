@@ -99,7 +99,8 @@ class Evaluator:
 
     def _load(self, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
         b = self.cfg.train.micro_batch_size
-        n_sample = min(self.n_val_sequences, self.cfg.train.eval_batches * world * b)
+        # whole batches on every rank: under expert parallelism each forward is a collective
+        n_sample = min(self.n_val_sequences, self.cfg.train.eval_batches * world * b) // (world * b) * (world * b)
         chosen = torch.linspace(0, self.n_val_sequences - 1, n_sample).round().long().unique()
         keep = torch.zeros(self.n_val_sequences, dtype=torch.bool)
         keep[chosen[rank::world]] = True  # by seq_id, so the ranks' shares never depend on read order
