@@ -122,10 +122,6 @@ def _divisor_near(n: int, target: int) -> int:
     return min(divisors, key=lambda d: abs(d - target))
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int | None:
     """Tokens one expert may take in capacity mode, None when dropless."""
     if cfg.capacity_factor <= 0:

@@ -114,6 +114,3 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: tor
     model.init_weights()
     return model.to(dtype)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
