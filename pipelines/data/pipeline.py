@@ -3,8 +3,8 @@
   A  (Ray Data, streaming)  files -> read -> normalize -> filter -> sign  -> staging Parquet (docs/)
   B  (driver, small keys)   exact + near dedup over (uid, hash, minhash) of every kept document
   C  (driver, streaming)    byte-level BPE trained on a hash-chosen sample of the train split
-  D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool) -> packed/
-  E  (driver, streaming)    packed/ -> train/ and val/ shards with seq_id 0..N-1, manifest last
+  D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool), streamed to the
+                            driver, which writes train/ and val/ shards with seq_id 0..N-1; manifest last
 
 Output goes to a temporary directory renamed to `v<NNNN>-<key>` only when complete, so an
 interrupted run never leaves a half output that "latest" could pick up.
@@ -19,6 +19,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,9 @@ def _configure_data_context(cfg: PreprocessConfig) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same shards, byte for byte
+    # Each phase is one short job that owns the cluster; per-operator reservations only held CPUs
+    # back (measured: phase A ran about one task at a time on 2 cores with them).
+    ctx.op_resource_reservation_enabled = False
     ctx.enable_progress_bars = cfg.runtime.progress_bars
 
 
@@ -92,30 +96,48 @@ def build_docs(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path)
     ds.write_parquet(str(out), max_rows_per_file=cfg.runtime.tokenize_batch_docs * 2)
 
 
-def _read_docs(batch: pa.Table):
-    for path in batch.column("path").to_pylist():
-        yield from (pa.Table.from_batches([b]) for b in pq.ParquetFile(path).iter_batches(
-            batch_size=4096, columns=["source", "uid", "hash", "reason", "text"]))
+class TokenizeStaged:
+    """Actor for phase D: staging Parquet files -> split + weights -> tokenize + pack.
+
+    Each input row is one staging file that the actor reads itself, so the actor pool receives one
+    work item per file and every actor is busy (a separate read stage would be fused into the pool
+    and hand it the whole corpus as a single input). Packing boundaries are every `batch_docs` kept
+    documents within a file, so the output depends only on the staging files, never on scheduling.
+    """
+
+    def __init__(self, tokenizer_path: str, seq_len: int, eos_token: str, pad_token: str, batch_docs: int,
+                 dropped: set[str], val_fraction: float, weights: list[float]) -> None:
+        self.tp = TokenizePack(tokenizer_path, seq_len, eos_token, pad_token)
+        self.batch_docs = batch_docs
+        self.dropped, self.val_fraction, self.weights = dropped, val_fraction, weights
+
+    def __call__(self, batch: pa.Table):
+        for path in batch.column("path").to_pylist():
+            docs = split_batch(pq.read_table(path, columns=["source", "uid", "hash", "reason", "text"]),
+                               self.dropped, self.val_fraction, self.weights)
+            for i in range(0, len(docs), self.batch_docs):
+                packed = self.tp(docs.slice(i, self.batch_docs))
+                if len(packed):
+                    yield packed
 
 
-def build_packed(cfg: PreprocessConfig, docs: Path, tokenizer_path: Path, dropped: set[str], out: Path) -> None:
-    """Phase D: kept documents -> split + weights -> tokenize and pack in an actor pool."""
+def packed_stream(cfg: PreprocessConfig, docs: Path, tokenizer_path: Path, dropped: set[str]):
+    """Phase D: kept documents -> split + weights -> tokenize and pack in an actor pool (a lazy Dataset)."""
     import ray.data
 
-    weights = [s.weight for s in cfg.data.sources]
     # One block per staging file (not read_parquet, which may merge small files into one task), so
     # every tokenizer actor gets work and the order of documents is fixed.
     ds = ray.data.from_arrow([pa.table({"path": [str(p)]}) for p in _parquet_files(docs)])
-    ds = ds.map_batches(_read_docs, batch_format="pyarrow", batch_size=None)
-    ds = ds.map_batches(split_batch, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"dropped": dropped, "val_fraction": cfg.data.val_fraction, "weights": weights})
     ds = ds.map_batches(
-        TokenizePack, batch_format="pyarrow", batch_size=cfg.runtime.tokenize_batch_docs,
+        TokenizeStaged, batch_format="pyarrow", batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=cfg.runtime.tokenize_actors),
         fn_constructor_kwargs={"tokenizer_path": str(tokenizer_path), "seq_len": cfg.data.seq_len,
-                               "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token},
+                               "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token,
+                               "batch_docs": cfg.runtime.tokenize_batch_docs, "dropped": dropped,
+                               "val_fraction": cfg.data.val_fraction,
+                               "weights": [s.weight for s in cfg.data.sources]},
     )
-    ds.write_parquet(str(out))
+    return ds
 
 
 def _parquet_files(d: Path) -> list[Path]:
@@ -194,11 +216,10 @@ class _ShardWriter:
             self._flush(self.n_pending)
 
 
-def write_shards(packed: Path, out: Path, rows_per_shard: int) -> dict[str, _ShardWriter]:
-    """Phase E: packed files in order -> per-split shards with contiguous seq_ids."""
+def write_shards(packed: Iterable[pa.Table], out: Path, rows_per_shard: int) -> dict[str, _ShardWriter]:
+    """Packed tables in order -> per-split shards with contiguous seq_ids (the driver's end of phase D)."""
     writers = {s: _ShardWriter(out / s, rows_per_shard) for s in SPLITS}
-    for f in _parquet_files(packed):
-        t = pq.read_table(f)
+    for t in packed:
         for s in SPLITS:
             part = t.filter(pc.equal(t.column("split"), s))
             if len(part):
@@ -314,16 +335,15 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
     times["tokenizer_train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    packed = work / "_packed"
-    build_packed(cfg, docs, tok_path, set(result.dropped), packed)
-    times["tokenize_pack"] = time.perf_counter() - t0
+    packed = packed_stream(cfg, docs, tok_path, set(result.dropped))
+    writers = write_shards(packed.iter_batches(batch_format="pyarrow", batch_size=None), work,
+                           cfg.runtime.rows_per_shard)
+    times["tokenize_pack_write"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    writers = write_shards(packed, work, cfg.runtime.rows_per_shard)
     n_quarantined = write_quarantine(docs, missing, work / QUARANTINE_FILE) if cfg.reader.quarantine else None
     shutil.rmtree(docs)
-    shutil.rmtree(packed)
-    times["write_shards"] = time.perf_counter() - t0
+    times["quarantine_cleanup"] = time.perf_counter() - t0
 
     tok = load_tokenizer(tok_path)
     row_len = cfg.data.seq_len + 1
