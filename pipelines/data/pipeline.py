@@ -4,7 +4,8 @@
   B  (driver, small keys)   exact + near dedup over (uid, hash, minhash) of every kept document
   C  (driver, streaming)    byte-level BPE trained on a hash-chosen sample of the train split
   D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool), streamed to the
-                            driver, which writes train/ and val/ shards with seq_id 0..N-1; manifest last
+                            driver, which writes train/ and val/ shards with seq_id 0..N-1; manifest last.
+                            The pool starts before phase A and waits for its plan (`tokenize_phase`).
 
 Output goes to a temporary directory renamed to `v<NNNN>-<key>` only when complete, so an
 interrupted run never leaves a half output that "latest" could pick up.
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -33,8 +35,8 @@ from pipelines.data import dedup, manifest, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.minhash import lsh_params
-from pipelines.data.pack import TokenizePack
-from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats, split_batch
+from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats
+from pipelines.data.tokenize_phase import PackedStream, TokenizePlan, cut_units, unit_count
 from pipelines.data.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer, special_id, train_tokenizer
 
 BAD_INPUT_REASONS = (sources.UNREADABLE_PATH, sources.UNREADABLE, sources.EMPTY_FILE, sources.BINARY_FILE,
@@ -96,56 +98,14 @@ def build_docs(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path)
     ds.write_parquet(str(out), max_rows_per_file=cfg.runtime.tokenize_batch_docs * 2)
 
 
-class TokenizeStaged:
-    """Actor for phase D: staging Parquet files -> split + weights -> tokenize + pack.
-
-    Each input row is one staging file that the actor reads itself, so the actor pool receives one
-    work item per file and every actor is busy (a separate read stage would be fused into the pool
-    and hand it the whole corpus as a single input). Packing boundaries are every `batch_docs` kept
-    documents within a file, so the output depends only on the staging files, never on scheduling.
-    """
-
-    def __init__(self, tokenizer_path: str, seq_len: int, eos_token: str, pad_token: str, batch_docs: int,
-                 dropped: set[str], val_fraction: float, weights: list[float]) -> None:
-        self.tp = TokenizePack(tokenizer_path, seq_len, eos_token, pad_token)
-        self.batch_docs = batch_docs
-        self.dropped, self.val_fraction, self.weights = dropped, val_fraction, weights
-
-    def __call__(self, batch: pa.Table):
-        for path in batch.column("path").to_pylist():
-            docs = split_batch(pq.read_table(path, columns=["source", "uid", "hash", "reason", "text"]),
-                               self.dropped, self.val_fraction, self.weights)
-            for i in range(0, len(docs), self.batch_docs):
-                packed = self.tp(docs.slice(i, self.batch_docs))
-                if len(packed):
-                    yield packed
-
-
-def packed_stream(cfg: PreprocessConfig, docs: Path, tokenizer_path: Path, dropped: set[str]):
-    """Phase D: kept documents -> split + weights -> tokenize and pack in an actor pool (a lazy Dataset)."""
-    import ray.data
-
-    # One block per staging file (not read_parquet, which may merge small files into one task), so
-    # every tokenizer actor gets work and the order of documents is fixed.
-    ds = ray.data.from_arrow([pa.table({"path": [str(p)]}) for p in _parquet_files(docs)])
-    ds = ds.map_batches(
-        TokenizeStaged, batch_format="pyarrow", batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=cfg.runtime.tokenize_actors),
-        fn_constructor_kwargs={"tokenizer_path": str(tokenizer_path), "seq_len": cfg.data.seq_len,
-                               "eos_token": cfg.tokenizer.eos_token, "pad_token": cfg.tokenizer.pad_token,
-                               "batch_docs": cfg.runtime.tokenize_batch_docs, "dropped": dropped,
-                               "val_fraction": cfg.data.val_fraction,
-                               "weights": [s.weight for s in cfg.data.sources]},
-    )
-    return ds
-
-
 def _parquet_files(d: Path) -> list[Path]:
     return sorted(d.glob("*.parquet"))
 
 
-def _keys(docs: Path) -> pa.Table:
-    return pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet").to_table(columns=_KEY_COLUMNS)
+def _keys(docs: Path) -> tuple[pa.Table, list[tuple[str, int]]]:
+    """The key columns of every staged record in global row order, and (file, rows) of each staging file."""
+    tables = [pq.read_table(p, columns=_KEY_COLUMNS) for p in _parquet_files(docs)]
+    return pa.concat_tables(tables), [(str(p), len(t)) for p, t in zip(_parquet_files(docs), tables)]
 
 
 def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> int:
@@ -280,7 +240,31 @@ def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
 def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
            fingerprints: list[dict], cfg_hash: str, key: str, work: Path,
            tokenizer: Path | None = None) -> dict[str, Any]:
-    """Phases A-E into `work`; `tokenizer` reuses a trained tokenizer file instead of phase C (benchmarks)."""
+    """Phases A-D into `work`; `tokenizer` reuses a trained tokenizer file instead of phase C (benchmarks)."""
+    t_start = time.perf_counter()
+    n_units = unit_count(cfg, sum(f["bytes"] for f in fingerprints))
+    phase_d = PackedStream(cfg, n_units, lambda batches: write_shards(batches, work, cfg.runtime.rows_per_shard))
+    try:
+        info, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer, n_units)
+    except BaseException:
+        phase_d.cancel()
+        raise
+    t0 = time.perf_counter()
+    phase_d.publish(plan)
+    writers = phase_d.result()
+    info["stage_seconds"]["tokenize_pack_write"] = time.perf_counter() - t0
+    docs = work / "_docs"
+    t0 = time.perf_counter()
+    n_quarantined = write_quarantine(docs, missing, work / QUARANTINE_FILE) if cfg.reader.quarantine else None
+    shutil.rmtree(docs)
+    info["stage_seconds"]["quarantine_cleanup"] = time.perf_counter() - t0
+    info["stage_seconds"]["total"] = time.perf_counter() - t_start
+    return _manifest(cfg, info, writers, n_quarantined, fingerprints, cfg_hash, key, work / TOKENIZER_FILE)
+
+
+def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
+                   work: Path, tokenizer: Path | None, n_units: int) -> tuple[dict[str, Any], TokenizePlan]:
+    """Read, dedup, split and train the tokenizer; -> (manifest facts, the plan for phase D)."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     docs = work / "_docs"
@@ -288,7 +272,7 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
     times["read_normalize_filter_sign"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    keys = _keys(docs)
+    keys, staging = _keys(docs)
     reasons = Counter(keys.column("reason").to_pylist())
     n_read = len(keys)
     good = reasons.pop("", 0)
@@ -307,7 +291,12 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
     split_weighted = {s: 0 for s in SPLITS}
     train_bytes = 0
     per_source = [Counter() for _ in cfg.data.sources]
-    for src, uid, h, nb in zip(*(kept_keys.column(c).to_pylist() for c in ("source", "uid", "hash", "n_bytes"))):
+    kept_rows: list[int] = []  # global staging rows of the documents phase D tokenizes, in order
+    kept_bytes: list[int] = []
+    for row, (reason, src, uid, h, nb) in enumerate(zip(*(keys.column(c).to_pylist()
+                                                          for c in ("reason", "source", "uid", "hash", "n_bytes")))):
+        if reason:
+            continue
         if uid in result.dropped:
             per_source[src][result.dropped[uid]] += 1
             continue
@@ -317,6 +306,9 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
         split_weighted[s] += c
         per_source[src][s] += 1
         train_bytes += nb if s == TRAIN else 0
+        if c:
+            kept_rows.append(row)
+            kept_bytes.append(nb * c)
     if split_weighted[TRAIN] == 0:
         raise NoUsableInputError(
             f"every document was removed as a duplicate, went to validation or has weight 0 "
@@ -334,17 +326,23 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
                         cfg.data.vocab_size, cfg.tokenizer, tok_path)
     times["tokenizer_train"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    packed = packed_stream(cfg, docs, tok_path, set(result.dropped))
-    writers = write_shards(packed.iter_batches(batch_format="pyarrow", batch_size=None), work,
-                           cfg.runtime.rows_per_shard)
-    times["tokenize_pack_write"] = time.perf_counter() - t0
+    plan = TokenizePlan(
+        tokenizer_path=str(tok_path), files=staging, dropped=set(result.dropped),
+        units=cut_units(np.asarray(kept_rows, np.int64), np.asarray(kept_bytes, np.int64),
+                        n_units, cfg.runtime.tokenize_batch_docs, len(keys)),
+        val_fraction=cfg.data.val_fraction, weights=weights)
+    facts = {"n_read": n_read, "missing": len(missing), "good": good, "bad": bad, "filtered": filtered, "result": result,
+             "split_docs": split_docs, "split_weighted": split_weighted, "per_source": per_source,
+             "sample_stats": sample_stats, "stage_seconds": times}
+    return facts, plan
 
-    t0 = time.perf_counter()
-    n_quarantined = write_quarantine(docs, missing, work / QUARANTINE_FILE) if cfg.reader.quarantine else None
-    shutil.rmtree(docs)
-    times["quarantine_cleanup"] = time.perf_counter() - t0
 
+def _manifest(cfg: PreprocessConfig, facts: dict[str, Any], writers: dict[str, _ShardWriter],
+              n_quarantined: int | None, fingerprints: list[dict], cfg_hash: str, key: str,
+              tok_path: Path) -> dict[str, Any]:
+    n_read, good, bad, filtered, result = (facts[k] for k in ("n_read", "good", "bad", "filtered", "result"))
+    split_docs, split_weighted, per_source = facts["split_docs"], facts["split_weighted"], facts["per_source"]
+    sample_stats, times = facts["sample_stats"], facts["stage_seconds"]
     tok = load_tokenizer(tok_path)
     row_len = cfg.data.seq_len + 1
     bands, rows = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
@@ -370,7 +368,7 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
         "inputs": [{"source": i, "kind": s.kind, "path": s.path if s.kind != "stdlib" else str(sources.stdlib_root()),
                     "field": s.field, "weight": s.weight, "max_files": s.max_files, **fingerprints[i]}
                    for i, s in enumerate(cfg.data.sources)],
-        "records": {"read": n_read + len(missing), "good": good, "kept": good - len(result.dropped)},
+        "records": {"read": n_read + facts["missing"], "good": good, "kept": good - len(result.dropped)},
         "bad_input": bad,
         "filtered": filtered,
         "dedup": {"docs_in": result.docs_in, "exact_dropped": result.exact_dropped,

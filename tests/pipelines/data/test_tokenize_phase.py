@@ -1,0 +1,40 @@
+"""Work units of the tokenize phase: every kept document exactly once, in order, cut on packing boundaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.data.tokenize_phase import cut_units
+
+
+def _covered(units: list[tuple[int, int]], kept_rows: np.ndarray) -> list[list[int]]:
+    return [[int(r) for r in kept_rows if lo <= r < hi] for lo, hi in units]
+
+
+@pytest.mark.parametrize("n_units", [1, 3, 8, 50])
+@pytest.mark.parametrize("batch_docs", [1, 4, 64])
+def test_units_cover_kept_rows_in_order_on_batch_boundaries(n_units: int, batch_docs: int) -> None:
+    rng = np.random.default_rng(n_units * 100 + batch_docs)
+    total_rows = 300
+    kept_rows = np.sort(rng.choice(total_rows, size=170, replace=False))
+    kept_bytes = rng.integers(1, 50_000, size=len(kept_rows))
+    units = cut_units(kept_rows, kept_bytes, n_units, batch_docs, total_rows)
+    assert len(units) == n_units
+    per_unit = _covered(units, kept_rows)
+    assert [r for rows in per_unit for r in rows] == kept_rows.tolist()  # all, once, in order
+    assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(units, units[1:]))  # ranges do not overlap
+    # Every unit but the last holds whole packing batches, so packing never depends on the cut.
+    assert all(len(rows) % batch_docs == 0 for rows in per_unit[:-1] if rows)
+
+
+def test_units_balance_bytes() -> None:
+    kept_rows = np.arange(1000)
+    kept_bytes = np.full(1000, 10)
+    units = cut_units(kept_rows, kept_bytes, 4, 10, 1000)
+    assert [hi - lo for lo, hi in units] == [250, 250, 250, 250]
+
+
+def test_no_kept_rows_gives_empty_units() -> None:
+    units = cut_units(np.zeros(0, np.int64), np.zeros(0, np.int64), 3, 8, 12)
+    assert units == [(12, 12)] * 3
