@@ -9,6 +9,15 @@ the MoE layer calls it. Behind it sit two kernels: one GEMM per expert over its 
 `torch._grouped_mm` over all experts at once. `expert_kernel="auto"` measures both once per
 (device, dtype, shape) and keeps the faster; the grouped kernel is only eligible where its
 alignment rules hold. `reference_forward` is a plain masked loop kept for tests.
+
+In-place gradient accumulation (`accumulate_grad_in_place`, set by the trainer and the benchmark,
+which then keep gradients allocated with `zero_grad(set_to_none=False)`): the per-expert kernel
+adds each expert's weight gradient straight into the existing `.grad` (one GEMM with beta=1)
+instead of returning a fresh (E, D, H) tensor for autograd to store or add. A 64-expert layer's
+weight gradients are hundreds of MiB; allocating them anew every step costs page faults and
+zeroing (on CPU, glibc maps and unmaps such blocks per allocation) that grow with the expert count.
+While it is on and `.grad` exists, `torch.autograd.grad` with respect to the expert weights sees
+no contribution from this kernel, as with Megatron's gradient-accumulation fusion.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, hidden: int, kernel: str = "auto") -> None:
         super().__init__()
         self.n_experts, self.d_model, self.hidden, self.kernel = n_experts, d_model, hidden, kernel
+        self.accumulate_grad_in_place = False
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # gate projection
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # up projection
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # down projection
@@ -68,7 +78,8 @@ class GroupedExperts(nn.Module):
         """
         wrapped = bool(self._forward_pre_hooks or self._forward_hooks)
         if not wrapped and x_TD.shape[0] and self.resolve_kernel(x_TD) == "loop":
-            return _PerExpertSwiGLU.apply(x_TD, token_N, weight_N, self.w1, self.w3, self.w2, counts_E.tolist())
+            return _PerExpertSwiGLU.apply(x_TD, token_N, weight_N, self.w1, self.w3, self.w2, counts_E.tolist(),
+                                          self.accumulate_grad_in_place)
         return torch.zeros_like(x_TD).index_add(0, token_N, self(x_TD[token_N], counts_E, weight_N))
 
     def resolve_kernel(self, x_ND: torch.Tensor) -> str:
@@ -83,7 +94,8 @@ class GroupedExperts(nn.Module):
 
     def _per_expert_gemm(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor
                          ) -> torch.Tensor:
-        return _PerExpertSwiGLU.apply(x_ND, None, weight_N, self.w1, self.w3, self.w2, counts_E.tolist())
+        return _PerExpertSwiGLU.apply(x_ND, None, weight_N, self.w1, self.w3, self.w2, counts_E.tolist(),
+                                      self.accumulate_grad_in_place)
 
     def _grouped_mm(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, dim=0).to(device=x_ND.device, dtype=torch.int32)
@@ -158,12 +170,14 @@ class _PerExpertSwiGLU(torch.autograd.Function):
 
     All elementwise work runs per expert on L2-sized temporaries right after its GEMM; only the
     two pre-activations (N, H) are kept for backward. Each expert's weight gradient is written into
-    its own slice (autograd through `w1[e]` would build a zero-filled (E, ...) tensor per expert).
+    its own slice (autograd through `w1[e]` would build a zero-filled (E, ...) tensor per expert),
+    or, with `accumulate` and an existing `.grad`, added into that slice in place (module docstring).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, token_N: torch.Tensor | None, w_N: torch.Tensor,  # noqa: D102
-                w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
+                w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, counts: list[int],
+                accumulate: bool = False) -> torch.Tensor:
         x = x.contiguous()
         n_rows, hidden, d_out = sum(counts), w1.shape[2], w2.shape[2]
         w_N1 = w_N.to(x.dtype).reshape(-1, 1)
@@ -182,6 +196,7 @@ class _PerExpertSwiGLU(torch.autograd.Function):
                 out.index_add_(0, token_N[lo:hi], hw_n @ w2[e])
         ctx.save_for_backward(x, token_N, w_N1, w1, w3, w2, a_NH, b_NH)
         ctx.slices, ctx.w_dtype = slices, w_N.dtype
+        ctx.params = (w1, w3, w2) if accumulate else None
         return out
 
     @staticmethod
@@ -194,7 +209,11 @@ class _PerExpertSwiGLU(torch.autograd.Function):
         if need_x:
             dx = torch.empty_like(x) if token_N is None else torch.zeros_like(x)  # slices cover all N rows
         dw_N1 = torch.empty_like(w_N1) if need_w else None
-        dw1, dw3, dw2 = (_empty_grad_like(w, slices) for w in (w1, w3, w2))
+        in_place = ctx.params is not None and all(w.grad is not None for w in ctx.params)
+        if in_place:
+            dw1, dw3, dw2 = (w.grad for w in ctx.params)
+        else:
+            dw1, dw3, dw2 = (_empty_grad_like(w, slices) for w in (w1, w3, w2))
         for e, lo, hi in slices:
             tok = None if token_N is None else token_N[lo:hi]
             x_n = x[lo:hi] if tok is None else x[tok]
@@ -203,14 +222,14 @@ class _PerExpertSwiGLU(torch.autograd.Function):
             silu_n = F.silu(a_n)
             h_n = silu_n * b_n  # unweighted hidden activation
             dhw_n = g_n @ w2[e].t()  # gradient w.r.t. the weighted hidden activation
-            torch.mm((h_n * w_n1).t(), g_n, out=dw2[e])
+            _mm_into(dw2[e], (h_n * w_n1).t(), g_n, in_place)
             if dw_N1 is not None:
                 torch.sum(dhw_n * h_n, dim=-1, keepdim=True, out=dw_N1[lo:hi])
             dh_n = dhw_n.mul_(w_n1)
             db_n = silu_n.mul_(dh_n)
             da_n = torch.ops.aten.silu_backward(dh_n.mul_(b_n), a_n)
-            torch.mm(x_n.t(), da_n, out=dw1[e])
-            torch.mm(x_n.t(), db_n, out=dw3[e])
+            _mm_into(dw1[e], x_n.t(), da_n, in_place)
+            _mm_into(dw3[e], x_n.t(), db_n, in_place)
             if dx is not None:
                 if tok is None:
                     torch.mm(da_n, w1[e].t(), out=dx[lo:hi])
@@ -218,7 +237,25 @@ class _PerExpertSwiGLU(torch.autograd.Function):
                 else:
                     dx.index_add_(0, tok, torch.addmm(da_n @ w1[e].t(), db_n, w3[e].t()))
         dw_N = None if dw_N1 is None else dw_N1.reshape(-1).to(ctx.w_dtype)
-        return dx, None, dw_N, dw1, dw3, dw2, None
+        if in_place:
+            return dx, None, dw_N, None, None, None, None, None
+        return dx, None, dw_N, dw1, dw3, dw2, None, None
+
+
+def accumulate_expert_grads_in_place(model: nn.Module) -> None:
+    """Turns on in-place gradient accumulation for every `GroupedExperts` in `model` (module docstring);
+    the caller then clears gradients with `zero_grad(set_to_none=False)`."""
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            m.accumulate_grad_in_place = True
+
+
+def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool) -> None:
+    """dst = a @ b, or dst += a @ b (one GEMM either way)."""
+    if add:
+        dst.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=dst)
 
 
 def _empty_grad_like(w: torch.Tensor, slices: list[tuple[int, int, int]]) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cluster.profiles import torch_dtype, uses_gpu
+from moe.experts import accumulate_expert_grads_in_place
 from moe.flops import measure_matmul_peak, mfu
 from moe.model import MoETransformer, build_model
 from moe.parallel.apply import ParallelPlan, parallelize
@@ -151,6 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      cfg.model.moe.n_routed_experts)
     model = build_model(cfg.model, device=device, seed=cfg.train.seed)
     plan: ParallelPlan = parallelize(model, dims, device_type=device.type)
+    accumulate_expert_grads_in_place(model)  # gradients stay allocated across steps (zero_grad below)
     opt = build_optimizer(model, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.train.steps))
 
@@ -199,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         grad_norm = plan.clip_grad_norm_(cfg.optim.grad_clip)
         opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         loads = plan.reduce_expert_loads()
         plan.update_expert_bias(loads)
         if loads:

@@ -47,6 +47,39 @@ def test_grouped_experts_equal_reference_loop(kernel: str, score_func: str) -> N
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("path", ["gather_combine", "sorted_rows"])
+def test_in_place_grad_accumulation_equals_autograd(path: str) -> None:
+    """Two backward passes with `accumulate_grad_in_place` leave the same .grad as autograd's own
+    accumulation; experts that get no rows keep their earlier gradient; other gradients are unchanged."""
+    torch.manual_seed(0)
+    models = [MoE(_cfg(expert_kernel="loop", top_k=2)) for _ in range(2)]
+    models[0].init_weights(0.1, 0.1)
+    models[1].load_state_dict(models[0].state_dict())
+    models[1].experts.accumulate_grad_in_place = True
+    for step in range(2):
+        x_TD = torch.randn(24, 32)
+        g = torch.randn(24, 32)
+        idx = torch.randint(0, 6, (24, 2))  # experts 6 and 7 get no rows
+        w = torch.rand(24, 2)
+        for m in models:
+            xi = x_TD.clone().requires_grad_(True)
+            if path == "gather_combine":
+                y, _ = m.dispatch_combine(xi, idx, w)
+            else:
+                order = torch.argsort(idx.reshape(-1), stable=True)
+                counts = torch.bincount(idx.reshape(-1), minlength=8)
+                y = m.experts(xi[order // 2], counts, w.reshape(-1)[order])
+                g_step = g[order // 2]
+            y.backward(g if path == "gather_combine" else g_step)
+        if step == 0:  # the first pass allocates (.grad was None); the second adds in place
+            for m in models:
+                assert m.experts.w1.grad is not None
+    for name in ("w1", "w2", "w3"):
+        a, b = getattr(models[0].experts, name).grad, getattr(models[1].experts, name).grad
+        torch.testing.assert_close(b, a, **TOL)
+        assert torch.count_nonzero(b[6:]) == 0
+
+
 def test_experts_with_no_tokens_stay_in_the_graph() -> None:
     experts = GroupedExperts(4, 16, 8, kernel="loop")
     experts.init_weights(0.1, 0.1)
