@@ -56,17 +56,24 @@ class GroupedExperts(nn.Module):
         nn.init.trunc_normal_(self.w3, std=std)
         nn.init.trunc_normal_(self.w2, std=out_std)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None,
+                rows_N: torch.Tensor | None = None) -> torch.Tensor:
         """x_ND holds tokens sorted by expert; counts_E[e] rows belong to expert e, in order.
 
         With weight_N (N,) each output row is scaled by its combine weight (gradient flows to it).
+        With rows_N (a permutation of 0..N-1), the n-th row in expert order is x_ND[rows_N[n]] and
+        its output goes to row rows_N[n]: x_ND and the output stay in the caller's order (expert
+        parallelism receives rows by source rank), and the per-expert kernel reorders on the fly.
+        weight_N is in expert order.
         """
         if weight_N is None:
             weight_N = x_ND.new_ones(x_ND.shape[0])
         if x_ND.shape[0] and self.resolve_kernel(x_ND) == "grouped_mm":
-            return self._grouped_mm(x_ND, counts_E, weight_N)
-        return self._per_expert_gemm(x_ND, counts_E, weight_N)
+            if rows_N is None:
+                return self._grouped_mm(x_ND, counts_E, weight_N)
+            return torch.zeros_like(x_ND).index_add(0, rows_N, self._grouped_mm(x_ND[rows_N], counts_E, weight_N))
+        return _PerExpertSwiGLU.apply(x_ND, rows_N, weight_N, self.w1, self.w3, self.w2, counts_E.tolist(),
+                                      self.accumulate_grad_in_place)
 
     def gather_combine(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
                        weight_N: torch.Tensor) -> torch.Tensor:
@@ -91,11 +98,6 @@ class GroupedExperts(nn.Module):
         if key not in _KERNEL_CHOICE:
             _KERNEL_CHOICE[key] = self._measure_kernels(x_ND)
         return _KERNEL_CHOICE[key]
-
-    def _per_expert_gemm(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor
-                         ) -> torch.Tensor:
-        return _PerExpertSwiGLU.apply(x_ND, None, weight_N, self.w1, self.w3, self.w2, counts_E.tolist(),
-                                      self.accumulate_grad_in_place)
 
     def _grouped_mm(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, dim=0).to(device=x_ND.device, dtype=torch.int32)

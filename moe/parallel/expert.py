@@ -9,9 +9,10 @@ The MoE layer sorts its (token, slot) assignments by global expert id and calls
                sends to local expert e (counts are exchanged first, they size the token exchange)
                x_sorted (and weight_N) -> all_to_all_single with uneven splits -> rows ordered
                (source rank, expert)
-               -> permuted to (expert, source rank) so local experts see contiguous slices
-    experts    the local grouped GEMMs on (x_local_ND, recv_PL.sum(0), w_local_N)
-    post-hook  un-permute to (source rank, expert) -> all_to_all_single back with the splits swapped
+               + a row order (expert, source rank) for the local experts (`rows_N`)
+    experts    the local grouped GEMMs on (x_recv_ND, recv_PL.sum(0), w_N, rows_N): each expert reads
+               its rows through rows_N and writes its outputs back in arrival order
+    post-hook  all_to_all_single back with the splits swapped
                -> rows in the caller's original sorted order; the layer combines as on one device
 
 `_AllToAll` and `_AllReduceSum` are autograd functions whose backward is the adjoint collective
@@ -115,22 +116,16 @@ class ExpertParallel:
         send_splits, recv_splits = send_recv
         x_recv_ND = all_to_all(x_ND, recv_splits, send_splits, self.group)
         w_recv_N = None if weight_N is None else all_to_all(weight_N, recv_splits, send_splits, self.group)
-        idx = None if self.n_local == 1 else source_to_expert_order(recv_PL)  # n_local=1: already in order
-        if idx is not None:
-            x_recv_ND = x_recv_ND[idx]
-            w_recv_N = None if w_recv_N is None else w_recv_N[idx]
-        self._state.append((idx, send_splits, recv_splits))
-        local_counts_L = recv_PL.sum(0)
-        return (x_recv_ND, local_counts_L) if w_recv_N is None else (x_recv_ND, local_counts_L, w_recv_N)
+        # Rows arrive as (source rank, local expert); the experts read them in (local expert, source
+        # rank) order through `rows_N` and write their outputs back in arrival order (no copies).
+        rows_N = None if self.n_local == 1 else source_to_expert_order(recv_PL)  # n_local=1: already in order
+        if rows_N is not None and w_recv_N is not None:
+            w_recv_N = w_recv_N[rows_N]
+        self._state.append((send_splits, recv_splits))
+        return x_recv_ND, recv_PL.sum(0), w_recv_N, rows_N
 
-    def _combine(self, module: nn.Module, args: tuple, out_local_ND: torch.Tensor) -> torch.Tensor:
-        idx, send_splits, recv_splits = self._state.pop()
-        if idx is None:
-            out_recv_ND = out_local_ND
-        else:
-            inverse = torch.empty_like(idx)
-            inverse[idx] = torch.arange(idx.numel(), device=idx.device)
-            out_recv_ND = out_local_ND[inverse]
+    def _combine(self, module: nn.Module, args: tuple, out_recv_ND: torch.Tensor) -> torch.Tensor:
+        send_splits, recv_splits = self._state.pop()
         return all_to_all(out_recv_ND, send_splits, recv_splits, self.group)
 
     def remove(self) -> None:
