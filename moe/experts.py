@@ -1,11 +1,11 @@
 """Routed experts as 3-D weights (experts x in x out) computed over tokens sorted by expert.
 
-`GroupedExperts.forward(x_ND, counts_E, weight_N)` is the one method the MoE layer (and expert
-parallelism) calls; it returns weight_N[n] * expert(x_ND[n]) with the combine weight applied to
-the hidden activation before the (linear) down projection, which is exact and saves an (N, D)
-pass. `gather_combine(x_TD, token_N, counts_E, weight_N)` adds the gather of the token rows and
-their weighted scatter-add, fused into the per-expert kernel on one device (no (N, D) copies);
-the MoE layer calls it. Behind it sit two kernels: one GEMM per expert over its contiguous slice, or
+`GroupedExperts.forward(x_ND, counts_E, weight_N)` returns weight_N[n] * expert(x_ND[n]) for rows
+sorted by expert, with the combine weight applied to the hidden activation before the (linear)
+down projection, which is exact and saves an (N, D) pass. `gather_combine(x_TD, token_N, counts_E,
+weight_N)`, which the MoE layer calls, adds the gather of the token rows and their weighted
+scatter-add, fused into the per-expert kernel (no (N, D) copies); expert parallelism replaces it
+through the `dispatch` seam and runs `local_gather_combine` on the ranks holding the experts. Behind it sit two kernels: one GEMM per expert over its contiguous slice, or
 `torch._grouped_mm` over all experts at once. `expert_kernel="auto"` takes the per-expert kernel
 on CPU (it fuses the gather, scatter and in-place gradients; in the layer benchmark the grouped
 kernel was 13% slower at 8 experts, while a synthetic micro-measurement could not tell them apart
@@ -26,6 +26,7 @@ no contribution from this kernel, as with Megatron's gradient-accumulation fusio
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.n_experts, self.d_model, self.hidden, self.kernel = n_experts, d_model, hidden, kernel
         self.accumulate_grad_in_place = False
+        self.dispatch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # gate projection
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # up projection
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # down projection
@@ -59,35 +61,35 @@ class GroupedExperts(nn.Module):
         nn.init.trunc_normal_(self.w3, std=std)
         nn.init.trunc_normal_(self.w2, std=out_std)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None,
-                rows_N: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x_ND holds tokens sorted by expert; counts_E[e] rows belong to expert e, in order.
 
         With weight_N (N,) each output row is scaled by its combine weight (gradient flows to it).
-        With rows_N (a permutation of 0..N-1), the n-th row in expert order is x_ND[rows_N[n]] and
-        its output goes to row rows_N[n]: x_ND and the output stay in the caller's order (expert
-        parallelism receives rows by source rank), and the per-expert kernel reorders on the fly.
-        weight_N is in expert order.
         """
         if weight_N is None:
             weight_N = x_ND.new_ones(x_ND.shape[0])
         if x_ND.shape[0] and self.resolve_kernel(x_ND) == "grouped_mm":
-            if rows_N is None:
-                return self._grouped_mm(x_ND, counts_E, weight_N)
-            return torch.zeros_like(x_ND).index_add(0, rows_N, self._grouped_mm(x_ND[rows_N], counts_E, weight_N))
-        return _PerExpertSwiGLU.apply(x_ND, rows_N, weight_N, self.w1, self.w3, self.w2, counts_E.tolist(),
+            return self._grouped_mm(x_ND, counts_E, weight_N)
+        return _PerExpertSwiGLU.apply(x_ND, None, weight_N, self.w1, self.w3, self.w2, counts_E.tolist(),
                                       self.accumulate_grad_in_place)
 
     def gather_combine(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
                        weight_N: torch.Tensor) -> torch.Tensor:
         """y_TD[t] = sum of weight_N[n] * expert_n(x_TD[t]) over the rows n with token_N[n] == t.
 
-        Rows are sorted by expert (counts_E). With the per-expert kernel the gather and the
-        scatter-add happen inside it, per expert; otherwise, and whenever something wraps this
-        module's forward (expert parallelism's hooks), the rows go through `forward`.
+        Rows are sorted by expert (counts_E). Expert parallelism installs `dispatch`, which moves
+        the tokens to the ranks holding their experts and calls `local_gather_combine` there.
         """
-        wrapped = bool(self._forward_pre_hooks or self._forward_hooks)
-        if not wrapped and x_TD.shape[0] and self.resolve_kernel(x_TD) == "loop":
+        if self.dispatch is not None:
+            return self.dispatch(x_TD, token_N, counts_E, weight_N)
+        return self.local_gather_combine(x_TD, token_N, counts_E, weight_N)
+
+    def local_gather_combine(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
+                             weight_N: torch.Tensor) -> torch.Tensor:
+        """`gather_combine` over this module's own experts: with the per-expert kernel the gather and
+        the scatter-add happen inside it, per expert (no (N, D) copies); otherwise through `forward`."""
+        if x_TD.shape[0] and self.resolve_kernel(x_TD) == "loop":
             return _PerExpertSwiGLU.apply(x_TD, token_N, weight_N, self.w1, self.w3, self.w2, counts_E.tolist(),
                                           self.accumulate_grad_in_place)
         return torch.zeros_like(x_TD).index_add(0, token_N, self(x_TD[token_N], counts_E, weight_N))

@@ -15,8 +15,8 @@ Seams for parallelism (moe/parallel sets them; the layer itself never communicat
   token count of the whole global batch (all ranks), kept first-come in global token order
   (rank order, then token order, then slot). With no seam set the local batch is the global
   batch, so one process on the global batch and any parallel layout drop exactly the same tokens.
-- `GroupedExperts.forward(x_sorted_ND, counts_E, weight_N)`, reached through
-  `experts.gather_combine`: expert parallelism wraps it (token exchange).
+- `experts.dispatch`, called by `experts.gather_combine(x_TD, token_N, counts_E, weight_N)`:
+  expert parallelism installs its token exchange there.
 """
 
 from __future__ import annotations

@@ -2,18 +2,13 @@
 with all-to-all, applied to the one-device model from outside (forward hooks on `GroupedExperts`).
 
 The MoE layer sorts its (token, slot) assignments by global expert id and calls
-`experts(x_sorted_ND, counts_E, weight_N)`. Under EP the experts module holds only experts
-[ep_rank * E_l, (ep_rank + 1) * E_l) with E_l = E / ep, and its call is wrapped:
-
-    pre-hook   counts_E (E,) viewed as (ep, E_l) -> all_to_all_single: recv_PL[j, e] = tokens rank j
-               sends to local expert e (counts are exchanged first, they size the token exchange)
-               x_sorted (and weight_N) -> all_to_all_single with uneven splits -> rows ordered
-               (source rank, expert)
-               + a row order (expert, source rank) for the local experts (`rows_N`)
-    experts    the local grouped GEMMs on (x_recv_ND, recv_PL.sum(0), w_N, rows_N): each expert reads
-               its rows through rows_N and writes its outputs back in arrival order
-    post-hook  all_to_all_single back with the splits swapped
-               -> rows in the caller's original sorted order; the layer combines as on one device
+`experts.gather_combine(x_TD, token_N, counts_E, weight_N)`. Under EP the experts module holds only
+experts [ep_rank * E_l, (ep_rank + 1) * E_l) with E_l = E / ep, and `ExpertParallel` is installed
+as its `dispatch`: counts are exchanged first (`all_to_all_single`, they size the token exchange),
+then each rank sends every destination rank the distinct tokens routed to its experts (once per
+rank, not once per expert), with each assignment's token position and combine weight; the
+destination runs its local grouped GEMMs over them (`local_gather_combine`, summing a token's
+local experts) and sends one row per token back, where it is added into the caller's output.
 
 `_AllToAll` and `_AllReduceSum` are autograd functions whose backward is the adjoint collective
 (all-to-all with swapped splits; all-reduce of the gradients), so gradients are exact in both
@@ -98,39 +93,58 @@ def source_to_expert_order(recv_PL: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertParallel:
-    """Token exchange around one `GroupedExperts` that holds E/ep local experts (see module docstring)."""
+    """Token exchange for one `GroupedExperts` holding E/ep local experts (see module docstring).
+
+    Installed as the module's `dispatch`: `gather_combine(x_TD, token_N, counts_E, weight_N)` with
+    rows sorted by global expert becomes
+      1. per destination rank, the distinct tokens routed to any of its experts (a token routed to
+         k experts of one rank is sent once, not k times), plus per assignment row its token's
+         position in that list and its combine weight; counts are exchanged first, they size the rest;
+      2. on the expert rank, `local_gather_combine` over the received tokens with the assignment rows
+         reordered from (source rank, local expert) to (local expert, source rank): one output row
+         per received token, already summed over its local experts;
+      3. those rows sent back and added into y_TD at their tokens.
+    Every step is differentiable (all-to-all's adjoint is the reverse exchange), so gradients are exact.
+    """
 
     def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup, ep: int) -> None:
-        self.group, self.ep, self.n_local = group, ep, experts.n_experts
-        self._state: list[tuple[torch.Tensor, list[int], list[int]]] = []
-        self.handles = [experts.register_forward_pre_hook(self._dispatch),
-                        experts.register_forward_hook(self._combine)]
+        self.experts, self.group, self.ep, self.n_local = experts, group, ep, experts.n_experts
+        experts.dispatch = self
 
-    def _dispatch(self, module: nn.Module, args: tuple) -> tuple[torch.Tensor, ...]:
-        x_ND, counts_E, *rest = args
-        weight_N = rest[0] if rest else None
-        counts_PL = counts_E.to(torch.int64).reshape(self.ep, self.n_local)
-        recv_PL = torch.empty_like(counts_PL)
-        dist.all_to_all_single(recv_PL, counts_PL, group=self.group)
-        send_recv = torch.stack([counts_PL.sum(1), recv_PL.sum(1)]).tolist()  # one host sync
-        send_splits, recv_splits = send_recv
-        x_recv_ND = all_to_all(x_ND, recv_splits, send_splits, self.group)
-        w_recv_N = None if weight_N is None else all_to_all(weight_N, recv_splits, send_splits, self.group)
-        # Rows arrive as (source rank, local expert); the experts read them in (local expert, source
-        # rank) order through `rows_N` and write their outputs back in arrival order (no copies).
-        rows_N = None if self.n_local == 1 else source_to_expert_order(recv_PL)  # n_local=1: already in order
-        if rows_N is not None and w_recv_N is not None:
-            w_recv_N = w_recv_N[rows_N]
-        self._state.append((send_splits, recv_splits))
-        return x_recv_ND, recv_PL.sum(0), w_recv_N, rows_N
+    def __call__(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
+                 weight_N: torch.Tensor) -> torch.Tensor:
+        P, L, T = self.ep, self.n_local, x_TD.shape[0]
+        dev = x_TD.device
+        counts_PL = counts_E.to(torch.int64).reshape(P, L)
+        rows_P = counts_PL.sum(1)  # assignment rows for each destination rank
+        rank_N = torch.repeat_interleave(torch.arange(P, device=dev), rows_P, output_size=token_N.numel())
+        keys_U, slot_N = torch.unique(rank_N * T + token_N, sorted=True, return_inverse=True)
+        tok_U = keys_U % T  # distinct (rank, token) pairs in rank order: the tokens to send
+        tok_P = torch.bincount(keys_U // T, minlength=P)
+        pos_N = slot_N - (torch.cumsum(tok_P, 0) - tok_P)[rank_N]  # token position within its rank's block
 
-    def _combine(self, module: nn.Module, args: tuple, out_recv_ND: torch.Tensor) -> torch.Tensor:
-        send_splits, recv_splits = self._state.pop()
-        return all_to_all(out_recv_ND, send_splits, recv_splits, self.group)
+        meta_PM = torch.cat([counts_PL, tok_P.unsqueeze(1)], 1)
+        recv_PM = torch.empty_like(meta_PM)
+        dist.all_to_all_single(recv_PM, meta_PM, group=self.group)
+        recv_PL, recv_tok_P = recv_PM[:, :L], recv_PM[:, L]
+        sizes = torch.stack([rows_P, recv_PL.sum(1), tok_P, recv_tok_P]).tolist()  # one host sync
+        send_rows, recv_rows, send_tok, recv_tok = sizes
+
+        x_recv = all_to_all(x_TD[tok_U], recv_tok, send_tok, self.group)
+        w_recv = all_to_all(weight_N, recv_rows, send_rows, self.group)
+        pos_recv = all_to_all(pos_N, recv_rows, send_rows, self.group)
+        src_start_P = torch.cumsum(recv_PM[:, L], 0) - recv_PM[:, L]
+        src_R = torch.repeat_interleave(torch.arange(P, device=dev), recv_PL.sum(1), output_size=pos_recv.numel())
+        row_tok_R = pos_recv + src_start_P[src_R]  # each received assignment's row in x_recv
+        if L > 1:  # assignments arrive (source, local expert); the local experts need (local expert, source)
+            order = source_to_expert_order(recv_PL)
+            row_tok_R, w_recv = row_tok_R[order], w_recv[order]
+        y_recv = self.experts.local_gather_combine(x_recv, row_tok_R, recv_PL.sum(0), w_recv)
+        y_U = all_to_all(y_recv, send_tok, recv_tok, self.group)
+        return torch.zeros_like(x_TD).index_add(0, tok_U, y_U)
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.experts.dispatch = None
 
 
 @torch.no_grad()
