@@ -50,6 +50,21 @@ class NoUsableInputError(RuntimeError):
     """Nothing to train on: no input files, or every record was bad or filtered away."""
 
 
+class ClusterTooSmallError(RuntimeError):
+    """The tokenizer actors would hold every CPU, so the read phase could never run."""
+
+
+def check_cluster_fits(cfg: PreprocessConfig, cluster_cpus: float) -> None:
+    """The tokenizer pool starts first and holds one CPU per actor; phase A needs at least one more."""
+    need = cfg.runtime.tokenize_actors + 1
+    if cluster_cpus < need:
+        raise ClusterTooSmallError(
+            f"runtime.tokenize_actors={cfg.runtime.tokenize_actors} needs a Ray cluster with at least {need} CPUs "
+            f"(one per tokenizer actor, which start before reading, plus one for the read tasks); this one has "
+            f"{cluster_cpus:g}. Lower runtime.tokenize_actors or give Ray more CPUs (runtime.num_cpus for a local "
+            "Ray; logical CPUs may exceed cores).")
+
+
 def describe_sources(cfg: PreprocessConfig) -> str:
     return "; ".join(f"data.sources[{i}]: kind={s.kind}" + (f" path={s.path}" if s.kind != "stdlib" else "")
                      for i, s in enumerate(cfg.data.sources))
@@ -221,6 +236,9 @@ def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
         return existing, True
 
     ensure_ray(cfg.runtime)
+    import ray
+
+    check_cluster_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
     _configure_data_context(cfg)
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"

@@ -73,3 +73,17 @@ def test_no_input_at_all_is_a_clear_error(preprocess_cfg, tmp_path: Path) -> Non
     cfg = preprocess_cfg(tmp_path / "out", f"data.sources=[{{kind:jsonl,path:{tmp_path}/none/*.jsonl}}]")
     with pytest.raises(NoUsableInputError, match=r"data.sources\[0\]: kind=jsonl .*none/\*\.jsonl"):
         run_preprocess(cfg)
+
+
+def test_tokenizer_pool_that_would_hold_every_cpu_is_refused(ray_cluster, preprocess_cfg, tmp_path: Path) -> None:
+    """The pool starts before the read phase; with no CPU left for reading the run would hang."""
+    import ray
+
+    from pipelines.data.pipeline import ClusterTooSmallError
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    cfg = preprocess_cfg(tmp_path / "out", f"runtime.tokenize_actors={cpus}")
+    with pytest.raises(ClusterTooSmallError, match=rf"runtime.tokenize_actors={cpus} needs a Ray cluster with at "
+                                                   rf"least {cpus + 1} CPUs .* this one has {cpus}\. Lower"):
+        run_preprocess(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
