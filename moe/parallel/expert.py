@@ -127,14 +127,15 @@ class ExpertParallel:
         recv_PM = torch.empty_like(meta_PM)
         dist.all_to_all_single(recv_PM, meta_PM, group=self.group)
         recv_PL, recv_tok_P = recv_PM[:, :L], recv_PM[:, L]
-        sizes = torch.stack([rows_P, recv_PL.sum(1), tok_P, recv_tok_P]).tolist()  # one host sync
+        recv_rows_P = recv_PL.sum(1)
+        sizes = torch.stack([rows_P, recv_rows_P, tok_P, recv_tok_P]).tolist()  # one host sync
         send_rows, recv_rows, send_tok, recv_tok = sizes
 
         x_recv = all_to_all(x_TD[tok_U], recv_tok, send_tok, self.group)
         w_recv = all_to_all(weight_N, recv_rows, send_rows, self.group)
         pos_recv = all_to_all(pos_N, recv_rows, send_rows, self.group)
-        src_start_P = torch.cumsum(recv_PM[:, L], 0) - recv_PM[:, L]
-        src_R = torch.repeat_interleave(torch.arange(P, device=dev), recv_PL.sum(1), output_size=pos_recv.numel())
+        src_start_P = torch.cumsum(recv_tok_P, 0) - recv_tok_P
+        src_R = torch.repeat_interleave(torch.arange(P, device=dev), recv_rows_P, output_size=pos_recv.numel())
         row_tok_R = pos_recv + src_start_P[src_R]  # each received assignment's row in x_recv
         if L > 1:  # assignments arrive (source, local expert); the local experts need (local expert, source)
             order = source_to_expert_order(recv_PL)

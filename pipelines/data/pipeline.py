@@ -50,6 +50,23 @@ class NoUsableInputError(RuntimeError):
     """Nothing to train on: no input files, or every record was bad or filtered away."""
 
 
+@dataclasses.dataclass
+class CorpusFacts:
+    """What phases A-C learned about the corpus, for the manifest."""
+
+    n_read: int  # staged records (every record of every readable file)
+    n_missing: int  # source paths that matched nothing
+    good: int
+    bad: dict[str, int]
+    filtered: dict[str, int]
+    dedup_result: dedup.DedupResult
+    split_docs: dict[str, Counter]
+    split_weighted: dict[str, int]
+    per_source: list[Counter]
+    sample_stats: dict[str, int]
+    stage_seconds: dict[str, float]
+
+
 class ClusterTooSmallError(RuntimeError):
     """The tokenizer actors would hold every CPU, so the read phase could never run."""
 
@@ -119,8 +136,9 @@ def _parquet_files(d: Path) -> list[Path]:
 
 def _keys(docs: Path) -> tuple[pa.Table, list[tuple[str, int]]]:
     """The key columns of every staged record in global row order, and (file, rows) of each staging file."""
-    tables = [pq.read_table(p, columns=_KEY_COLUMNS) for p in _parquet_files(docs)]
-    return pa.concat_tables(tables), [(str(p), len(t)) for p, t in zip(_parquet_files(docs), tables)]
+    files = _parquet_files(docs)
+    tables = [pq.read_table(p, columns=_KEY_COLUMNS) for p in files]
+    return pa.concat_tables(tables), [(str(p), len(t)) for p, t in zip(files, tables)]
 
 
 def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> int:
@@ -263,25 +281,25 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
     n_units = unit_count(cfg, sum(f["bytes"] for f in fingerprints))
     phase_d = PackedStream(cfg, n_units, lambda batches: write_shards(batches, work, cfg.runtime.rows_per_shard))
     try:
-        info, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer, n_units)
+        facts, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer, n_units)
     except BaseException:
         phase_d.cancel()
         raise
     t0 = time.perf_counter()
     phase_d.publish(plan)
     writers = phase_d.result()
-    info["stage_seconds"]["tokenize_pack_write"] = time.perf_counter() - t0
+    facts.stage_seconds["tokenize_pack_write"] = time.perf_counter() - t0
     docs = work / "_docs"
     t0 = time.perf_counter()
     n_quarantined = write_quarantine(docs, missing, work / QUARANTINE_FILE) if cfg.reader.quarantine else None
     shutil.rmtree(docs)
-    info["stage_seconds"]["quarantine_cleanup"] = time.perf_counter() - t0
-    info["stage_seconds"]["total"] = time.perf_counter() - t_start
-    return _manifest(cfg, info, writers, n_quarantined, fingerprints, cfg_hash, key, work / TOKENIZER_FILE)
+    facts.stage_seconds["quarantine_cleanup"] = time.perf_counter() - t0
+    facts.stage_seconds["total"] = time.perf_counter() - t_start
+    return _manifest(cfg, facts, writers, n_quarantined, fingerprints, cfg_hash, key, work / TOKENIZER_FILE)
 
 
 def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
-                   work: Path, tokenizer: Path | None, n_units: int) -> tuple[dict[str, Any], TokenizePlan]:
+                   work: Path, tokenizer: Path | None, n_units: int) -> tuple[CorpusFacts, TokenizePlan]:
     """Read, dedup, split and train the tokenizer; -> (manifest facts, the plan for phase D)."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -349,18 +367,16 @@ def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missin
         units=cut_units(np.asarray(kept_rows, np.int64), np.asarray(kept_bytes, np.int64),
                         n_units, cfg.runtime.tokenize_batch_docs, len(keys)),
         val_fraction=cfg.data.val_fraction, weights=weights)
-    facts = {"n_read": n_read, "missing": len(missing), "good": good, "bad": bad, "filtered": filtered, "result": result,
-             "split_docs": split_docs, "split_weighted": split_weighted, "per_source": per_source,
-             "sample_stats": sample_stats, "stage_seconds": times}
+    facts = CorpusFacts(n_read=n_read, n_missing=len(missing), good=good, bad=bad, filtered=filtered, dedup_result=result,
+                        split_docs=split_docs, split_weighted=split_weighted, per_source=per_source,
+                        sample_stats=sample_stats, stage_seconds=times)
     return facts, plan
 
 
-def _manifest(cfg: PreprocessConfig, facts: dict[str, Any], writers: dict[str, _ShardWriter],
+def _manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str, _ShardWriter],
               n_quarantined: int | None, fingerprints: list[dict], cfg_hash: str, key: str,
               tok_path: Path) -> dict[str, Any]:
-    n_read, good, bad, filtered, result = (facts[k] for k in ("n_read", "good", "bad", "filtered", "result"))
-    split_docs, split_weighted, per_source = facts["split_docs"], facts["split_weighted"], facts["per_source"]
-    sample_stats, times = facts["sample_stats"], facts["stage_seconds"]
+    good, result, split_docs, split_weighted = facts.good, facts.dedup_result, facts.split_docs, facts.split_weighted
     tok = load_tokenizer(tok_path)
     row_len = cfg.data.seq_len + 1
     bands, rows = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
@@ -386,15 +402,15 @@ def _manifest(cfg: PreprocessConfig, facts: dict[str, Any], writers: dict[str, _
         "inputs": [{"source": i, "kind": s.kind, "path": s.path if s.kind != "stdlib" else str(sources.stdlib_root()),
                     "field": s.field, "weight": s.weight, "max_files": s.max_files, **fingerprints[i]}
                    for i, s in enumerate(cfg.data.sources)],
-        "records": {"read": n_read + facts["missing"], "good": good, "kept": good - len(result.dropped)},
-        "bad_input": bad,
-        "filtered": filtered,
+        "records": {"read": facts.n_read + facts.n_missing, "good": good, "kept": good - len(result.dropped)},
+        "bad_input": facts.bad,
+        "filtered": facts.filtered,
         "dedup": {"docs_in": result.docs_in, "exact_dropped": result.exact_dropped,
                   "near_dropped": result.near_dropped, **result.rates(), "lsh_bands": bands, "lsh_rows": rows},
-        "per_source": [{"source": i, **dict(c)} for i, c in enumerate(per_source)],
-        "tokenizer_sample": sample_stats,
+        "per_source": [{"source": i, **dict(c)} for i, c in enumerate(facts.per_source)],
+        "tokenizer_sample": facts.sample_stats,
         "quarantine_file": QUARANTINE_FILE if n_quarantined is not None else None,
         "quarantined": n_quarantined,
-        "stage_seconds": {k: round(v, 3) for k, v in times.items()},
+        "stage_seconds": {k: round(v, 3) for k, v in facts.stage_seconds.items()},
         "config": manifest.hashed_config(cfg) | {"data": dataclasses.asdict(cfg.data)},
     }

@@ -96,22 +96,22 @@ class TokenizeUnits:
     def __init__(self, box: list, seq_len: int, eos_token: str, pad_token: str, batch_docs: int) -> None:
         self.box = box[0]  # wrapped in a list so Ray passes the handle, not a resolved value
         self.seq_len, self.eos_token, self.pad_token, self.batch_docs = seq_len, eos_token, pad_token, batch_docs
+        self.waited = False
         self.plan: TokenizePlan | None = None
         self.tp: TokenizePack | None = None
-        self.starts: np.ndarray | None = None
+        self.starts: np.ndarray | None = None  # first global row of each staging file, then the total
 
     def _load(self) -> TokenizePlan | None:
         import ray
 
-        if self.starts is None:
-            self.plan = ray.get(self.box.get.remote())
+        if not self.waited:
+            self.plan, self.waited = ray.get(self.box.get.remote()), True
             if self.plan is not None:
                 self.tp = TokenizePack(self.plan.tokenizer_path, self.seq_len, self.eos_token, self.pad_token)
-            rows = [n for _, n in self.plan.files] if self.plan is not None else []
-            self.starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
+                self.starts = np.cumsum([0] + [n for _, n in self.plan.files], dtype=np.int64)
         return self.plan
 
-    def _read(self, first: int, last: int) -> pa.Table:
+    def _read(self, first: int, last: int) -> pa.Table | None:
         assert self.plan is not None and self.starts is not None
         parts = []
         for i, (path, _) in enumerate(self.plan.files):
