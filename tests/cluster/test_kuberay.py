@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import yaml
 from cluster.kuberay import render_raycluster, render_rayjob, render_rayservice, worker_pods
 from cluster.submit import compose_profile, main
 
-CRDS = Path(__file__).resolve().parents[2].parent / "shared" / "kuberay-crds"
+# The KubeRay CRD schemas live in shared/ beside the checkout; KUBERAY_CRDS points elsewhere (a clone in /tmp).
+CRDS = Path(os.environ.get("KUBERAY_CRDS") or Path(__file__).resolve().parents[2].parent / "shared" / "kuberay-crds")
 PROFILES = ["a100", "h100", "mi250", "mi300x"]
 
 
@@ -43,7 +45,8 @@ def unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str
 
 def assert_valid(manifest: dict[str, Any]) -> None:
     if not CRDS.is_dir():
-        pytest.fail(f"KubeRay CRD schemas not found at {CRDS} (they live in shared/ beside the checkout)")
+        pytest.fail(f"KubeRay CRD schemas not found at {CRDS}: they live in shared/ beside the checkout; "
+                    "for a checkout elsewhere set KUBERAY_CRDS=<path to shared/kuberay-crds>.")
     schema = crd_schema(manifest["kind"])
     jsonschema.validate(manifest, schema)
     assert unknown_fields(manifest, schema) == []
