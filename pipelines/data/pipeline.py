@@ -3,9 +3,9 @@
   A  (Ray Data, streaming)  files -> read -> normalize -> filter -> sign  -> staging Parquet (docs/)
   B  (driver, small keys)   exact + near dedup over (uid, hash, minhash) of every kept document
   C  (driver, streaming)    byte-level BPE trained on a hash-chosen sample of the train split
-  D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool), streamed to the
-                            driver, which writes train/ and val/ shards with seq_id 0..N-1; manifest last.
-                            The pool starts before phase A and waits for its plan (`tokenize_phase`).
+  D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool, `tokenize_phase`),
+                            streamed to the driver, which writes train/ and val/ shards with seq_id
+                            0..N-1; manifest last.
 
 Output goes to a temporary directory renamed to `v<NNNN>-<key>` only when complete, so an
 interrupted run never leaves a half output that "latest" could pick up.
@@ -36,7 +36,7 @@ from pipelines.data.clean import normalize_batch
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.minhash import lsh_params
 from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats
-from pipelines.data.tokenize_phase import PackedStream, TokenizePlan, cut_units, unit_count
+from pipelines.data.tokenize_phase import TokenizePlan, cut_units, tokenize_and_pack, unit_count
 from pipelines.data.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer, special_id, train_tokenizer
 
 BAD_INPUT_REASONS = (sources.UNREADABLE_PATH, sources.UNREADABLE, sources.EMPTY_FILE, sources.BINARY_FILE,
@@ -68,18 +68,17 @@ class CorpusFacts:
 
 
 class ClusterTooSmallError(RuntimeError):
-    """The tokenizer actors would hold every CPU, so the read phase could never run."""
+    """The tokenizer actor pool cannot start on this cluster, so phase D would wait forever."""
 
 
 def check_cluster_fits(cfg: PreprocessConfig, cluster_cpus: float) -> None:
-    """The tokenizer pool starts first and holds one CPU per actor; phase A needs at least one more."""
-    need = cfg.runtime.tokenize_actors + 1
+    """Each tokenizer actor holds one CPU; checked before reading so no work is spent first."""
+    need = cfg.runtime.tokenize_actors
     if cluster_cpus < need:
         raise ClusterTooSmallError(
-            f"runtime.tokenize_actors={cfg.runtime.tokenize_actors} needs a Ray cluster with at least {need} CPUs "
-            f"(one per tokenizer actor, which start before reading, plus one for the read tasks); this one has "
-            f"{cluster_cpus:g}. Lower runtime.tokenize_actors or give Ray more CPUs (runtime.num_cpus for a local "
-            "Ray; logical CPUs may exceed cores).")
+            f"runtime.tokenize_actors={need} needs a Ray cluster with at least {need} CPUs (one per tokenizer "
+            f"actor); this one has {cluster_cpus:g}. Lower runtime.tokenize_actors or give Ray more CPUs "
+            "(runtime.num_cpus for a local Ray; logical CPUs may exceed cores).")
 
 
 def describe_sources(cfg: PreprocessConfig) -> str:
@@ -279,15 +278,9 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
     """Phases A-D into `work`; `tokenizer` reuses a trained tokenizer file instead of phase C (benchmarks)."""
     t_start = time.perf_counter()
     n_units = unit_count(cfg, sum(f["bytes"] for f in fingerprints))
-    phase_d = PackedStream(cfg, n_units, lambda batches: write_shards(batches, work, cfg.runtime.rows_per_shard))
-    try:
-        facts, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer, n_units)
-    except BaseException:
-        phase_d.cancel()
-        raise
+    facts, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer, n_units)
     t0 = time.perf_counter()
-    phase_d.publish(plan)
-    writers = phase_d.result()
+    writers = write_shards(tokenize_and_pack(cfg, plan), work, cfg.runtime.rows_per_shard)
     facts.stage_seconds["tokenize_pack_write"] = time.perf_counter() - t0
     docs = work / "_docs"
     t0 = time.perf_counter()

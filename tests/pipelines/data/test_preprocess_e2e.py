@@ -75,15 +75,15 @@ def test_no_input_at_all_is_a_clear_error(preprocess_cfg, tmp_path: Path) -> Non
         run_preprocess(cfg)
 
 
-def test_tokenizer_pool_that_would_hold_every_cpu_is_refused(ray_cluster, preprocess_cfg, tmp_path: Path) -> None:
-    """The pool starts before the read phase; with no CPU left for reading the run would hang."""
+def test_tokenizer_pool_larger_than_the_cluster_is_refused(ray_cluster, preprocess_cfg, tmp_path: Path) -> None:
+    """Each tokenizer actor holds a CPU; a pool that cannot start would leave phase D waiting forever."""
     import ray
 
     from pipelines.data.pipeline import ClusterTooSmallError
 
     cpus = int(ray.cluster_resources()["CPU"])
-    cfg = preprocess_cfg(tmp_path / "out", f"runtime.tokenize_actors={cpus}")
-    with pytest.raises(ClusterTooSmallError, match=rf"runtime.tokenize_actors={cpus} needs a Ray cluster with at "
-                                                   rf"least {cpus + 1} CPUs .* this one has {cpus}\. Lower"):
+    cfg = preprocess_cfg(tmp_path / "out", f"runtime.tokenize_actors={cpus + 1}")
+    with pytest.raises(ClusterTooSmallError, match=rf"runtime.tokenize_actors={cpus + 1} needs a Ray cluster with "
+                                                   rf"at least {cpus + 1} CPUs .* this one has {cpus}\. Lower"):
         run_preprocess(cfg)
     assert not (tmp_path / "out").exists()  # refused before anything was written
