@@ -55,14 +55,19 @@ def unit_count(cfg: PreprocessConfig, input_bytes: int) -> int:
 
 def cut_units(kept_rows: np.ndarray, kept_bytes: np.ndarray, n_units: int, batch_docs: int,
               total_rows: int) -> list[tuple[int, int]]:
-    """Splits the kept documents (their global staging rows, in order) into `n_units` row ranges of
-    about equal bytes, each starting on a packing boundary (a multiple of `batch_docs` kept docs)."""
+    """Splits the kept documents (their global staging rows, in order) into `n_units` row ranges,
+    each starting on a packing boundary (a multiple of `batch_docs` kept docs).
+
+    Units shrink toward the end (unit u ends where the cumulative bytes reach 1 - (1 - (u+1)/n)^2
+    of the total): the pool takes units in order, so the last ones are small and every actor runs
+    out of work at about the same time instead of one finishing a large unit alone."""
     n_batches = -(-len(kept_rows) // batch_docs)
     batch_bytes = np.add.reduceat(kept_bytes, np.arange(0, len(kept_rows), batch_docs)) if n_batches else []
     cum = np.cumsum(batch_bytes)
     total = cum[-1] if n_batches else 0
-    # First batch of each unit: where the cumulative bytes cross u/n of the total.
-    starts = [0] + [int(np.searchsorted(cum, total * u / n_units, side="right")) for u in range(1, n_units)]
+    # First batch of each unit: where the cumulative bytes cross the unit's start fraction.
+    fractions = [1 - (1 - u / n_units) ** 2 for u in range(1, n_units)]
+    starts = [0] + [int(np.searchsorted(cum, total * f, side="right")) for f in fractions]
     starts = [min(s, n_batches) for s in starts] + [n_batches]
     units = []
     for u in range(n_units):

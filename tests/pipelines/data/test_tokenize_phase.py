@@ -28,11 +28,18 @@ def test_units_cover_kept_rows_in_order_on_batch_boundaries(n_units: int, batch_
     assert all(len(rows) % batch_docs == 0 for rows in per_unit[:-1] if rows)
 
 
-def test_units_balance_bytes() -> None:
-    kept_rows = np.arange(1000)
-    kept_bytes = np.full(1000, 10)
-    units = cut_units(kept_rows, kept_bytes, 4, 10, 1000)
-    assert [hi - lo for lo, hi in units] == [250, 250, 250, 250]
+def test_units_shrink_toward_the_end_by_bytes() -> None:
+    """Cumulative bytes at the unit ends: 1 - (1 - u/4)^2 = 7/16, 12/16, 15/16, 1 of the total."""
+    kept_rows = np.arange(1600)
+    kept_bytes = np.full(1600, 10)
+    units = cut_units(kept_rows, kept_bytes, 4, 10, 1600)
+    assert [hi - lo for lo, hi in units] == [700, 500, 300, 100]
+    # Bytes, not documents: the same cut where the first half of the documents are 3x larger.
+    kept_bytes = np.where(kept_rows < 800, 30, 10)
+    units = cut_units(kept_rows, kept_bytes, 4, 10, 1600)
+    sizes = [int(kept_bytes[lo:hi].sum()) for lo, hi in units]
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+    assert abs(sizes[0] / sum(sizes) - 7 / 16) < 0.01
 
 
 def test_no_kept_rows_gives_empty_units() -> None:
