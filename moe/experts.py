@@ -5,8 +5,9 @@ sorted by expert, with the combine weight applied to the hidden activation befor
 down projection, which is exact and saves an (N, D) pass. `gather_combine(x_TD, token_N, counts_E,
 weight_N)`, which the MoE layer calls, adds the gather of the token rows and their weighted
 scatter-add, fused into the per-expert kernel (no (N, D) copies); expert parallelism replaces it
-through the `dispatch` seam and runs `local_gather_combine` on the ranks holding the experts. Behind it sit two kernels: one GEMM per expert over its contiguous slice, or
-`torch._grouped_mm` over all experts at once. `expert_kernel="auto"` takes the per-expert kernel
+through the `dispatch` seam and runs `local_gather_combine` on the ranks holding the experts.
+Behind it sit two kernels: one GEMM per expert over its contiguous slice, or `torch._grouped_mm`
+over all experts at once. `expert_kernel="auto"` takes the per-expert kernel
 on CPU (it fuses the gather, scatter and in-place gradients; in the layer benchmark the grouped
 kernel was 13% slower at 8 experts, while a synthetic micro-measurement could not tell them apart
 reliably) and on GPUs measures both once per (device, dtype, shape) and keeps the faster; the

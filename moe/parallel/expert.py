@@ -1,5 +1,5 @@
 """Expert parallelism: shard each MoE layer's routed experts over an EP group and exchange tokens
-with all-to-all, applied to the one-device model from outside (forward hooks on `GroupedExperts`).
+with all-to-all, applied to the one-device model from outside (the `dispatch` seam of `GroupedExperts`).
 
 The MoE layer sorts its (token, slot) assignments by global expert id and calls
 `experts.gather_combine(x_TD, token_N, counts_E, weight_N)`. Under EP the experts module holds only

@@ -277,8 +277,7 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
            tokenizer: Path | None = None) -> dict[str, Any]:
     """Phases A-D into `work`; `tokenizer` reuses a trained tokenizer file instead of phase C (benchmarks)."""
     t_start = time.perf_counter()
-    n_units = unit_count(cfg, sum(f["bytes"] for f in fingerprints))
-    facts, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer, n_units)
+    facts, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer)
     t0 = time.perf_counter()
     writers = write_shards(tokenize_and_pack(cfg, plan), work, cfg.runtime.rows_per_shard)
     facts.stage_seconds["tokenize_pack_write"] = time.perf_counter() - t0
@@ -292,7 +291,7 @@ def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[
 
 
 def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
-                   work: Path, tokenizer: Path | None, n_units: int) -> tuple[CorpusFacts, TokenizePlan]:
+                   work: Path, tokenizer: Path | None) -> tuple[CorpusFacts, TokenizePlan]:
     """Read, dedup, split and train the tokenizer; -> (manifest facts, the plan for phase D)."""
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -355,10 +354,11 @@ def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missin
                         cfg.data.vocab_size, cfg.tokenizer, tok_path)
     times["tokenizer_train"] = time.perf_counter() - t0
 
+    rows_K, bytes_K = np.asarray(kept_rows, np.int64), np.asarray(kept_bytes, np.int64)
     plan = TokenizePlan(
         tokenizer_path=str(tok_path), files=staging, dropped=set(result.dropped),
-        units=cut_units(np.asarray(kept_rows, np.int64), np.asarray(kept_bytes, np.int64),
-                        n_units, cfg.runtime.tokenize_batch_docs, len(keys)),
+        units=cut_units(rows_K, bytes_K, unit_count(cfg, int(bytes_K.sum())), cfg.runtime.tokenize_batch_docs,
+                        len(keys)),
         val_fraction=cfg.data.val_fraction, weights=weights)
     facts = CorpusFacts(n_read=n_read, n_missing=len(missing), good=good, bad=bad, filtered=filtered, dedup_result=result,
                         split_docs=split_docs, split_weighted=split_weighted, per_source=per_source,

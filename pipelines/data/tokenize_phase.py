@@ -32,7 +32,7 @@ from pipelines.data.split import split_batch
 if TYPE_CHECKING:  # the actors import this module; they need no Hydra
     from pipelines.config import PreprocessConfig
 
-UNIT_BYTES = 32 << 20  # input bytes per work unit on large corpora (more units than actors balance the pool)
+UNIT_BYTES = 32 << 20  # bytes to tokenize per work unit on large corpora (more units than actors balance the pool)
 UNITS_PER_ACTOR = 16  # at least this many units per actor: small units keep every actor busy to the end
 _DOC_COLUMNS = ["source", "uid", "hash", "reason", "text"]
 
@@ -49,8 +49,8 @@ class TokenizePlan:
     weights: list[float]
 
 
-def unit_count(cfg: PreprocessConfig, input_bytes: int) -> int:
-    return max(UNITS_PER_ACTOR * cfg.runtime.tokenize_actors, -(-input_bytes // UNIT_BYTES))
+def unit_count(cfg: PreprocessConfig, n_bytes: int) -> int:
+    return max(UNITS_PER_ACTOR * cfg.runtime.tokenize_actors, -(-n_bytes // UNIT_BYTES))
 
 
 def cut_units(kept_rows: np.ndarray, kept_bytes: np.ndarray, n_units: int, batch_docs: int,
