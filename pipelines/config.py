@@ -132,7 +132,7 @@ class ReaderConfig:
     max_record_bytes: int = 8_000_000  # a longer record (file, JSONL line) is dropped as record_too_large
     on_invalid_utf8: str = "drop"  # drop | replace (decode with U+FFFD and keep)
     binary_sniff_bytes: int = 8192  # a NUL byte in this many leading bytes marks a binary file
-    files_per_task: int = 32  # input files per Ray Data read task
+    bytes_per_task: int = 4_000_000  # input bytes per Ray Data read task (smaller when that gives under one task per CPU)
     records_per_batch: int = 512  # records per emitted block while reading one file
     quarantine: bool = True  # write quarantine.jsonl (path, record, reason, excerpt) for every bad record
 
@@ -323,7 +323,7 @@ def validate_preprocess_config(c: PreprocessConfig) -> PreprocessConfig:
            f"reader.on_invalid_utf8={c.reader.on_invalid_utf8!r}: use drop or replace.")
     for key, value in (("reader.max_record_bytes", c.reader.max_record_bytes),
                        ("reader.binary_sniff_bytes", c.reader.binary_sniff_bytes),
-                       ("reader.files_per_task", c.reader.files_per_task),
+                       ("reader.bytes_per_task", c.reader.bytes_per_task),
                        ("reader.records_per_batch", c.reader.records_per_batch),
                        ("filters.ngram_n", c.filters.ngram_n), ("dedup.num_perm", c.dedup.num_perm),
                        ("dedup.shingle_size", c.dedup.shingle_size),

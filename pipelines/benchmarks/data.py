@@ -50,10 +50,8 @@ def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer:
         return r
 
     signed: list[pa.Table] = []
-    per = cfg.reader.files_per_task
-    for i in range(0, len(files), per):
-        for table in timed("read", lambda g: list(sources.read_files(sources.files_table(g), cfg.reader)),
-                           files[i:i + per]):
+    for group in sources.read_tasks(files, cfg.reader.bytes_per_task):
+        for table in timed("read", lambda g: list(sources.read_files(sources.files_table(g), cfg.reader)), group):
             table = timed("normalize", normalize_batch, table, cfg.normalize)
             table = timed("filter", filter_batch, table, cfg.filters)
             signed.append(timed("hash+minhash", dedup.sign_batch, table, cfg.dedup))

@@ -25,7 +25,7 @@ _VERSION_RE = re.compile(r"^v(\d{4,})-([0-9a-f]{12})$")
 _NOT_HASHED = {
     "data": ("name", "output_dir", "version"),
     "runtime": ("address", "num_cpus", "tokenize_actors", "progress_bars"),
-    "reader": ("files_per_task", "records_per_batch"),
+    "reader": ("bytes_per_task", "records_per_batch"),
 }
 
 

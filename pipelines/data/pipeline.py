@@ -118,8 +118,8 @@ def build_docs(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path)
     """Phase A: every record of every file, with reason, normalized text, uid, hash and MinHash."""
     import ray.data
 
-    per = cfg.reader.files_per_task
-    tables = [sources.files_table(files[i:i + per]) for i in range(0, len(files), per)]
+    groups = sources.read_tasks(files, cfg.reader.bytes_per_task, int(ray.cluster_resources().get("CPU", 1)))
+    tables = [sources.files_table(group) for group in groups]
     ds = ray.data.from_arrow(tables)
     ds = ds.map_batches(sources.read_files, batch_format="pyarrow", batch_size=None, fn_kwargs={"rc": cfg.reader})
     ds = ds.map_batches(normalize_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={"cfg": cfg.normalize})

@@ -285,6 +285,35 @@ def read_file(f: InputFile, rc: ReaderConfig) -> Iterator[Record]:
         yield -1, UNREADABLE, "", f"{type(e).__name__}: {e}"[:_EXCERPT], 0
 
 
+def read_tasks(files: list[InputFile], bytes_per_task: int, min_tasks: int = 1) -> list[list[InputFile]]:
+    """Files grouped in order into read tasks of at most about `bytes_per_task` input bytes each,
+    smaller when that gives fewer than `min_tasks` tasks (one per CPU keeps a large cluster busy).
+
+    Sized by bytes, not file count: a corpus of many small files gets few tasks (Ray's per-task
+    cost measured about 30 ms of CPU; on the stdlib corpus phase A went from 3.7-4.0 s at 32 files
+    per task to 3.1-3.2 s at 4 MB per task), and a few big files still get one task each. A file
+    that cannot be stat'ed counts as 0 bytes; its reader reports why it cannot be read."""
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(os.stat(f.path).st_size)
+        except OSError:
+            sizes.append(0)
+    target = min(bytes_per_task, -(-sum(sizes) // max(min_tasks, 1)))
+    tasks: list[list[InputFile]] = []
+    group: list[InputFile] = []
+    size = 0
+    for f, n in zip(files, sizes):
+        if group and size + n > target:
+            tasks.append(group)
+            group, size = [], 0
+        group.append(f)
+        size += n
+    if group:
+        tasks.append(group)
+    return tasks
+
+
 def files_table(files: list[InputFile]) -> pa.Table:
     return pa.table({
         "source": pa.array([f.source for f in files], pa.int32()),

@@ -144,3 +144,21 @@ def test_reader_policies_per_record(tmp_path: Path) -> None:
     (tmp_path / "dir.jsonl").mkdir()
     (rec,) = read_file(InputFile(0, "jsonl", str(tmp_path / "dir.jsonl"), "text"), ReaderConfig())
     assert rec[1] == "unreadable" and "IsADirectoryError" in rec[3]
+
+
+def test_read_tasks_group_files_in_order_by_bytes(tmp_path: Path) -> None:
+    from pipelines.data.sources import InputFile, read_tasks
+
+    sizes = {"a": 300, "b": 300, "c": 500, "d": 2000, "e": 100, "f": 100}
+    for name, n in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * n)
+    files = [InputFile(0, "text", str(tmp_path / name), "text") for name in sizes]
+    files.insert(4, InputFile(0, "text", str(tmp_path / "gone"), "text"))  # cannot be stat'ed: 0 bytes
+    tasks = read_tasks(files, bytes_per_task=1000)
+    names = [[Path(f.path).name for f in t] for t in tasks]
+    # a+b+c = 1100 > 1000 closes before c; d alone exceeds the target and is a task of its own.
+    assert names == [["a", "b"], ["c"], ["d"], ["gone", "e", "f"]]
+    assert [f for t in tasks for f in t] == files  # every file once, in order
+    assert read_tasks([], 1000) == []
+    # Too few tasks for the cluster: the target shrinks so every CPU gets one.
+    assert len(read_tasks(files, bytes_per_task=10_000, min_tasks=4)) == 4
