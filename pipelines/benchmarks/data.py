@@ -1,12 +1,13 @@
-"""`python -m pipelines.bench data [--files N] [hydra overrides...]`: Ray Data preprocessing vs a plain loop.
+"""`python -m pipelines.bench data [--files N] [--repeats N] [hydra overrides...]`: Ray Data preprocessing vs a plain loop.
 
-Both sides run the same stages on the same input with the same (pre-trained) tokenizer, one after
-the other in this one run: read -> normalize -> filter -> hash+MinHash -> dedup -> split ->
+Both sides run the same stages on the same input with the same (pre-trained) tokenizer, in
+alternating pairs in this one run (Ray, plain, Ray, plain, ...; `--repeats` pairs, default 3, so
+a change in the shared machine's load hits both sides; the goal is the median pair's ratio): read -> normalize -> filter -> hash+MinHash -> dedup -> split ->
 tokenize -> pack -> write shards. The plain side is a single-process loop over the very same
 stage functions; the Ray side is `pipelines.data.pipeline` (tasks for the document stages, an
 actor pool for tokenization). Goal: Ray tokens/s >= 1.6x the loop's. Both must produce the same
-number of tokens, which the benchmark checks. The table shows where the loop spends its time
-per stage and the Ray phases next to the stage groups they cover.
+number of tokens, which the benchmark checks. The table shows, for the median pair, where the
+loop spends its time per stage and the Ray phases next to the stage groups they cover.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -111,13 +114,58 @@ def _delta(start: float | None) -> float | None:
     return None if start is None or end is None else end - start
 
 
+@dataclass
+class Pair:
+    """One Ray run and the plain run right after it."""
+
+    ray_s: float
+    ray_tokens: int
+    ray_phases: dict[str, float]
+    ray_machine_cpu: float | None
+    plain_s: float
+    plain_tokens: int
+    plain_stages: dict[str, float]
+    plain_cpu: float
+    plain_machine_cpu: float | None
+    load_ray: float
+    load_plain: float
+
+    @property
+    def speedup(self) -> float:
+        return (self.ray_tokens / self.ray_s) / (self.plain_tokens / self.plain_s)
+
+
+def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
+          fingerprints: list[dict], tok: Path, work: Path) -> Pair:
+    ray_dir = work / "ray"
+    ray_dir.mkdir()
+    t0, m0 = time.perf_counter(), machine_cpu_seconds()
+    info = _build(cfg, files, missing, fingerprints, "bench", "bench", ray_dir, tokenizer=tok)
+    ray_s, ray_machine_cpu = time.perf_counter() - t0, _delta(m0)
+    shutil.rmtree(ray_dir, ignore_errors=True)
+    load_ray = os.getloadavg()[0]
+    t0, c0, m0 = time.perf_counter(), time.process_time(), machine_cpu_seconds()
+    plain_tokens, stages = plain_loop(cfg, files, tok, work / "plain")
+    plain_s, plain_cpu, plain_machine_cpu = time.perf_counter() - t0, time.process_time() - c0, _delta(m0)
+    shutil.rmtree(work / "plain", ignore_errors=True)
+    ray_tokens = sum(s["tokens"] for s in info["splits"].values())
+    if plain_tokens != ray_tokens:
+        raise RuntimeError(f"the two sides disagree: plain loop wrote {plain_tokens} tokens, Ray {ray_tokens}")
+    return Pair(ray_s, ray_tokens, info["stage_seconds"], ray_machine_cpu, plain_s, plain_tokens, stages, plain_cpu,
+                plain_machine_cpu, load_ray, os.getloadavg()[0])
+
+
 def run(args: list[str]) -> BenchResult:
     # One thread per process on both sides: the plain loop is one core, Ray spreads processes over
     # the cores. (Ray's tokenizer actors run with TOKENIZERS_PARALLELISM=false too, see ensure_ray.)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench data")
     parser.add_argument("--files", type=int, default=0, help="cap the stdlib corpus (0: all files)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Ray/plain pairs, run alternately; the goal is the median pair's speedup")
     ns, overrides = parser.parse_known_args(args)
+    if ns.repeats < 1:
+        parser.error(f"--repeats={ns.repeats} must be at least 1")
     src = f"data.sources=[{{kind:stdlib,max_files:{ns.files}}}]" if ns.files else None
     cfg = _compose([*([src] if src else []), "tracking.enabled=false", *overrides])
     files, missing = sources.resolve_sources(cfg.data.sources)
@@ -138,48 +186,42 @@ def run(args: list[str]) -> BenchResult:
         (work / "warm").mkdir()
         _build(cfg, files[:64], [], fingerprints, "bench", "bench", work / "warm", tokenizer=tok)
         build_docs(cfg, files, work / "warm" / "docs")
-        ray_dir = work / "ray"
-        ray_dir.mkdir()
-        t0, m0 = time.perf_counter(), machine_cpu_seconds()
-        info = _build(cfg, files, missing, fingerprints, "bench", "bench", ray_dir, tokenizer=tok)
-        ray_s, ray_machine_cpu = time.perf_counter() - t0, _delta(m0)
-        ray_tokens = sum(s["tokens"] for s in info["splits"].values())
+        # Alternate the sides, so a change in the machine's load (it is shared) hits both.
+        pairs = [_pair(cfg, files, missing, fingerprints, tok, work) for _ in range(ns.repeats)]
+    speedup = statistics.median(p.speedup for p in pairs)
+    shown = sorted(pairs, key=lambda p: p.speedup)[len(pairs) // 2]  # the median pair (upper middle if even)
 
-        load_ray = os.getloadavg()[0]
-        t0, c0, m0 = time.perf_counter(), time.process_time(), machine_cpu_seconds()
-        plain_tokens, stages = plain_loop(cfg, files, tok, work / "plain")
-        plain_s, plain_cpu, plain_machine_cpu = time.perf_counter() - t0, time.process_time() - c0, _delta(m0)
-        load_plain = os.getloadavg()[0]
-        shutil.rmtree(work / "plain", ignore_errors=True)
-    if plain_tokens != ray_tokens:
-        raise RuntimeError(f"the two sides disagree: plain loop wrote {plain_tokens} tokens, Ray {ray_tokens}")
-
-    phases = info["stage_seconds"]
     groups = [("A read..minhash", ["read", "normalize", "filter", "hash+minhash"], "read_normalize_filter_sign"),
               ("B dedup", ["dedup"], "dedup"),
               ("D split..write", ["split", "tokenize", "pack", "write"], "tokenize_pack_write")]
+    stages, plain_s = shown.plain_stages, shown.plain_s
     rows = []
     for label, names, phase in groups:
         for n in names:
             rows.append({"stage": n, "plain_s": stages.get(n, 0.0), "plain_%": 100 * stages.get(n, 0.0) / plain_s,
                          "ray_s": None})
         rows.append({"stage": f"= {label}", "plain_s": sum(stages.get(n, 0.0) for n in names), "plain_%": None,
-                     "ray_s": phases[phase]})
-    rows.append({"stage": "TOTAL (wall)", "plain_s": plain_s, "plain_%": 100.0, "ray_s": ray_s})
-    plain_tps, ray_tps = plain_tokens / plain_s, ray_tokens / ray_s
-    rows.append({"stage": "tokens/s", "plain_s": plain_tps, "plain_%": None, "ray_s": ray_tps})
-    speedup = ray_tps / plain_tps
+                     "ray_s": shown.ray_phases[phase]})
+    rows.append({"stage": "TOTAL (wall)", "plain_s": plain_s, "plain_%": 100.0, "ray_s": shown.ray_s})
+    rows.append({"stage": "tokens/s", "plain_s": shown.plain_tokens / plain_s, "plain_%": None,
+                 "ray_s": shown.ray_tokens / shown.ray_s})
+
+    def pair_note(i: int, p: Pair) -> str:
+        cpu = (f"; machine-wide CPU-seconds (every process, other work included) Ray {p.ray_machine_cpu:.1f}, "
+               f"plain {p.plain_machine_cpu:.1f}" if p.ray_machine_cpu is not None and p.plain_machine_cpu is not None
+               else "")
+        return (f"pair {i + 1}: Ray {p.ray_s:.1f}s, plain {p.plain_s:.1f}s (its CPU time {p.plain_cpu:.1f}s) -> "
+                f"{p.speedup:.2f}x; 1-min load average after Ray {p.load_ray:.1f}, after plain {p.load_plain:.1f}{cpu}")
+
     notes = ["both sides: one thread per process (TOKENIZERS_PARALLELISM=false); Ray warmed up first (a small run, then the read phase over all files)",
              "Ray stages documents in Parquet between phases A and D (bounded memory); the loop keeps them in memory",
-             f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {ray_tokens:,} tokens on both sides; "
+             f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {shown.ray_tokens:,} tokens on both sides; "
              f"seq_len={cfg.data.seq_len} vocab={cfg.data.vocab_size}; "
              f"tokenizer actors={cfg.runtime.tokenize_actors}",
-             f"plain loop CPU time {plain_cpu:.1f}s of {plain_s:.1f}s wall; 1-min load average after the Ray side "
-             f"{load_ray:.1f}, after the plain side {load_plain:.1f} (on {os.cpu_count()} cores shared with other work)",
-             f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU",
-             *([f"machine-wide CPU-seconds (every process, other work included): Ray side {ray_machine_cpu:.1f} "
-                f"in {ray_s:.1f}s wall, plain side {plain_machine_cpu:.1f} in {plain_s:.1f}s wall"]
-               if ray_machine_cpu is not None and plain_machine_cpu is not None else []),
-             f"speedup (Ray tokens/s / plain tokens/s): {speedup:.2f}x"]
+             f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU "
+             f"(on {os.cpu_count()} cores shared with other work)",
+             *[pair_note(i, p) for i, p in enumerate(pairs)],
+             f"the table shows pair {pairs.index(shown) + 1}; speedup (Ray tokens/s / plain tokens/s), median of "
+             f"{len(pairs)} pair(s): {speedup:.2f}x"]
     return BenchResult(name="data", rows=rows, goals={"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)},
                        notes=notes)
