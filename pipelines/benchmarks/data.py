@@ -1,9 +1,9 @@
 """`python -m pipelines.bench data [--files N] [--repeats N] [hydra overrides...]`: Ray Data preprocessing vs a plain loop.
 
-Both sides run the same stages on the same input with the same (pre-trained) tokenizer, in
-alternating pairs in this one run (Ray, plain, Ray, plain, ...; `--repeats` pairs, default 3, so
-a change in the shared machine's load hits both sides; the goal is the median pair's ratio): read -> normalize -> filter -> hash+MinHash -> dedup -> split ->
-tokenize -> pack -> write shards. The plain side is a single-process loop over the very same
+Both sides run the same stages on the same input with the same (pre-trained) tokenizer: read ->
+normalize -> filter -> hash+MinHash -> dedup -> split -> tokenize -> pack -> write shards. They run
+in alternating pairs in this one run (Ray, plain, Ray, plain, ...; `--repeats` pairs, default 3),
+so a change in the shared machine's load hits both sides; the goal is the median pair's ratio. The plain side is a single-process loop over the very same
 stage functions; the Ray side is `pipelines.data.pipeline` (tasks for the document stages, an
 actor pool for tokenization). Goal: Ray tokens/s >= 1.6x the loop's. Both must produce the same
 number of tokens, which the benchmark checks. The table shows, for the median pair, where the
@@ -118,12 +118,11 @@ def _delta(start: float | None) -> float | None:
 class Pair:
     """One Ray run and the plain run right after it."""
 
+    tokens: int  # written by each side (checked equal)
     ray_s: float
-    ray_tokens: int
     ray_phases: dict[str, float]
     ray_machine_cpu: float | None
     plain_s: float
-    plain_tokens: int
     plain_stages: dict[str, float]
     plain_cpu: float
     plain_machine_cpu: float | None
@@ -132,7 +131,7 @@ class Pair:
 
     @property
     def speedup(self) -> float:
-        return (self.ray_tokens / self.ray_s) / (self.plain_tokens / self.plain_s)
+        return self.plain_s / self.ray_s  # tokens/s ratio, both sides wrote the same tokens
 
 
 def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
@@ -151,7 +150,7 @@ def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[t
     ray_tokens = sum(s["tokens"] for s in info["splits"].values())
     if plain_tokens != ray_tokens:
         raise RuntimeError(f"the two sides disagree: plain loop wrote {plain_tokens} tokens, Ray {ray_tokens}")
-    return Pair(ray_s, ray_tokens, info["stage_seconds"], ray_machine_cpu, plain_s, plain_tokens, stages, plain_cpu,
+    return Pair(ray_tokens, ray_s, info["stage_seconds"], ray_machine_cpu, plain_s, stages, plain_cpu,
                 plain_machine_cpu, load_ray, os.getloadavg()[0])
 
 
@@ -203,8 +202,8 @@ def run(args: list[str]) -> BenchResult:
         rows.append({"stage": f"= {label}", "plain_s": sum(stages.get(n, 0.0) for n in names), "plain_%": None,
                      "ray_s": shown.ray_phases[phase]})
     rows.append({"stage": "TOTAL (wall)", "plain_s": plain_s, "plain_%": 100.0, "ray_s": shown.ray_s})
-    rows.append({"stage": "tokens/s", "plain_s": shown.plain_tokens / plain_s, "plain_%": None,
-                 "ray_s": shown.ray_tokens / shown.ray_s})
+    rows.append({"stage": "tokens/s", "plain_s": shown.tokens / plain_s, "plain_%": None,
+                 "ray_s": shown.tokens / shown.ray_s})
 
     def pair_note(i: int, p: Pair) -> str:
         cpu = (f"; machine-wide CPU-seconds (every process, other work included) Ray {p.ray_machine_cpu:.1f}, "
@@ -215,7 +214,7 @@ def run(args: list[str]) -> BenchResult:
 
     notes = ["both sides: one thread per process (TOKENIZERS_PARALLELISM=false); Ray warmed up first (a small run, then the read phase over all files)",
              "Ray stages documents in Parquet between phases A and D (bounded memory); the loop keeps them in memory",
-             f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {shown.ray_tokens:,} tokens on both sides; "
+             f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {shown.tokens:,} tokens on both sides; "
              f"seq_len={cfg.data.seq_len} vocab={cfg.data.vocab_size}; "
              f"tokenizer actors={cfg.runtime.tokenize_actors}",
              f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU "
