@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipelines.config import TokenizerConfig
+if TYPE_CHECKING:  # the tokenizer actors import this module; they need no Hydra
+    from pipelines.config import TokenizerConfig
 
 TOKENIZER_FILE = "tokenizer.json"
 

@@ -20,8 +20,9 @@ def test_units_cover_kept_rows_in_order_on_batch_boundaries(n_units: int, batch_
     kept_rows = np.sort(rng.choice(total_rows, size=170, replace=False))
     kept_bytes = rng.integers(1, 50_000, size=len(kept_rows))
     units = cut_units(kept_rows, kept_bytes, n_units, batch_docs, total_rows)
-    assert len(units) == n_units
+    assert 1 <= len(units) <= min(n_units, -(-len(kept_rows) // batch_docs))
     per_unit = _covered(units, kept_rows)
+    assert all(per_unit)  # no empty unit
     assert [r for rows in per_unit for r in rows] == kept_rows.tolist()  # all, once, in order
     assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(units, units[1:]))  # ranges do not overlap
     # Every unit but the last holds whole packing batches, so packing never depends on the cut.
@@ -42,6 +43,16 @@ def test_units_shrink_toward_the_end_by_bytes() -> None:
     assert abs(sizes[0] / sum(sizes) - 7 / 16) < 0.01
 
 
-def test_no_kept_rows_gives_empty_units() -> None:
-    units = cut_units(np.zeros(0, np.int64), np.zeros(0, np.int64), 3, 8, 12)
-    assert units == [(12, 12)] * 3
+def test_units_never_empty_when_batches_are_fewer_or_uneven() -> None:
+    """Fewer packing batches than units: one unit per batch. One huge batch first: the units that
+    would fall inside it are left out, not handed to the pool empty (here: every cut falls in it)."""
+    kept_rows = np.arange(0, 40, 2)  # 20 kept docs, every other staging row
+    units = cut_units(kept_rows, np.full(20, 10), 8, 5, 41)
+    assert units == [(0, 10), (10, 20), (20, 30), (30, 41)]
+    kept_bytes = np.where(kept_rows < 10, 10_000, 1)  # the first batch holds nearly all bytes
+    units = cut_units(kept_rows, kept_bytes, 8, 5, 41)
+    assert units == [(0, 41)]
+
+
+def test_no_kept_rows_gives_no_units() -> None:
+    assert cut_units(np.zeros(0, np.int64), np.zeros(0, np.int64), 3, 8, 12) == []
