@@ -55,7 +55,10 @@ class TokenizePack:
         self.pad_id = special_id(self.tok, pad_token)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        # Packing needs only the ids: the fast batch encoder skips the character offsets and gives
+        # the same ids (tested). Measured on a sixth of the stdlib corpus, 8 runs each alternating:
+        # 1.27-1.75 CPU-s against 1.93-2.43 with `encode_batch`.
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = self.encode(batch.column("text").to_pylist())

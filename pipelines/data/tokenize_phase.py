@@ -118,6 +118,12 @@ class TokenizeUnits:
                     yield packed
 
 
+def pool_size(cfg: PreprocessConfig, plan: TokenizePlan) -> int:
+    """`runtime.tokenize_actors`, but never more actors than units: a small corpus (fewer packing
+    batches than actors) would start an actor that gets no work, for about 1.1 CPU-s of start-up."""
+    return max(1, min(cfg.runtime.tokenize_actors, len(plan.units)))
+
+
 def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> Iterator[pa.Table]:
     """Packed tables (columns of `TokenizePack`) of every unit, in unit order, from the actor pool."""
     import ray.data
@@ -127,7 +133,7 @@ def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> Iterator[pa.
     ds = ray.data.from_arrow([pa.table({"unit": [u]}) for u in range(len(plan.units))])
     ds = ds.map_batches(
         TokenizeUnits, batch_format="pyarrow", batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=cfg.runtime.tokenize_actors,
+        compute=ray.data.ActorPoolStrategy(size=pool_size(cfg, plan),
                                            max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
         fn_constructor_kwargs={"plan": plan, "seq_len": cfg.data.seq_len, "eos_token": cfg.tokenizer.eos_token,
                                "pad_token": cfg.tokenizer.pad_token, "batch_docs": cfg.runtime.tokenize_batch_docs},

@@ -15,7 +15,7 @@ from pipelines.data import filters
 from pipelines.data.clean import normalize_text
 from pipelines.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, content_hash, decide, record_uid
 from pipelines.data.minhash import lsh_params, signature
-from pipelines.data.pack import pack_ids
+from pipelines.data.pack import TokenizePack, pack_ids
 from pipelines.data.sources import _iter_lines
 from pipelines.data.split import TRAIN, VAL, assign_split, repeats
 from pipelines.data.tokenizer import train_tokenizer
@@ -110,6 +110,16 @@ def test_byte_level_bpe_from_config(tmp_path: Path) -> None:
     assert [tok.token_to_id(t) for t in cfg.special_tokens] == [0, 1, 2]
     for s in (texts[0][:500], "na\u00efve \u65e5\u672c \U0001f600 \x00"):  # bytes never seen in training still encode
         assert tok.decode(tok.encode(s).ids) == s
+
+
+def test_tokenize_pack_encodes_exactly_like_the_tokenizer(tmp_path: Path) -> None:
+    """`TokenizePack.encode` uses the fast batch encoder; its ids must be the plain encoder's, text by text."""
+    texts = [_src(n) for n in ("textwrap.py", "shlex.py", "fnmatch.py")]
+    cfg = TokenizerConfig(special_tokens=["<|endoftext|>", "<|pad|>"])
+    tok = train_tokenizer(iter(texts), 400, cfg, tmp_path / "tok.json")
+    tp = TokenizePack(str(tmp_path / "tok.json"), 16, "<|endoftext|>", "<|pad|>")
+    batch = [*texts, "", "na\u00efve \u65e5\u672c \U0001f600 \x00", "<|endoftext|> stays text"]
+    assert tp.encode(batch) == [tok.encode(t, add_special_tokens=False).ids for t in batch]
 
 
 def test_line_reader_skips_a_huge_line_in_bounded_chunks() -> None:
