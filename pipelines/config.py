@@ -184,7 +184,7 @@ class RuntimeConfig:
 
     address: str | None = None  # None: start a local Ray (unless RAY_ADDRESS is set)
     num_cpus: int | None = None  # local Ray only
-    tokenize_actors: int = 2  # size of the tokenizer actor pool (fewer when the corpus has fewer work units)
+    tokenize_actors: int = 2  # size of the tokenizer actor pool (at most one actor per work unit)
     tokenize_batch_docs: int = 64  # documents per tokenize+pack batch (also sets packing boundaries)
     rows_per_shard: int = 4096  # sequences per output Parquet shard
     progress_bars: bool = True

@@ -5,9 +5,10 @@ normalize -> filter -> hash+MinHash -> dedup -> split -> tokenize -> pack -> wri
 in alternating pairs in this one run (Ray, plain, Ray, plain, ...; `--repeats` pairs, default 3),
 so a change in the shared machine's load hits both sides; the goal is the median pair's ratio.
 The plain side is a single-process loop over the very same stage functions; the Ray side is
-`pipelines.data.pipeline` (tasks for the document stages, an actor pool for tokenization). Goal: Ray tokens/s >= 1.6x the loop's. Both must produce the same
-number of tokens, which the benchmark checks. The table shows, for the median pair, where the
-loop spends its time per stage and the Ray phases next to the stage groups they cover.
+`pipelines.data.pipeline` (tasks for the document stages, an actor pool for tokenization).
+Goal: Ray tokens/s >= 1.6x the loop's. Both must produce the same number of tokens, which the
+benchmark checks. The table shows, for the median pair, where the loop spends its time per stage
+and the Ray phases next to the stage groups they cover.
 """
 
 from __future__ import annotations

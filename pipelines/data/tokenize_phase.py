@@ -121,7 +121,7 @@ class TokenizeUnits:
 def pool_size(cfg: PreprocessConfig, plan: TokenizePlan) -> int:
     """`runtime.tokenize_actors`, but never more actors than units: a small corpus (fewer packing
     batches than actors) would start an actor that gets no work, for about 1.1 CPU-s of start-up."""
-    return max(1, min(cfg.runtime.tokenize_actors, len(plan.units)))
+    return min(cfg.runtime.tokenize_actors, len(plan.units))
 
 
 def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> Iterator[pa.Table]:

@@ -94,8 +94,6 @@ def test_small_corpus_starts_no_idle_tokenizer_actor(ray_cluster, preprocess_cfg
     starts only to sit idle (Ray Data warns when an actor pool is larger than its input)."""
     import warnings
 
-    from pipelines.data.tokenize_phase import pool_size
-
     cfg = preprocess_cfg(tmp_path / "out", "data.sources=[{kind:stdlib,max_files:5}]", "runtime.tokenize_actors=2")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -104,11 +102,3 @@ def test_small_corpus_starts_no_idle_tokenizer_actor(ray_cluster, preprocess_cfg
     m = read_manifest(out)
     assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] <= 5  # one packing batch, one unit
     assert m["splits"]["train"]["sequences"] > 0
-    assert pool_size(cfg, _plan_with_units(1)) == 1 and pool_size(cfg, _plan_with_units(7)) == 2
-
-
-def _plan_with_units(n: int):
-    from pipelines.data.tokenize_phase import TokenizePlan
-
-    return TokenizePlan(tokenizer_path="", files=[], units=[(i, i + 1) for i in range(n)], dropped=set(),
-                        val_fraction=0.1, weights=[1.0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.data.tokenize_phase import cut_units
+from pipelines.data.tokenize_phase import TokenizePlan, cut_units, pool_size
 
 
 def _covered(units: list[tuple[int, int]], kept_rows: np.ndarray) -> list[list[int]]:
@@ -56,3 +56,13 @@ def test_units_never_empty_when_batches_are_fewer_or_uneven() -> None:
 
 def test_no_kept_rows_gives_no_units() -> None:
     assert cut_units(np.zeros(0, np.int64), np.zeros(0, np.int64), 3, 8, 12) == []
+
+
+def test_pool_has_at_most_one_actor_per_unit(preprocess_cfg, tmp_path) -> None:
+    cfg = preprocess_cfg(tmp_path / "out", "runtime.tokenize_actors=2")
+
+    def plan(n: int) -> TokenizePlan:
+        return TokenizePlan(tokenizer_path="", files=[], units=[(i, i + 1) for i in range(n)], dropped=set(),
+                            val_fraction=0.1, weights=[1.0])
+
+    assert pool_size(cfg, plan(1)) == 1 and pool_size(cfg, plan(7)) == 2
