@@ -4,6 +4,9 @@ Both sides run the same stages on the same input with the same (pre-trained) tok
 normalize -> filter -> hash+MinHash -> dedup -> split -> tokenize -> pack -> write shards. They run
 in alternating pairs in this one run (Ray, plain, Ray, plain, ...; `--repeats` pairs, default 3),
 so a change in the shared machine's load hits both sides; the goal is the median pair's ratio.
+Each pair also runs both sides on a subset (every `--subset-every`-th file, default 4), so the
+times split into a fixed cost per run and a marginal rate: tokens/s beyond the subset, the
+throughput a larger corpus approaches, reported next to the goal, not instead of it.
 The plain side is a single-process loop over the very same stage functions; the Ray side is
 `pipelines.data.pipeline` (tasks for the document stages, an actor pool for tokenization).
 Goal: Ray tokens/s >= 1.6x the loop's. Both must produce the same number of tokens, which the
@@ -135,6 +138,31 @@ class Pair:
         return self.plain_s / self.ray_s  # tokens/s ratio, both sides wrote the same tokens
 
 
+@dataclass
+class Scaling:
+    """A subset pair and the full pair after it: each side's time as fixed cost + tokens / marginal rate."""
+
+    subset: Pair
+    full: Pair
+
+    @property
+    def measurable(self) -> bool:
+        return (self.full.tokens > self.subset.tokens and self.full.ray_s > self.subset.ray_s
+                and self.full.plain_s > self.subset.plain_s)
+
+    def marginal_tokens_per_s(self, side: str) -> float:
+        dt = getattr(self.full, f"{side}_s") - getattr(self.subset, f"{side}_s")
+        return (self.full.tokens - self.subset.tokens) / dt
+
+    def fixed_s(self, side: str) -> float:
+        """The line through (subset tokens, time) and (full tokens, time) at zero tokens."""
+        return getattr(self.subset, f"{side}_s") - self.subset.tokens / self.marginal_tokens_per_s(side)
+
+    @property
+    def marginal_speedup(self) -> float:
+        return self.marginal_tokens_per_s("ray") / self.marginal_tokens_per_s("plain")
+
+
 def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
           fingerprints: list[dict], tok: Path, work: Path) -> Pair:
     ray_dir = work / "ray"
@@ -163,9 +191,14 @@ def run(args: list[str]) -> BenchResult:
     parser.add_argument("--files", type=int, default=0, help="cap the stdlib corpus (0: all files)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Ray/plain pairs, run alternately; the goal is the median pair's speedup")
+    parser.add_argument("--subset-every", type=int, default=4,
+                        help="before each pair, a pair on every N-th file, to measure fixed cost and "
+                             "marginal tokens/s (0: no subset pairs)")
     ns, overrides = parser.parse_known_args(args)
     if ns.repeats < 1:
         parser.error(f"--repeats={ns.repeats} must be at least 1")
+    if ns.subset_every < 0 or ns.subset_every == 1:
+        parser.error(f"--subset-every={ns.subset_every} must be 0 (off) or at least 2")
     src = f"data.sources=[{{kind:stdlib,max_files:{ns.files}}}]" if ns.files else None
     cfg = _compose([*([src] if src else []), "tracking.enabled=false", *overrides])
     files, missing = sources.resolve_sources(cfg.data.sources)
@@ -187,7 +220,13 @@ def run(args: list[str]) -> BenchResult:
         _build(cfg, files[:64], [], fingerprints, "bench", "bench", work / "warm", tokenizer=tok)
         build_docs(cfg, files, work / "warm" / "docs")
         # Alternate the sides, so a change in the machine's load (it is shared) hits both.
-        pairs = [_pair(cfg, files, missing, fingerprints, tok, work) for _ in range(ns.repeats)]
+        pairs, scalings = [], []
+        for _ in range(ns.repeats):
+            subset = (_pair(cfg, files[::ns.subset_every], missing, fingerprints, tok, work)
+                      if ns.subset_every else None)
+            pairs.append(_pair(cfg, files, missing, fingerprints, tok, work))
+            if subset is not None:
+                scalings.append(Scaling(subset, pairs[-1]))
     speedup = statistics.median(p.speedup for p in pairs)
     shown = sorted(pairs, key=lambda p: p.speedup)[len(pairs) // 2]  # the median pair (upper middle if even)
 
@@ -205,6 +244,13 @@ def run(args: list[str]) -> BenchResult:
     rows.append({"stage": "TOTAL (wall)", "plain_s": plain_s, "plain_%": 100.0, "ray_s": shown.ray_s})
     rows.append({"stage": "tokens/s", "plain_s": shown.tokens / plain_s, "plain_%": None,
                  "ray_s": shown.tokens / shown.ray_s})
+    measured = [sc for sc in scalings if sc.measurable]
+    if measured:  # the subset pair and full pair of the median marginal speedup
+        sc = sorted(measured, key=lambda x: x.marginal_speedup)[len(measured) // 2]
+        rows.append({"stage": "marginal tokens/s", "plain_s": sc.marginal_tokens_per_s("plain"), "plain_%": None,
+                     "ray_s": sc.marginal_tokens_per_s("ray")})
+        rows.append({"stage": "fixed cost per run (s)", "plain_s": sc.fixed_s("plain"), "plain_%": None,
+                     "ray_s": sc.fixed_s("ray")})
 
     def pair_note(i: int, p: Pair) -> str:
         cpu = (f"; machine-wide CPU-seconds (every process, other work included) Ray {p.ray_machine_cpu:.1f}, "
@@ -213,6 +259,22 @@ def run(args: list[str]) -> BenchResult:
         return (f"pair {i + 1}: Ray {p.ray_s:.1f}s, plain {p.plain_s:.1f}s (its CPU time {p.plain_cpu:.1f}s) -> "
                 f"{p.speedup:.2f}x; 1-min load average after Ray {p.load_ray:.1f}, after plain {p.load_plain:.1f}{cpu}")
 
+    def scaling_note(i: int, sc: Scaling) -> str:
+        head = (f"subset pair {i + 1} (1 file in {ns.subset_every}, {sc.subset.tokens:,} tokens): "
+                f"Ray {sc.subset.ray_s:.1f}s, plain {sc.subset.plain_s:.1f}s")
+        if not sc.measurable:
+            return head + "; no marginal rate (the full run was not slower than the subset run)"
+        return (f"{head}; beyond the subset Ray {sc.marginal_tokens_per_s('ray'):,.0f} tokens/s, plain "
+                f"{sc.marginal_tokens_per_s('plain'):,.0f} -> {sc.marginal_speedup:.2f}x; fixed cost per run "
+                f"Ray {sc.fixed_s('ray'):.1f}s, plain {sc.fixed_s('plain'):.1f}s")
+
+    scaling_notes = [scaling_note(i, sc) for i, sc in enumerate(scalings)]
+    if measured:
+        scaling_notes.append(
+            f"marginal speedup, median of {len(measured)}: "
+            f"{statistics.median(sc.marginal_speedup for sc in measured):.2f}x (tokens/s beyond the subset: what a "
+            "larger corpus approaches as the fixed cost per run becomes a smaller share; the goal is the "
+            "whole-run ratio)")
     notes = ["both sides: one thread per process (TOKENIZERS_PARALLELISM=false); Ray warmed up first (a small run, then the read phase over all files)",
              "Ray stages documents in Parquet between phases A and D (bounded memory); the loop keeps them in memory",
              f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {shown.tokens:,} tokens on both sides; "
@@ -221,6 +283,7 @@ def run(args: list[str]) -> BenchResult:
              f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU "
              f"(on {os.cpu_count()} cores shared with other work)",
              *[pair_note(i, p) for i, p in enumerate(pairs)],
+             *scaling_notes,
              f"the table shows pair {pairs.index(shown) + 1}; speedup (Ray tokens/s / plain tokens/s), median of "
              f"{len(pairs)} pair(s): {speedup:.2f}x"]
     return BenchResult(name="data", rows=rows, goals={"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)},

@@ -1,15 +1,15 @@
-"""`python -m pipelines.bench data` on a few real files: both sides agree, the table and goal are complete."""
+"""`python -m pipelines.bench data` on a few real files: both sides agree, the table and goal are complete;
+the subset pairs' split of each side's time into fixed cost and marginal rate."""
 
 from __future__ import annotations
 
 import pytest
 
 from pipelines.bench import format_table
+from pipelines.benchmarks.data import Pair, Scaling, run
 
 
 def test_data_benchmark_runs_both_sides_on_the_same_input(ray_cluster) -> None:
-    from pipelines.benchmarks.data import run
-
     # Two alternating pairs; raises if the two sides' token counts differ.
     result = run(["--files", "12", "--repeats", "2", "data=tiny", "runtime.progress_bars=false"])
     stages = [r["stage"] for r in result.rows]
@@ -26,3 +26,26 @@ def test_data_benchmark_runs_both_sides_on_the_same_input(ray_cluster) -> None:
     assert tps["ray_s"] / tps["plain_s"] == pytest.approx(max(pairs), abs=0.006)  # the table: upper-middle pair
     assert "12 files" in " ".join(result.notes)
     assert "tokens/s" in format_table(result.rows)
+    # A subset pair (1 file in 4: 3 of the 12) before each full pair.
+    subset_notes = [n for n in result.notes if n.startswith("subset pair ")]
+    assert len(subset_notes) == 2 and all("1 file in 4" in n for n in subset_notes)
+
+
+def _pair(tokens: int, ray_s: float, plain_s: float) -> Pair:
+    return Pair(tokens=tokens, ray_s=ray_s, ray_phases={}, ray_machine_cpu=None, plain_s=plain_s, plain_stages={},
+                plain_cpu=plain_s, plain_machine_cpu=None, load_ray=0.0, load_plain=0.0)
+
+
+def test_scaling_splits_each_side_into_fixed_cost_and_marginal_rate() -> None:
+    # Ray: 3 s for 1,000 tokens, 5 s for 5,000 -> 2,000 tokens/s beyond the subset after 2.5 s fixed.
+    # Plain: 2 s and 10 s -> 500 tokens/s, no fixed cost.
+    sc = Scaling(subset=_pair(1_000, 3.0, 2.0), full=_pair(5_000, 5.0, 10.0))
+    assert sc.measurable
+    assert sc.marginal_tokens_per_s("ray") == pytest.approx(2_000)
+    assert sc.marginal_tokens_per_s("plain") == pytest.approx(500)
+    assert sc.fixed_s("ray") == pytest.approx(2.5)
+    assert sc.fixed_s("plain") == pytest.approx(0.0)
+    assert sc.marginal_speedup == pytest.approx(4.0)
+    # Noise can make the full run no slower than the subset run: then there is no rate to report.
+    assert not Scaling(subset=_pair(1_000, 5.0, 2.0), full=_pair(5_000, 5.0, 10.0)).measurable
+    assert not Scaling(subset=_pair(5_000, 3.0, 2.0), full=_pair(5_000, 5.0, 10.0)).measurable
