@@ -4,9 +4,9 @@ Both sides run the same stages on the same input with the same (pre-trained) tok
 normalize -> filter -> hash+MinHash -> dedup -> split -> tokenize -> pack -> write shards. They run
 in alternating pairs in this one run (Ray, plain, Ray, plain, ...; `--repeats` pairs, default 3),
 so a change in the shared machine's load hits both sides; the goal is the median pair's ratio.
-Each pair also runs both sides on a subset (every `--subset-every`-th file, default 4), so the
-times split into a fixed cost per run and a marginal rate: tokens/s beyond the subset, the
-throughput a larger corpus approaches, reported next to the goal, not instead of it.
+Before each pair, a pair on a subset (1 file in `--subset-every`, default 4) splits each side's
+time into a fixed cost per run and a marginal rate: tokens/s beyond the subset, the throughput a
+larger corpus approaches, reported next to the goal, not instead of it.
 The plain side is a single-process loop over the very same stage functions; the Ray side is
 `pipelines.data.pipeline` (tasks for the document stages, an actor pool for tokenization).
 Goal: Ray tokens/s >= 1.6x the loop's. Both must produce the same number of tokens, which the
