@@ -1,4 +1,5 @@
-"""`python -m pipelines.bench data [--files N] [--repeats N] [hydra overrides...]`: Ray Data preprocessing vs a plain loop.
+"""Ray Data preprocessing vs a plain loop:
+`python -m pipelines.bench data [--files N] [--repeats N] [--subset-every N] [hydra overrides...]`.
 
 Both sides run the same stages on the same input with the same (pre-trained) tokenizer: read ->
 normalize -> filter -> hash+MinHash -> dedup -> split -> tokenize -> pack -> write shards. They run
