@@ -29,6 +29,10 @@ def test_data_benchmark_runs_both_sides_on_the_same_input(ray_cluster) -> None:
     # A subset pair (1 file in 4: 3 of the 12) before each full pair.
     subset_notes = [n for n in result.notes if n.startswith("subset pair ")]
     assert len(subset_notes) == 2 and all("1 file in 4" in n for n in subset_notes)
+    # Rows for the marginal rate only where a subset pair gave one (noise on 12 files may not), and then named.
+    has_rate = any("tokens/s, plain" in n for n in subset_notes)
+    assert ("marginal tokens/s" in stages) == has_rate == ("fixed cost per run (s)" in stages)
+    assert has_rate == any(n.startswith("the marginal rows show subset pair ") for n in result.notes)
 
 
 def _pair(tokens: int, ray_s: float, plain_s: float) -> Pair:
