@@ -164,6 +164,11 @@ class Scaling:
         return self.marginal_tokens_per_s("ray") / self.marginal_tokens_per_s("plain")
 
 
+def _median_item(items: list, key):
+    """The item whose `key` is the median (the upper middle one for an even count)."""
+    return sorted(items, key=key)[len(items) // 2]
+
+
 def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
           fingerprints: list[dict], tok: Path, work: Path) -> Pair:
     ray_dir = work / "ray"
@@ -229,7 +234,7 @@ def run(args: list[str]) -> BenchResult:
             if subset is not None:
                 scalings.append(Scaling(subset, pairs[-1]))
     speedup = statistics.median(p.speedup for p in pairs)
-    shown = sorted(pairs, key=lambda p: p.speedup)[len(pairs) // 2]  # the median pair (upper middle if even)
+    shown = _median_item(pairs, key=lambda p: p.speedup)
 
     groups = [("A read..minhash", ["read", "normalize", "filter", "hash+minhash"], "read_normalize_filter_sign"),
               ("B dedup", ["dedup"], "dedup"),
@@ -247,7 +252,7 @@ def run(args: list[str]) -> BenchResult:
                  "ray_s": shown.tokens / shown.ray_s})
     measured = [sc for sc in scalings if sc.measurable]
     if measured:  # the subset pair and full pair of the median marginal speedup
-        shown_sc = sorted(measured, key=lambda x: x.marginal_speedup)[len(measured) // 2]
+        shown_sc = _median_item(measured, key=lambda sc: sc.marginal_speedup)
         rows.append({"stage": "marginal tokens/s", "plain_s": shown_sc.marginal_tokens_per_s("plain"),
                      "plain_%": None, "ray_s": shown_sc.marginal_tokens_per_s("ray")})
         rows.append({"stage": "fixed cost per run (s)", "plain_s": shown_sc.fixed_s("plain"), "plain_%": None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,6 @@ def test_tokenizer_pool_larger_than_the_cluster_is_refused(ray_cluster, preproce
 def test_small_corpus_starts_no_idle_tokenizer_actor(ray_cluster, preprocess_cfg, tmp_path: Path) -> None:
     """Fewer work units than `runtime.tokenize_actors`: the pool has one actor per unit, so none
     starts only to sit idle (Ray Data warns when an actor pool is larger than its input)."""
-    import warnings
-
     cfg = preprocess_cfg(tmp_path / "out", "data.sources=[{kind:stdlib,max_files:5}]", "runtime.tokenize_actors=2")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
