@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import ClusterConfig
+from cluster.config import ClusterConfig
 
 API_VERSION = "ray.io/v1"
 RAY_VERSION = "2.60.0"

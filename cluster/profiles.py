@@ -1,6 +1,6 @@
 """What a cluster profile asks of Ray: resources per worker, device, collective backend, dtype.
 
-Profiles themselves are config (`conf/cluster/*.yaml`, typed by `pipelines.config.ClusterConfig`;
+Profiles themselves are config (`conf/cluster/*.yaml`, typed by `cluster.config.ClusterConfig`;
 NVIDIA profiles extend `_nvidia.yaml`, AMD ones `_amd.yaml`). This module derives from a profile
 what Ray Train and the worker need, so the rules live in one place.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.config import ClusterConfig
+from cluster.config import ClusterConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

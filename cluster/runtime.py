@@ -1,24 +1,49 @@
-"""Start or connect to Ray, and check that the connected cluster has what the profile needs.
+"""The one way to start or connect Ray, and the check that a cluster has what a profile needs.
 
-Local profile without RAY_ADDRESS: start a local Ray with the dashboard on (URL printed).
-GPU profiles (address=auto or ray://...) connect to an existing cluster; when none is reachable,
-or it lacks the GPUs the profile asks for, `ClusterMismatchError` says within seconds what the
-profile needs and what is there.
+`start_or_connect(RayOptions(...))` is used by every entry point (preprocessing, training,
+serving, benchmarks):
+- a process that is already connected (a notebook, the test session) keeps its connection;
+- with an address (`RayOptions.address`, else `RAY_ADDRESS`) it connects to that cluster;
+- otherwise it starts a local Ray with the options' CPUs, dashboard and worker settings.
+Every worker gets this checkout on its PYTHONPATH plus the options' environment variables.
+`RayRuntime.shutdown()` stops Ray only if this call started it.
+
+`connect(cluster)` is the training flavour: options from the cluster profile (dashboard on for
+a local run), then `check_resources`; when no cluster is reachable, or it lacks the GPUs the
+profile asks for, `ClusterMismatchError` says within seconds what is needed and what is there.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 
+from cluster.config import ClusterConfig
 from cluster.profiles import ResourceNeeds, resource_needs
-from pipelines.config import ClusterConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class ClusterMismatchError(RuntimeError):
     """The cluster (or this machine) cannot run the chosen profile."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How to reach Ray. The local-only fields apply when this call starts a local Ray."""
+
+    address: str | None = None  # None: RAY_ADDRESS, else start a local Ray
+    env_vars: dict[str, str] = field(default_factory=dict)  # for every worker (PYTHONPATH is added)
+    num_cpus: int | None = None  # local only; None: the machine's CPU count
+    dashboard: bool = False  # local only: start the dashboard on 127.0.0.1 (URL in RayRuntime)
+    log_to_driver: bool = True
+    worker_soft_limit: int | None = None  # local only: idle workers Ray keeps (RAY_num_workers_soft_limit)
+    worker_niceness: int | None = None  # local only: Ray's default is 15 (RAY_worker_niceness)
 
 
 @dataclass
@@ -27,6 +52,53 @@ class RayRuntime:
     dashboard_url: str | None
     started_locally: bool
     resources: dict[str, float]
+
+    def shutdown(self) -> None:
+        """Stop Ray if this process started it (a connection made elsewhere is left alone)."""
+        if self.started_locally and ray.is_initialized():
+            ray.shutdown()
+
+
+def worker_env(extra: dict[str, str]) -> dict[str, str]:
+    """Worker environment: `extra`, with this checkout (and the caller's PYTHONPATH) importable."""
+    env = {k: str(v) for k, v in extra.items()}
+    paths = [env.get("PYTHONPATH"), str(REPO), os.environ.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    return env
+
+
+def start_or_connect(opts: RayOptions) -> RayRuntime:
+    """Keep an existing connection, connect to the options' (or RAY_ADDRESS's) cluster, or start a local Ray."""
+    if ray.is_initialized():
+        return RayRuntime(address=ray.get_runtime_context().gcs_address, dashboard_url=None,
+                          started_locally=False, resources=ray.cluster_resources())
+    runtime_env = {"env_vars": worker_env(opts.env_vars)}
+    address = opts.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ctx = ray.init(address=address, runtime_env=runtime_env, log_to_driver=opts.log_to_driver)
+        started = False
+    else:
+        if opts.worker_niceness is not None:
+            os.environ.setdefault("RAY_worker_niceness", str(opts.worker_niceness))
+        if opts.worker_soft_limit is not None:
+            os.environ.setdefault("RAY_num_workers_soft_limit", str(opts.worker_soft_limit))
+        ctx = ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, include_dashboard=opts.dashboard,
+                       dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=opts.log_to_driver)
+        started = True
+    url = ctx.dashboard_url if opts.dashboard or not started else None
+    dashboard = f"http://{url}" if url and not url.startswith("http") else url
+    return RayRuntime(address=ctx.address_info.get("address", str(address)), dashboard_url=dashboard,
+                      started_locally=started, resources=ray.cluster_resources())
+
+
+@contextmanager
+def ray_session(opts: RayOptions) -> Iterator[RayRuntime]:
+    """`start_or_connect`, and on exit stop Ray if this session started it."""
+    runtime = start_or_connect(opts)
+    try:
+        yield runtime
+    finally:
+        runtime.shutdown()
 
 
 def _local_hardware() -> dict[str, float]:
@@ -60,41 +132,26 @@ def check_resources(needs: ResourceNeeds, have: dict[str, float], profile: str) 
 
 
 def connect(cluster: ClusterConfig, num_cpus: int | None = None) -> RayRuntime:
-    """Start a local Ray or connect to the profile's cluster, then check its resources."""
+    """Start a local Ray (dashboard on) or connect to the profile's cluster, then check its resources."""
+    needs = resource_needs(cluster)
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: str(v) for k, v in cluster.env.items()}
-    env_vars.setdefault("PYTHONPATH", os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p))
-    runtime_env = {"env_vars": env_vars}
-    if ray.is_initialized():  # an embedding program (a notebook, the test session) already connected
-        ctx = ray.get_runtime_context()
-        have = ray.cluster_resources()
-        check_resources(resource_needs(cluster), have, cluster.name)
-        return RayRuntime(address=ctx.gcs_address, dashboard_url=None, started_locally=False, resources=have)
-    if address is None:
-        needs = resource_needs(cluster)
-        cpus = num_cpus or max(int(os.cpu_count() or 1), int(needs.total_cpus) + 1)
-        ctx = ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       runtime_env=runtime_env, ignore_reinit_error=True)
-        started = True
-    else:
-        try:
-            ctx = ray.init(address=address, runtime_env=runtime_env, ignore_reinit_error=True)
-        except (ConnectionError, RuntimeError) as err:
-            raise ClusterMismatchError(
-                f"cluster profile '{cluster.name}' needs {resource_needs(cluster).describe()} on a running Ray "
-                f"cluster at address={address!r}, but none is reachable ({err.__class__.__name__}). This machine "
-                f"has {_describe_resources(_local_hardware())}. Start the cluster (`ray start --head` on its head "
-                "node, or `python -m cluster.submit` for KubeRay) and set RAY_ADDRESS, or drop +cluster to train "
-                "locally on CPU."
-            ) from err
-        started = False
-    have = ray.cluster_resources()
+    opts = RayOptions(address=address, env_vars=dict(cluster.env), dashboard=True,
+                      num_cpus=num_cpus or max(int(os.cpu_count() or 1), int(needs.total_cpus) + 1))
     try:
-        check_resources(resource_needs(cluster), have, cluster.name)
+        runtime = start_or_connect(opts)
+    except (ConnectionError, RuntimeError) as err:
+        if not address:
+            raise
+        raise ClusterMismatchError(
+            f"cluster profile '{cluster.name}' needs {needs.describe()} on a running Ray cluster at "
+            f"address={address!r}, but none is reachable ({err.__class__.__name__}). This machine has "
+            f"{_describe_resources(_local_hardware())}. Start the cluster (`ray start --head` on its head node, "
+            "or `python -m cluster.submit` for KubeRay) and set RAY_ADDRESS, or drop +cluster to train "
+            "locally on CPU."
+        ) from err
+    try:
+        check_resources(needs, runtime.resources, cluster.name)
     except ClusterMismatchError:
-        ray.shutdown()
+        runtime.shutdown()
         raise
-    url = ctx.dashboard_url
-    dashboard = f"http://{url}" if url and not url.startswith("http") else url
-    return RayRuntime(address=ctx.address_info.get("address", str(address)), dashboard_url=dashboard,
-                      started_locally=started, resources=have)
+    return runtime

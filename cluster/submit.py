@@ -12,12 +12,13 @@ from typing import Any
 
 import yaml
 
+from cluster.config import ClusterConfig
 from cluster.kuberay import KINDS, render_raycluster, render_rayjob, render_rayservice
-from pipelines.config import ClusterConfig, TrainConfig, compose_config, to_train_config
+from pipelines.train.config import TrainConfig, compose_train_config
 
 
 def compose_profile(profile: str, overrides: list[str]) -> TrainConfig:
-    return to_train_config(compose_config("train", [f"+cluster={profile}", *overrides]))
+    return compose_train_config([f"+cluster={profile}", *overrides])
 
 
 def render(kind: str, cluster: ClusterConfig, name: str, overrides: list[str]) -> dict[str, Any]:

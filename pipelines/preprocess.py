@@ -9,14 +9,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.config import register_configs, to_preprocess_config
+from pipelines.data.config import register_configs, to_preprocess_config
 
 register_configs()
 
 
 @hydra.main(config_path="../conf", config_name="preprocess", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipelines.bench import format_table
+    from pipelines.core.tables import format_table
     from pipelines.data.ingest import read_manifest
     from pipelines.data.manifest import report_rows
     from pipelines.data.pipeline import preprocess

@@ -15,7 +15,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve.config import ServeConfig, absolute_tracking_uri, load_config
+from pipelines.core.tracking import absolute_tracking_uri
+from serve.config import ServeConfig, load_config
 
 OVERRIDES_ENV = "MOE_SERVE_OVERRIDES"
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from moe.config import ConfigError
-from pipelines.config import TrackingConfig, check, compose_config, to_dataclass
+from pipelines.core.config import check, compose_config, to_dataclass
+from pipelines.core.tracking import TrackingConfig
 
 
 @dataclass
@@ -126,15 +126,6 @@ class ServeConfig:
     chat: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """sqlite:///relative.db -> sqlite:////abs/relative.db, so replicas (other working directories) find
-    the store. Same rule as pipelines.tracking.absolute_tracking_uri, without importing MLflow here."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def register_configs() -> None:

@@ -38,7 +38,7 @@ def resolve_model_dir(cfg: ServeConfig) -> Path:
     m = cfg.model
     if m.path:
         return Path(m.path)
-    from pipelines.tracking import download_model
+    from pipelines.core.tracking import download_model
 
     return download_model(cfg.tracking.uri, name=m.registered_name or cfg.tracking.registered_model,
                           version=m.version, alias=m.alias, run_id=m.run_id)

@@ -37,9 +37,13 @@ def ray_cluster() -> Iterator[object]:
 @pytest.fixture(scope="session")
 def compose() -> Callable[..., object]:
     """compose(name, overrides) -> composed DictConfig, using the project's conf/ and schemas."""
-    from pipelines.config import compose_config
+    from pipelines.core.config import compose_config
+    from pipelines.data.config import register_configs as register_data_configs
+    from pipelines.train.config import register_configs as register_train_configs
     from serve.config import register_configs as register_serve_configs
 
+    register_train_configs()
+    register_data_configs()
     register_serve_configs()
 
     def _compose(name: str = "train", overrides: list[str] | None = None):

@@ -11,7 +11,7 @@ import unicodedata
 
 import pyarrow as pa
 
-from pipelines.config import NormalizeConfig
+from pipelines.data.config import NormalizeConfig
 
 # C0 and C1 controls except tab and newline (CR is handled first: CRLF and lone CR become LF).
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")

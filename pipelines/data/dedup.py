@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.config import DedupConfig
+from pipelines.data.config import DedupConfig
 from pipelines.data.minhash import near_duplicate_groups, signature
 
 EXACT_DUPLICATE = "exact_duplicate"

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from pipelines.config import FilterConfig
+from pipelines.data.config import FilterConfig
 
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.config import DataConfig
+from pipelines.data.config import DataConfig
 from pipelines.data.manifest import MANIFEST_FILE, list_versions, read_json
 
 if TYPE_CHECKING:

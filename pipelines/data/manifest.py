@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import PreprocessConfig
+from pipelines.data.config import PreprocessConfig
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1

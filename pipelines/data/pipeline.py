@@ -30,9 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipelines.config import PreprocessConfig, RuntimeConfig
+from cluster.runtime import RayOptions, start_or_connect
 from pipelines.data import dedup, manifest, sources
 from pipelines.data.clean import normalize_batch
+from pipelines.data.config import PreprocessConfig, RuntimeConfig
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.minhash import lsh_params
 from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats
@@ -86,25 +87,21 @@ def describe_sources(cfg: PreprocessConfig) -> str:
                      for i, s in enumerate(cfg.data.sources))
 
 
-def ensure_ray(rt: RuntimeConfig) -> None:
-    import ray
+def ray_options(rt: RuntimeConfig) -> RayOptions:
+    """How preprocessing starts or connects Ray (cluster.runtime is the one place that does it)."""
+    num_cpus = rt.num_cpus or max(4, os.cpu_count() or 1)
+    # Ray starts workers at niceness 15 by default; on a shared machine that hands the CPU to every
+    # other process. Preprocessing is the job here, so its workers run at normal priority.
+    # Ray kills idle workers once it has more than num_cpus; while the tokenizer actors lived,
+    # that killed warm read workers, and the next phase A started them again (1.4 CPU-s each).
+    # Measured on 300 stdlib files: phase A 2.9 s, 1.3 s with room for both.
+    return RayOptions(address=rt.address, env_vars={"TOKENIZERS_PARALLELISM": "false"}, num_cpus=num_cpus,
+                      worker_niceness=0, worker_soft_limit=num_cpus + rt.tokenize_actors)
 
-    if ray.is_initialized():
-        return
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {"PYTHONPATH": repo, "TOKENIZERS_PARALLELISM": "false"}
-    if rt.address is None and not os.environ.get("RAY_ADDRESS"):
-        # Ray starts workers at niceness 15 by default; on a shared machine that hands the CPU to every
-        # other process. Preprocessing is the job here, so its workers run at normal priority.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        num_cpus = rt.num_cpus or max(4, os.cpu_count() or 1)
-        # Ray kills idle workers once it has more than num_cpus; while the tokenizer actors lived,
-        # that killed warm read workers, and the next phase A started them again (1.4 CPU-s each).
-        # Measured on 300 stdlib files: phase A 2.9 s, 1.3 s with room for both.
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(num_cpus + rt.tokenize_actors))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
-    else:
-        ray.init(address=rt.address, runtime_env={"env_vars": env})
+
+def ensure_ray(rt: RuntimeConfig) -> None:
+    """Connect preprocessing to Ray; a local Ray it starts lives as long as this process."""
+    start_or_connect(ray_options(rt))
 
 
 def _configure_data_context(cfg: PreprocessConfig) -> None:

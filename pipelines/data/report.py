@@ -8,13 +8,13 @@ from typing import Any
 
 import mlflow
 
-from pipelines.config import PreprocessConfig
+from pipelines.core.tracking import configure, flatten, log_params
+from pipelines.data.config import PreprocessConfig
 from pipelines.data.manifest import MANIFEST_FILE, hashed_config, report_rows
-from pipelines.tracking import configure, flatten, log_params
 
 
 def report_markdown(m: dict[str, Any]) -> str:
-    from pipelines.bench import format_table
+    from pipelines.core.tables import format_table
 
     return f"# Dataset {m['version']}\n\n```\n{format_table(report_rows(m))}\n```\n"
 

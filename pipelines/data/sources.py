@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import ReaderConfig, SourceConfig
+from pipelines.data.config import ReaderConfig, SourceConfig
 
 # Reasons a record can be dropped while reading (the manifest counts each one).
 UNREADABLE_PATH = "unreadable_path"  # configured path/glob that matches nothing

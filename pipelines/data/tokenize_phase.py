@@ -30,7 +30,7 @@ from pipelines.data.pack import TokenizePack
 from pipelines.data.split import split_batch
 
 if TYPE_CHECKING:  # the actors import this module; they need no Hydra
-    from pipelines.config import PreprocessConfig
+    from pipelines.data.config import PreprocessConfig
 
 UNIT_BYTES = 32 << 20  # bytes to tokenize per work unit on large corpora (more units than actors balance the pool)
 UNITS_PER_ACTOR = 16  # at least this many units per actor: small units keep every actor busy to the end

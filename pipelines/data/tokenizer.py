@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 if TYPE_CHECKING:  # the tokenizer actors import this module; they need no Hydra
-    from pipelines.config import TokenizerConfig
+    from pipelines.data.config import TokenizerConfig
 
 TOKENIZER_FILE = "tokenizer.json"
 

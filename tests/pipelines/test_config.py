@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moe.config import ConfigError
-from pipelines.config import TrainConfig, to_train_config
-from pipelines.plan import make_plan
+from pipelines.train.config import TrainConfig, to_train_config
+from pipelines.train.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))

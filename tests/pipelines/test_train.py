@@ -15,10 +15,10 @@ import pytest
 from mlflow import MlflowClient
 
 from moe.checkpoint import load_model
-from pipelines import tracking
-from pipelines.config import to_train_config
-from pipelines.plan import make_plan
-from pipelines.trainer import TrainingOutcome, run_training
+from pipelines.core import tracking
+from pipelines.train.config import to_train_config
+from pipelines.train.driver import TrainingOutcome, run_training
+from pipelines.train.plan import make_plan
 
 STEPS_OVERRIDES = ["train.micro_batch_size=8", "train.log_every=4", "train.eval_batches=2"]
 
@@ -26,7 +26,7 @@ STEPS_OVERRIDES = ["train.micro_batch_size=8", "train.log_every=4", "train.eval_
 @pytest.fixture(scope="module")
 def dataset_root(ray_cluster, compose, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real preprocessed dataset: 40 stdlib files, tiny vocabulary, through pipelines.preprocess."""
-    from pipelines.config import to_preprocess_config
+    from pipelines.data.config import to_preprocess_config
     from pipelines.data.pipeline import run_preprocess
 
     root = tmp_path_factory.mktemp("train-data") / "processed"

@@ -68,8 +68,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 
     from moe.checkpoint import export_model
     from moe.model import build_model
-    from pipelines.config import TrackingConfig
-    from pipelines.tracking import configure, register_model_dir
+    from pipelines.core.tracking import TrackingConfig, configure, register_model_dir
 
     root = tmp_path_factory.mktemp("serve_models")
     tok_path = train_tokenizer(root / "tokenizer.json")

@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from moe.config import ConfigError
+from pipelines.core.tracking import absolute_tracking_uri
 from serve.app import build_app
-from serve.config import ServeConfig, absolute_tracking_uri, load_config
+from serve.config import ServeConfig, load_config
 from tests.conftest import REPO
 
 

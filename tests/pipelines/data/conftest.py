@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import PreprocessConfig, to_preprocess_config
+from pipelines.data.config import PreprocessConfig, to_preprocess_config
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.config import NormalizeConfig
 from pipelines.data.clean import normalize_text
+from pipelines.data.config import NormalizeConfig
 from pipelines.data.ingest import read_manifest
 from pipelines.data.pipeline import NoUsableInputError, run_preprocess
 from pipelines.data.tokenizer import load_tokenizer

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.bench import format_table
-from pipelines.benchmarks.data import Pair, Scaling, run
+from pipelines.bench.data import Pair, Scaling, run
+from pipelines.core.tables import format_table
 
 
 def test_data_benchmark_runs_both_sides_on_the_same_input(ray_cluster) -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.config import DedupConfig, FilterConfig, NormalizeConfig, ReaderConfig, TokenizerConfig
 from pipelines.data import filters
 from pipelines.data.clean import normalize_text
+from pipelines.data.config import DedupConfig, FilterConfig, NormalizeConfig, ReaderConfig, TokenizerConfig
 from pipelines.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE, content_hash, decide, record_uid
 from pipelines.data.minhash import lsh_params, signature
 from pipelines.data.pack import TokenizePack, pack_ids

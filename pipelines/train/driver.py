@@ -20,14 +20,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from cluster.profiles import worker_resources
 from cluster.runtime import ClusterMismatchError, connect
 from moe.checkpoint import export_model
-from pipelines import tracking
 from pipelines.checkpointing import load_full_model
-from pipelines.config import TrainConfig
+from pipelines.core import tracking
 from pipelines.data.ingest import read_manifest, resolve_dataset_dir, split_dataset
-from pipelines.plan import TrainingPlan
-from pipelines.progress import TrainProgress
-from pipelines.report import expert_load_heatmap, loss_curves
-from pipelines.train_loop import train_loop_per_worker
+from pipelines.train.config import TrainConfig
+from pipelines.train.plan import TrainingPlan
+from pipelines.train.progress import TrainProgress
+from pipelines.train.report import expert_load_heatmap, loss_curves
+from pipelines.train.worker import train_loop_per_worker
 
 
 class TrainingFailed(RuntimeError):

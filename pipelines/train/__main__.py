@@ -12,13 +12,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from moe.config import ConfigError
-from pipelines.config import register_configs, to_train_config
-from pipelines.plan import make_plan
+from pipelines.train.config import register_configs, to_train_config
+from pipelines.train.plan import make_plan
 
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     try:
         cfg = to_train_config(dcfg)
@@ -29,7 +29,7 @@ def main(dcfg: DictConfig) -> None:
     print("\n".join(plan.lines()), flush=True)
     if cfg.train.dry_run:
         return
-    from pipelines.trainer import TrainingFailed, run_training
+    from pipelines.train.driver import TrainingFailed, run_training
 
     try:
         outcome = run_training(cfg, OmegaConf.to_yaml(dcfg), plan)

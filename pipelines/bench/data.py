@@ -30,9 +30,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipelines.bench import BenchResult, Goal
-from pipelines.config import PreprocessConfig, compose_config, to_preprocess_config
 from pipelines.data import dedup, sources
 from pipelines.data.clean import normalize_batch
+from pipelines.data.config import PreprocessConfig, compose_preprocess_config
 from pipelines.data.filters import filter_batch
 from pipelines.data.pack import TokenizePack
 from pipelines.data.pipeline import _build, _ShardWriter, build_docs, ensure_ray
@@ -40,10 +40,6 @@ from pipelines.data.split import SPLITS, split_batch
 from pipelines.data.tokenizer import train_tokenizer
 
 TARGET = 1.6
-
-
-def _compose(overrides: list[str]) -> PreprocessConfig:
-    return to_preprocess_config(compose_config("preprocess", overrides))
 
 
 def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer: Path, out: Path
@@ -206,7 +202,7 @@ def run(args: list[str]) -> BenchResult:
     if ns.subset_every < 0 or ns.subset_every == 1:
         parser.error(f"--subset-every={ns.subset_every} must be 0 (off) or at least 2")
     src = f"data.sources=[{{kind:stdlib,max_files:{ns.files}}}]" if ns.files else None
-    cfg = _compose([*([src] if src else []), "tracking.enabled=false", *overrides])
+    cfg = compose_preprocess_config([*([src] if src else []), "tracking.enabled=false", *overrides])
     files, missing = sources.resolve_sources(cfg.data.sources)
     fingerprints = sources.fingerprint_files(files, missing, len(cfg.data.sources))
     n_bytes = sum(f["bytes"] for f in fingerprints)

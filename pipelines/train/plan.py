@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from moe.flops import flops_per_token, param_counts
 from moe.parallel.mesh import ParallelDims
-from pipelines.config import TrainConfig
+from pipelines.train.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,28 @@ registered models resolved back to a local directory (for serving and evaluation
 
 A relative `sqlite:///mlflow.db` URI is made absolute at the entry point, with artifacts in
 `mlruns/` beside the database, so Ray actors whose working directory differs write to the same
-store.
+store. MLflow is imported inside the functions that use it, so config code (`serve.config`) can
+use `absolute_tracking_uri` without importing MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
-
-from pipelines.config import TrackingConfig
-
 MODEL_ARTIFACT_PATH = "model"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "elastic-moe"
+    run_name: str | None = None
+    registered_model: str = "elastic-moe"
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -38,6 +44,8 @@ def _artifact_root(uri: str) -> str | None:
 
 def configure(tracking: TrackingConfig) -> str:
     """Point MLflow at the store and create/select the experiment; returns the absolute URI."""
+    import mlflow
+
     uri = absolute_tracking_uri(tracking.uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(tracking.experiment) is None:
@@ -64,6 +72,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 
 def log_params(params: Mapping[str, str], batch: int = 100) -> None:
+    import mlflow
+
     items = list(params.items())
     for i in range(0, len(items), batch):
         mlflow.log_params(dict(items[i:i + batch]))
@@ -71,6 +81,9 @@ def log_params(params: Mapping[str, str], batch: int = 100) -> None:
 
 def register_model_dir(model_dir: str | Path, registered_name: str, run_id: str) -> int:
     """Log an exported model directory under the run and register it as a new model version."""
+    import mlflow
+    from mlflow import MlflowClient
+
     client = MlflowClient()
     client.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_ARTIFACT_PATH)
     try:
@@ -87,6 +100,9 @@ def register_model_dir(model_dir: str | Path, registered_name: str, run_id: str)
 def download_model(tracking_uri: str, name: str | None = None, version: str | int | None = None,
                    alias: str | None = None, run_id: str | None = None, dst: str | Path | None = None) -> Path:
     """Resolve a registered model (name + version, alias, or latest) or a run's model to a local directory."""
+    import mlflow
+    from mlflow import MlflowClient
+
     uri = absolute_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)

@@ -30,8 +30,8 @@ from moe.model import MoETransformer, build_model
 from moe.parallel.apply import ParallelPlan, parallelize
 from moe.parallel.mesh import ParallelDims
 from pipelines.checkpointing import load_checkpoint, save_checkpoint
-from pipelines.config import OptimConfig, TrainConfig
 from pipelines.data.ingest import ConsumedSet, iter_batches
+from pipelines.train.config import OptimConfig, TrainConfig
 
 
 @dataclass

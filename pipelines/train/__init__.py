@@ -1,0 +1,1 @@
+"""Training: typed config, plan, driver (Ray Train, MLflow, export) and worker (the Trainer)."""

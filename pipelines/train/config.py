@@ -1,0 +1,121 @@
+"""Typed configs of a training run (`conf/train.yaml` and its groups), their cross-field checks
+(`validate_train_config`: every message names the key, the value and the fix) and Hydra
+registration. The model schema is `moe.config.ModelConfig`, the cluster schema
+`cluster.config.ClusterConfig`, the corpus `pipelines.data.config.DataConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from cluster.config import ClusterConfig
+from moe.config import ModelConfig
+from pipelines.core.config import check, compose_config, to_dataclass
+from pipelines.core.tracking import TrackingConfig
+from pipelines.data.config import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the device mesh; dp=-1 takes what is left of the world."""
+
+    dp: int = -1
+    ep: int = 1
+    pp: int = 1
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 200
+    micro_batch_size: int = 16  # sequences per worker per step
+    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (0: stream order)
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4  # per worker; the validation set is the first eval_batches * workers batches
+    checkpoint_every: int = 50
+    seed: int = 0
+    dry_run: bool = False
+    max_failures: int = 2
+    storage_path: str = "outputs/ray_results"
+    num_threads: int = 0  # torch intra-op threads per worker; 0: cpus_per_worker
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+
+
+def compose_train_config(overrides: list[str] | None = None) -> TrainConfig:
+    """conf/train.yaml with overrides -> validated `TrainConfig` (library callers, cluster.submit)."""
+    register_configs()
+    return to_train_config(compose_config("train", overrides))
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Composed Hydra config -> validated `TrainConfig` (raises ConfigError naming the key and fix)."""
+    return validate_train_config(to_dataclass(cfg, TrainConfig, "train_schema"))
+
+
+def validate_train_config(c: TrainConfig) -> TrainConfig:
+    c.model.validate(seq_len=c.data.seq_len)
+    check(c.model.vocab_size >= c.data.vocab_size,
+           f"model.vocab_size={c.model.vocab_size} is smaller than data.vocab_size={c.data.vocab_size}; "
+           f"set model.vocab_size>={c.data.vocab_size} or lower data.vocab_size.")
+    check(c.data.seq_len > 0, f"data.seq_len={c.data.seq_len} must be positive.")
+    t, o, cl, p = c.train, c.optim, c.cluster, c.parallel
+    for key, value in (("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
+                       ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
+                       ("train.checkpoint_every", t.checkpoint_every), ("cluster.num_workers", cl.num_workers)):
+        check(value > 0, f"{key}={value} must be positive.")
+    check(o.lr > 0, f"optim.lr={o.lr} must be positive.")
+    check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1].")
+    check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
+    check(cl.vendor in ("cpu", "nvidia", "amd"), f"cluster.vendor={cl.vendor!r}: use cpu, nvidia or amd.")
+    check(cl.device in ("cpu", "cuda"), f"cluster.device={cl.device!r}: use cpu or cuda (ROCm also uses cuda).")
+    check(cl.backend in ("gloo", "nccl"), f"cluster.backend={cl.backend!r}: use gloo (CPU) or nccl (NCCL/RCCL).")
+    check(cl.dtype in ("float32", "bfloat16"), f"cluster.dtype={cl.dtype!r}: use float32 or bfloat16.")
+    check(not (cl.device == "cpu" and cl.backend == "nccl"),
+           "cluster.backend=nccl needs cluster.device=cuda; use backend=gloo on CPU.")
+    if cl.min_workers is not None:
+        check(0 < cl.min_workers <= cl.num_workers,
+               f"cluster.min_workers={cl.min_workers} must be within [1, cluster.num_workers={cl.num_workers}].")
+    for key, value in (("parallel.ep", p.ep), ("parallel.pp", p.pp)):
+        check(value >= 1, f"{key}={value} must be >= 1.")
+    check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1, or -1 for 'the rest of the world'.")
+    check(c.model.moe.n_routed_experts % p.ep == 0,
+           f"model.moe.n_routed_experts={c.model.moe.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
+           "choose an ep that divides the number of experts.")
+    return c
