@@ -1,7 +1,18 @@
-"""Model export and loading: a self-contained directory with `model.safetensors`, `config.json`
-(the `ModelConfig`) and, when given, the tokenizer file. This is what MLflow registers and what
-serving loads. (Training checkpoints, with optimizer state and data position, are distributed
-checkpoints that reshard across EP degrees: pipelines/checkpointing.py.)
+"""The one checkpoint module: sharded training checkpoints that reshard, and the exported model.
+
+Training checkpoints (`save_checkpoint`, `load_checkpoint`, `load_full_model`) are
+torch.distributed.checkpoint (DCP) directories of model + optimizer. Replicated tensors are
+written once (DCP deduplicates them across ranks). Expert weights, which expert parallelism shards
+along their first (expert) dimension, and their AdamW moments are stored one entry per *global*
+expert (`<param>.expert<e>`), so a checkpoint written with any EP degree or number of workers
+loads into any other: each rank reads exactly its local experts. Which experts a rank holds is
+read from the placement expert parallelism declares on each module (`GroupedExperts.shard`).
+Scalars that are the same on every rank (step, epoch, data position, schedule) go in a small file
+written by rank 0.
+
+The exported model (`export_model`, `load_model`) is a self-contained directory with
+`model.safetensors`, `config.json` (the `ModelConfig`) and, when given, the tokenizer file. This
+is what MLflow registers and what serving loads.
 """
 
 from __future__ import annotations
@@ -10,18 +21,92 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from moe.config import ModelConfig, MoEConfig
+from moe.experts import GroupedExperts
+from moe.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from moe.model import MoETransformer, build_model
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+DCP_DIR = "dcp"
+TRAINER_STATE_FILE = "trainer_state.pt"
 
 
+# ---- training checkpoints (sharded, resharding) -----------------------------------------------
+def expert_offsets(model: torch.nn.Module) -> dict[str, int]:
+    """FQN of each expert weight -> global id of its first local expert (from `GroupedExperts.shard`)."""
+    return {f"{prefix}.{name}": module.shard.first
+            for prefix, module in model.named_modules() if isinstance(module, GroupedExperts)
+            for name in GroupedExperts.PARAM_NAMES}
+
+
+def _split(t: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
+    return {f"expert{first + i}": t[i] for i in range(t.shape[0])}
+
+
+def _join(parts: dict[str, torch.Tensor], first: int) -> torch.Tensor:
+    return torch.stack([parts[f"expert{first + i}"] for i in range(len(parts))])
+
+
+def to_global_layout(model_sd: dict[str, Any], optim_sd: dict[str, Any], offsets: dict[str, int]
+                     ) -> dict[str, Any]:
+    """Split expert tensors (and their optimizer moments) into per-global-expert entries."""
+    model_out = {k: (_split(v, offsets[k]) if k in offsets else v) for k, v in model_sd.items()}
+    state_out = {}
+    for fqn, st in optim_sd.get("state", {}).items():
+        if fqn in offsets:
+            st = {k: (_split(v, offsets[fqn]) if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in st.items()}
+        state_out[fqn] = st
+    return {"model": model_out, "optim": {"state": state_out, "param_groups": optim_sd.get("param_groups", [])}}
+
+
+def from_global_layout(state: dict[str, Any], offsets: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inverse of `to_global_layout` for this rank's experts."""
+    model_sd = {k: (_join(v, offsets[k]) if k in offsets else v) for k, v in state["model"].items()}
+    optim_state = {}
+    for fqn, st in state["optim"]["state"].items():
+        if fqn in offsets:
+            st = {k: (_join(v, offsets[fqn]) if isinstance(v, dict) else v) for k, v in st.items()}
+        optim_state[fqn] = st
+    return model_sd, {"state": optim_state, "param_groups": state["optim"]["param_groups"]}
+
+
+def save_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, directory: Path,
+                    extra: dict[str, Any], rank: int) -> None:
+    """Collective: every rank writes its part under `directory/dcp`; rank 0 also writes `extra`."""
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save(to_global_layout(model_sd, optim_sd, expert_offsets(model)), checkpoint_id=str(directory / DCP_DIR))
+    if rank == 0:
+        torch.save(extra, directory / TRAINER_STATE_FILE)
+
+
+def load_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, directory: Path) -> dict[str, Any]:
+    """Collective: fill model and optimizer (any EP degree / world size) and return rank 0's `extra`."""
+    offsets = expert_offsets(model)
+    model_sd, optim_sd = get_state_dict(model, opt)  # initializes the optimizer state to load into
+    state = to_global_layout(model_sd, optim_sd, offsets)
+    dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+    model_sd, optim_sd = from_global_layout(state, offsets)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    return torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
+
+
+def load_full_model(cfg: ModelConfig, directory: Path) -> MoETransformer:
+    """The whole (unsharded) model from a training checkpoint, in one process (export, evaluation)."""
+    model = build_model(cfg, device="cpu", seed=None)
+    offsets = expert_offsets(model)
+    state = {"model": {k: (_split(v, 0) if k in offsets else v) for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+    model.load_state_dict({k: (_join(v, 0) if k in offsets else v) for k, v in state["model"].items()})
+    return model
+
+
+# ---- the exported model -----------------------------------------------------------------------
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     return dataclasses.asdict(cfg)
 

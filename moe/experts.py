@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,20 +48,46 @@ def _grouped_mm_supported(x: torch.Tensor, d_model: int, hidden: int) -> bool:
     return x.device.type == "cpu"
 
 
+@dataclass(frozen=True)
+class ExpertShard:
+    """Which experts of a layer's global set a `GroupedExperts` holds: ids [first, first + count) of
+    `total`. Expert parallelism declares it (moe/parallel/expert.py); initialization and checkpoints
+    read it, so no code guesses placement from names."""
+
+    first: int
+    count: int
+    total: int
+
+    @property
+    def is_full(self) -> bool:
+        return self.count == self.total
+
+
 class GroupedExperts(nn.Module):
+    PARAM_NAMES = ("w1", "w2", "w3")  # the (experts x ...) weights, sharded along dim 0 by expert parallelism
+
     def __init__(self, n_experts: int, d_model: int, hidden: int, kernel: str = "auto") -> None:
         super().__init__()
         self.n_experts, self.d_model, self.hidden, self.kernel = n_experts, d_model, hidden, kernel
+        self.shard = ExpertShard(first=0, count=n_experts, total=n_experts)
         self.accumulate_grad_in_place = False
         self.dispatch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # gate projection
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # up projection
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # down projection
 
+    @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1, std=std)
-        nn.init.trunc_normal_(self.w3, std=std)
-        nn.init.trunc_normal_(self.w2, std=out_std)
+        """Same values as the one-device layer for the same random state: a shard draws the whole
+        (total, ...) weight, one at a time, and keeps its slice (transient memory: one full weight)."""
+        for w, w_std in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
+            if self.shard.is_full:
+                nn.init.trunc_normal_(w, std=w_std)
+                continue
+            full = torch.empty((self.shard.total, *w.shape[1:]), device=w.device, dtype=w.dtype)
+            nn.init.trunc_normal_(full, std=w_std)
+            w.copy_(full[self.shard.first:self.shard.first + self.shard.count])
+            del full
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None
                 ) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """MoETransformer: token embedding -> blocks (attention + dense or MoE feed-forward) -> norm -> head.
 
-Written for one device. `build_model` creates it on the meta device and materializes it on the
-target device, so parallelism (moe/parallel) can transform the module tree before any memory is
-spent. Layers sit in a `ModuleDict` keyed by layer index so pipeline stages can drop the ones they
-do not own; `forward` skips a missing embedding, norm or head for the same reason.
+Written for one device. `build_meta_model` creates it on the meta device, where parallelism
+(moe/parallel) transforms the module tree before any memory is spent; `materialize` then allocates
+and initializes what is left on the target device (`build_model` does both for one device).
+Layers sit in a `ModuleDict` keyed by layer index so pipeline stages can drop the ones they do
+not own; `forward` skips a missing embedding, norm or head for the same reason.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moe.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from moe.moe import MoE
 
 if TYPE_CHECKING:
-    from moe.generate import KVCache, LayerKVCache
+    from moe.kv_cache import KVCache, LayerKVCache
 
 
 class Block(nn.Module):
@@ -58,7 +59,7 @@ class MoETransformer(nn.Module):
     def forward(self, tokens_BT: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). A pipeline stage without an embedding takes (B, T, D).
 
-        `kv_cache` (decoding, moe/generate.py): the rows continue sequences whose earlier keys and
+        `kv_cache` (decoding, moe/kv_cache.py): the rows continue sequences whose earlier keys and
         values are cached; their positions come from the cache, which this call extends by T.
         """
         h_BTD = self.tok_emb(tokens_BT) if self.tok_emb is not None else tokens_BT
@@ -103,14 +104,27 @@ class MoETransformer(nn.Module):
         }
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                seed: int | None = 0) -> MoETransformer:
-    """Construct on the meta device, then allocate on `device` and initialize."""
+def build_meta_model(cfg: ModelConfig) -> MoETransformer:
+    """The model's structure on the meta device: no memory, ready to be parallelized, then materialized."""
     with torch.device("meta"):
-        model = MoETransformer(cfg)
+        return MoETransformer(cfg)
+
+
+def materialize(model: MoETransformer, device: torch.device | str = "cpu", seed: int | None = 0,
+                dtype: torch.dtype = torch.float32) -> MoETransformer:
+    """Allocate the parameters the (possibly sharded) meta model holds on `device` and initialize them.
+
+    For the same seed the values equal the one-device model's (a shard draws what the whole model
+    would and keeps its slice, see `GroupedExperts.init_weights`), on every rank alike.
+    """
     model.to_empty(device=device)
     if seed is not None:
         torch.manual_seed(seed)
     model.init_weights()
     return model.to(dtype)
 
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = 0) -> MoETransformer:
+    """The whole one-device model: `build_meta_model`, then `materialize` on `device`."""
+    return materialize(build_meta_model(cfg), device, seed, dtype)

@@ -1,17 +1,25 @@
 """parallelize(model, dims): apply parallelism to the one-device model in a fixed order; the plan's steps.
 
-Order applied (every rank calls it, after `torch.distributed` is initialized, before the optimizer
-is created, because expert parameters are replaced by their local shards):
-    1. build the mesh (moe/parallel/mesh.py) and broadcast parameters and buffers from rank 0 of the
-       stage, so every rank starts from identical weights;
-    2. expert parallelism (ep > 1): each MoE layer keeps its E/ep local experts and exchanges tokens
-       with all-to-all (moe/parallel/expert.py);
-    3. global statistics: the aux loss reduces its statistics over the stage (every dp*ep rank),
+The training worker builds the model on the meta device, parallelizes it there and only then
+allocates and initializes its local shards (`moe.model.materialize`), so no rank ever holds the
+whole model:
+    model = build_meta_model(cfg)                    # structure only, no memory
+    plan = parallelize(model, dims, device_type)     # shards on meta, installs the communication
+    materialize(model, device, seed)                 # local shards = slices of the one-device init
+Order applied by `parallelize` (every rank calls it, after `torch.distributed` is initialized,
+before the optimizer is created):
+    1. build the mesh (moe/parallel/mesh.py); a model that is already materialized is broadcast from
+       rank 0 of the stage, so every rank starts from identical weights (a meta model gets them from
+       `materialize`, which draws the same values on every rank for the same seed);
+    2. `shard_model`: expert parallelism (ep > 1) keeps each MoE layer's E/ep local experts and
+       declares the placement on the module (`GroupedExperts.shard`); structural only, no process
+       group needed, so the dry-run plan uses it to size every rank's share;
+    3. the token exchange (all-to-all, moe/parallel/expert.py) as each expert module's dispatch;
+    4. global statistics: the aux loss reduces its statistics over the stage (every dp*ep rank),
        capacity mode drops tokens by the global token order (see moe/moe.py);
-    4. data parallelism by gradient all-reduce in `sync_gradients` (below).
+    5. data parallelism by gradient all-reduce in `sync_gradients` (below).
 
 Training loop, per step (all ranks, same order; ep=1 and ep>1 alike):
-    plan = parallelize(model, dims)                  # once, then build the optimizer on model.parameters()
     loss = cross_entropy(model(tokens_local), targets_local)   # each rank its own micro-batch
     loss.backward()
     plan.sync_gradients()                            # before grad clipping and optimizer.step()
@@ -20,7 +28,7 @@ Training loop, per step (all ranks, same order; ep=1 and ep>1 alike):
     loads = plan.reduce_expert_loads()               # {layer: (E,) global assignments per expert}
     plan.update_expert_bias(loads)                   # identical bias on every rank
     dropped = plan.reduce_dropped_fractions()        # {layer: global dropped fraction} (collective)
-Export: `state = plan.full_state_dict()` on every rank (collective), rank 0 writes it.
+Saving and export: `moe/checkpoint.py` (sharded checkpoints that reshard, the full model from one).
 
 Gradient sync: every rank reads distinct data, so non-expert gradients are averaged over all
 dp*ep ranks of the stage; an expert's gradient already sums the contributions of its EP group
@@ -37,13 +45,7 @@ from torch import nn
 
 from moe.experts import GroupedExperts
 from moe.model import MoETransformer
-from moe.parallel.expert import (
-    EXPERT_PARAM_NAMES,
-    ExpertParallel,
-    apply_expert_parallel,
-    make_counts_gather,
-    make_stats_reducer,
-)
+from moe.parallel.expert import ExpertParallel, make_counts_gather, make_stats_reducer, shard_experts
 from moe.parallel.mesh import Mesh, ParallelDims, build_mesh
 
 
@@ -54,7 +56,7 @@ class ParallelPlan:
         self.model, self.dims, self.mesh = model, dims, mesh
         self.expert_parallel: dict[str, ExpertParallel] = {}
         self.expert_param_names = {f"{prefix}.{name}" for prefix, mod in model.named_modules()
-                                   if isinstance(mod, GroupedExperts) for name in EXPERT_PARAM_NAMES}
+                                   if isinstance(mod, GroupedExperts) for name in GroupedExperts.PARAM_NAMES}
 
     @property
     def distributed(self) -> bool:
@@ -155,34 +157,6 @@ class ParallelPlan:
             m.take_dropped_fraction()  # reset the local counters
         return {name: float(c[0] / c[1].clamp(min=1)) for name, c in zip(layers, counts)}
 
-    @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded state dict (same keys and shapes as the one-device model); collective, every rank gets it."""
-        state = self.model.state_dict()
-        if self.dims.ep == 1 or not self.distributed:
-            return {k: v.detach() for k, v in state.items()}
-        full = {}
-        for key, value in state.items():
-            if key in self.expert_param_names:
-                parts = [torch.empty_like(value) for _ in range(self.dims.ep)]
-                dist.all_gather(parts, value.contiguous(), group=self.mesh.ep_group)
-                full[key] = torch.cat(parts, dim=0)
-            else:
-                full[key] = value.detach()
-        return full
-
-    @torch.no_grad()
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load an unsharded state dict (e.g. an export) into the parallelized model, slicing local experts."""
-        local = {}
-        for key, value in state.items():
-            if key in self.expert_param_names and self.dims.ep > 1:
-                n_local = value.shape[0] // self.dims.ep
-                lo = self.mesh.ep_rank * n_local
-                value = value[lo:lo + n_local]
-            local[key] = value
-        self.model.load_state_dict(local, strict=True)
-
 
 @torch.no_grad()
 def _broadcast_from_stage_rank0(model: nn.Module, mesh: Mesh) -> None:
@@ -200,25 +174,45 @@ def _broadcast_from_stage_rank0(model: nn.Module, mesh: Mesh) -> None:
             offset += t.numel()
 
 
+def shard_model(model: MoETransformer, dims: ParallelDims, rank: int) -> None:
+    """Keep `rank`'s share of every sharded parameter, in place: with ep > 1 each MoE layer keeps the
+    experts of its EP coordinate. Structural only (no process group), so it runs on a meta model to
+    size a layout before any memory is spent, and on the real one inside `parallelize`."""
+    if dims.pp != 1:
+        raise NotImplementedError("pipeline parallelism is not applied yet; use parallel.pp=1.")
+    if dims.ep == 1:
+        return
+    ep_rank = dims.coords(rank)[2]
+    for name, moe in model.moe_layers().items():
+        if moe.experts.n_experts % dims.ep:
+            raise ValueError(f"layer {name}: {moe.experts.n_experts} experts not divisible by ep={dims.ep}.")
+        shard_experts(moe.experts, ep_rank, dims.ep)
+
+
 def parallelize(model: MoETransformer, dims: ParallelDims, device_type: str | None = None) -> ParallelPlan:
     """Apply the parallelisms `dims` asks for to `model` in place; returns the plan the loop steps with.
 
-    device_type ("cpu" or "cuda", ROCm included) defaults to the device of the model's parameters.
+    `model` is either on the meta device (then `materialize` it afterwards; `device_type` is required)
+    or materialized (then rank 0's weights are broadcast first). device_type ("cpu" or "cuda", ROCm
+    included) defaults to the device of a materialized model's parameters.
     """
     if dims.pp != 1:
         raise NotImplementedError("pipeline parallelism is not applied yet; use parallel.pp=1.")
+    on_meta = any(p.is_meta for p in model.parameters())
     if device_type is None:
+        if on_meta:
+            raise ValueError("parallelize() of a meta-device model needs device_type ('cpu' or 'cuda').")
         device_type = next(model.parameters()).device.type
     mesh = build_mesh(dims, device_type)
     plan = ParallelPlan(model, dims, mesh)
     if not mesh.distributed:
         return plan
-    _broadcast_from_stage_rank0(model, mesh)
+    if not on_meta:
+        _broadcast_from_stage_rank0(model, mesh)
+    shard_model(model, dims, mesh.rank)
     for name, moe in model.moe_layers().items():
         if dims.ep > 1:
-            if moe.experts.n_experts % dims.ep:
-                raise ValueError(f"layer {name}: {moe.experts.n_experts} experts not divisible by ep={dims.ep}.")
-            plan.expert_parallel[name] = apply_expert_parallel(moe.experts, mesh.ep_group, mesh.ep_rank, dims.ep)
+            plan.expert_parallel[name] = ExpertParallel(moe.experts, mesh.ep_group, dims.ep)
         moe.reduce_stats = make_stats_reducer(mesh.stage_group)
         if moe.cfg.capacity_factor > 0:
             moe.gather_counts = make_counts_gather(mesh.stage_group)

@@ -27,9 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.experts import GroupedExperts
-
-EXPERT_PARAM_NAMES = ("w1", "w2", "w3")
+from moe.experts import ExpertShard, GroupedExperts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -150,21 +148,24 @@ class ExpertParallel:
 
 @torch.no_grad()
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep: int) -> None:
-    """Keep only experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) in place (new, smaller Parameters)."""
+    """Keep only experts [ep_rank * E/ep, (ep_rank + 1) * E/ep) in place (new, smaller Parameters) and
+    declare the placement on the module (`experts.shard`). Works on the meta device, where it costs nothing."""
+    if not experts.shard.is_full:
+        raise ValueError(f"these experts are already sharded ({experts.shard}); shard a whole layer once.")
     if experts.n_experts % ep:
         raise ValueError(f"{experts.n_experts} experts cannot be split over ep={ep} ranks.")
     n_local = experts.n_experts // ep
     lo = ep_rank * n_local
-    for name in EXPERT_PARAM_NAMES:
+    for name in GroupedExperts.PARAM_NAMES:
         full = getattr(experts, name)
         setattr(experts, name, nn.Parameter(full[lo:lo + n_local].clone(), requires_grad=full.requires_grad))
+    experts.shard = ExpertShard(first=lo, count=n_local, total=experts.n_experts)
     experts.n_experts = n_local
-    experts.expert_offset = lo
 
 
 def apply_expert_parallel(experts: GroupedExperts, group: dist.ProcessGroup, ep_rank: int, ep: int
                           ) -> ExpertParallel:
-    """Shard `experts` to its local slice and wrap its forward with the all-to-all token exchange."""
+    """Shard `experts` to its local slice and install the all-to-all token exchange as its dispatch."""
     shard_experts(experts, ep_rank, ep)
     return ExpertParallel(experts, group, ep)
 

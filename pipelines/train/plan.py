@@ -1,15 +1,50 @@
 """The resolved training plan: what will run where, derived from the config alone (no Ray needed).
 
-Printed at the start of every run and by `train.dry_run=true`.
+Printed at the start of every run and by `train.dry_run=true`. The memory lines come from the
+model itself: it is built on the meta device and sharded exactly as a training rank shards it
+(`moe.parallel.apply.shard_model`), so they count what one rank will hold, before any GPU is rented.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe.config import ModelConfig
 from moe.flops import flops_per_token, param_counts
+from moe.model import build_meta_model
+from moe.parallel.apply import shard_model
 from moe.parallel.mesh import ParallelDims
 from pipelines.train.config import TrainConfig
+
+
+GIB = 1024 ** 3
+MASTER_BYTES = 4  # parameters and gradients are fp32 (bf16 profiles compute under autocast)
+ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32, per trainable element
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """What one training rank holds for the model: parameters, gradients, optimizer state (bytes)."""
+
+    params: int  # parameter elements on the rank (its expert shard plus everything replicated)
+    param_bytes: int
+    grad_bytes: int
+    optim_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optim_bytes
+
+
+def rank_memory(model_cfg: ModelConfig, dims: ParallelDims, rank: int = 0) -> RankMemory:
+    """Build the model on meta, keep `rank`'s share (`shard_model`) and count it. Every rank of a
+    stage holds the same amount (the experts divide evenly over ep), so rank 0 stands for all."""
+    model = build_meta_model(model_cfg)
+    shard_model(model, dims, rank)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return RankMemory(params=params, param_bytes=params * MASTER_BYTES, grad_bytes=trainable * MASTER_BYTES,
+                      optim_bytes=trainable * ADAMW_STATES * MASTER_BYTES)
 
 
 @dataclass(frozen=True)
@@ -27,6 +62,7 @@ class TrainingPlan:
     total_params: int
     active_params: int
     flops_per_token: float
+    memory: RankMemory
 
     def lines(self) -> list[str]:
         d = self.dims
@@ -40,6 +76,9 @@ class TrainingPlan:
             f"steps          {self.steps} ({self.steps * self.tokens_per_step:,} tokens)",
             f"parameters     {self.total_params:,} total, {self.active_params:,} active per token",
             f"FLOPs/token    {self.flops_per_token:.3e} (train, fwd+bwd)",
+            f"per rank       {self.memory.params:,} parameters: {self.memory.param_bytes / GIB:.2f} GiB params + "
+            f"{self.memory.grad_bytes / GIB:.2f} GiB grads + {self.memory.optim_bytes / GIB:.2f} GiB AdamW "
+            f"= {self.memory.total_bytes / GIB:.2f} GiB (fp32; activations not included)",
         ]
 
 
@@ -58,4 +97,5 @@ def make_plan(cfg: TrainConfig) -> TrainingPlan:
         tokens_per_step=global_batch * cfg.data.seq_len, steps=cfg.train.steps,
         total_params=counts.total, active_params=counts.active,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+        memory=rank_memory(cfg.model, dims),
     )

@@ -34,3 +34,21 @@ def spawn(fn: Callable, world_size: int, *args: object) -> None:
     finally:
         if os.path.exists(init_file):
             os.unlink(init_file)
+
+
+@torch.no_grad()
+def gather_full_state(model: torch.nn.Module, ep_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an expert-parallel model (collective over `ep_group`): expert
+    weights, sharded by the placement on their `GroupedExperts.shard`, are all-gathered in EP order."""
+    from moe.experts import GroupedExperts
+
+    sharded = {f"{prefix}.{name}" for prefix, m in model.named_modules()
+               if isinstance(m, GroupedExperts) and not m.shard.is_full for name in GroupedExperts.PARAM_NAMES}
+    full = {}
+    for key, value in model.state_dict().items():
+        if key in sharded:
+            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))]
+            dist.all_gather(parts, value.contiguous(), group=ep_group)
+            value = torch.cat(parts, dim=0)
+        full[key] = value.detach()
+    return full

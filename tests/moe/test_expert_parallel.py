@@ -16,7 +16,7 @@ from moe.model import build_model
 from moe.parallel.apply import parallelize
 from moe.parallel.expert import source_to_expert_order
 from moe.parallel.mesh import ParallelDims
-from tests.moe.distributed import spawn
+from tests.moe.distributed import gather_full_state, spawn
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -112,7 +112,7 @@ def _check_variant(rank: int, world: int, dp: int, ep: int, moe: dict, label: st
             torch.testing.assert_close(par(inputs[lo:hi]), serial(inputs[lo:hi]), **TOL, msg=f"eval: {label}")
     dist.barrier()
 
-    full = plan.full_state_dict()
+    full = gather_full_state(par, plan.mesh.ep_group)
     reference = serial.state_dict()
     assert full.keys() == reference.keys(), label
     for key, value in full.items():

@@ -12,8 +12,8 @@ from moe.config import ModelConfig, MoEConfig
 from moe.model import build_model
 from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
-from pipelines.checkpointing import load_checkpoint, load_full_model, save_checkpoint
-from tests.moe.distributed import spawn
+from moe.checkpoint import load_checkpoint, load_full_model, save_checkpoint
+from tests.moe.distributed import gather_full_state, spawn
 
 CFG = ModelConfig(name="ckpt", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
                   dense_hidden=64, n_dense_layers=1,
@@ -37,7 +37,7 @@ def _write_under_ep2(rank: int, world: int, out: str) -> None:
     plan = parallelize(model, ParallelDims.from_degrees(world, ep=2, n_experts=4), device_type="cpu")
     opt = _train_one_step(model, plan, rank)
     save_checkpoint(model, opt, Path(out), {"step": 1}, rank)
-    full = plan.full_state_dict()
+    full = gather_full_state(model, plan.mesh.ep_group)
     local_moment = opt.state[dict(model.named_parameters())[EXPERT_KEY]]["exp_avg"]
     parts = [torch.empty_like(local_moment) for _ in range(world)]
     dist.all_gather(parts, local_moment)
@@ -52,7 +52,7 @@ def _read_under_dp2(rank: int, world: int, out: str) -> None:
     extra = load_checkpoint(model, opt, Path(out))
     expected = torch.load(Path(out) / "expected.pt")
     assert extra == {"step": 1}
-    for key, value in plan.full_state_dict().items():
+    for key, value in gather_full_state(model, plan.mesh.ep_group).items():
         torch.testing.assert_close(value, expected["model"][key], rtol=0, atol=0, msg=key)
     moment = opt.state[dict(model.named_parameters())[EXPERT_KEY]]["exp_avg"]
     torch.testing.assert_close(moment, expected["exp_avg"], rtol=0, atol=0)
