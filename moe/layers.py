@@ -11,7 +11,7 @@ from torch import nn
 from moe.config import ModelConfig
 
 if TYPE_CHECKING:
-    from moe.generate import LayerKVCache
+    from moe.kv_cache import LayerKVCache
 
 
 class RMSNorm(nn.Module):

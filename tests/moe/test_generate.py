@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import ModelConfig, MoEConfig
-from moe.generate import BatchDecoder, KVCache, SamplingParams, Sequence, generate, sample_tokens
+from moe.generate import BatchDecoder, SamplingParams, Sequence, generate, sample_tokens
+from moe.kv_cache import KVCache
 from moe.model import build_model
 
 
