@@ -29,14 +29,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from moe.checkpoint import TOKENIZER_FILE
 from pipelines.bench import BenchResult, Goal
 from pipelines.data import dedup, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, compose_preprocess_config
 from pipelines.data.filters import filter_batch
 from pipelines.data.pack import TokenizePack
-from pipelines.data.pipeline import _build, _ShardWriter, build_docs, ensure_ray
-from pipelines.data.split import SPLITS, split_batch
+from pipelines.data.pipeline import build_docs, build_manifest, ensure_ray, stage_corpus, write_dataset
+from pipelines.data.shards import SplitShardWriter
+from pipelines.data.split import split_batch
 from pipelines.data.tokenizer import train_tokenizer
 
 TARGET = 1.6
@@ -65,19 +67,24 @@ def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer:
     weights = [s.weight for s in cfg.data.sources]
     kept = timed("split", split_batch, docs, set(result.dropped), cfg.data.val_fraction, weights)
     tp = TokenizePack(str(tokenizer), cfg.data.seq_len, cfg.tokenizer.eos_token, cfg.tokenizer.pad_token)
-    writers = {s: _ShardWriter(out / s, cfg.runtime.rows_per_shard) for s in SPLITS}
+    writer = SplitShardWriter(out, cfg.runtime.rows_per_shard)
     b = cfg.runtime.tokenize_batch_docs
     for i in range(0, len(kept), b):
         batch = kept.slice(i, b)
         ids = timed("tokenize", tp.encode, batch.column("text").to_pylist())
         packed = timed("pack", tp.pack, ids, batch.column("split").to_pylist(), batch.column("copies").to_pylist())
-        for s in SPLITS:
-            part = packed.filter(pa.compute.equal(packed.column("split"), s))
-            if len(part):
-                timed("write", writers[s].add, part)
-    for w in writers.values():
-        timed("write", w.close)
+        timed("write", writer.add, packed)
+    writers = timed("write", writer.close)
     return sum(w.tokens for w in writers.values()), dict(t)
+
+
+def ray_build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
+              fingerprints: list[dict], tokenizer: Path, work: Path) -> dict:
+    """The Ray side: `pipelines.data.pipeline`'s phases A, B and D and its manifest, with the shared
+    tokenizer in place of phase C (training one); -> the manifest."""
+    corpus = stage_corpus(cfg, files, missing, work)
+    writers = write_dataset(cfg, corpus, tokenizer, work)
+    return build_manifest(cfg, corpus.facts, writers, fingerprints, "bench", "bench", tokenizer)
 
 
 def _spin(n: int) -> float:
@@ -170,7 +177,7 @@ def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[t
     ray_dir = work / "ray"
     ray_dir.mkdir()
     t0, m0 = time.perf_counter(), machine_cpu_seconds()
-    info = _build(cfg, files, missing, fingerprints, "bench", "bench", ray_dir, tokenizer=tok)
+    info = ray_build(cfg, files, missing, fingerprints, tok, ray_dir)
     ray_s, ray_machine_cpu = time.perf_counter() - t0, _delta(m0)
     shutil.rmtree(ray_dir, ignore_errors=True)
     load_ray = os.getloadavg()[0]
@@ -185,10 +192,8 @@ def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[t
                 plain_machine_cpu, load_ray, os.getloadavg()[0])
 
 
-def run(args: list[str]) -> BenchResult:
-    # One thread per process on both sides: the plain loop is one core, Ray spreads processes over
-    # the cores. (Ray's tokenizer actors run with TOKENIZERS_PARALLELISM=false too, see ensure_ray.)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """-> (the benchmark's options, Hydra overrides for conf/preprocess.yaml)."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench data")
     parser.add_argument("--files", type=int, default=0, help="cap the stdlib corpus (0: all files)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -201,43 +206,58 @@ def run(args: list[str]) -> BenchResult:
         parser.error(f"--repeats={ns.repeats} must be at least 1")
     if ns.subset_every < 0 or ns.subset_every == 1:
         parser.error(f"--subset-every={ns.subset_every} must be 0 (off) or at least 2")
-    src = f"data.sources=[{{kind:stdlib,max_files:{ns.files}}}]" if ns.files else None
-    cfg = compose_preprocess_config([*([src] if src else []), "tracking.enabled=false", *overrides])
-    files, missing = sources.resolve_sources(cfg.data.sources)
-    fingerprints = sources.fingerprint_files(files, missing, len(cfg.data.sources))
-    n_bytes = sum(f["bytes"] for f in fingerprints)
+    return ns, overrides
+
+
+def _shared_tokenizer(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path) -> Path:
+    """One tokenizer for both sides, trained once on a sample of the files (not timed)."""
+    texts = (sources.read_file(f, cfg.reader) for f in files[:: max(1, len(files) // 200)])
+    train_tokenizer((r[2] for it in texts for r in it if not r[1]), cfg.data.vocab_size, cfg.tokenizer, out)
+    return out
+
+
+def _warm_up(cfg: PreprocessConfig, files: list[sources.InputFile], fingerprints: list[dict], tok: Path,
+             warm: Path) -> None:
+    """Untimed, as on a long-lived cluster: a small full run, then the document phase over every file,
+    which starts all of Ray's worker processes and puts the input files in the page cache (the plain
+    loop, running second, finds them there too)."""
+    warm.mkdir()
+    ray_build(cfg, files[:64], [], fingerprints, tok, warm)
+    build_docs(cfg, files, warm / "docs")
+
+
+def _measure(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
+             fingerprints: list[dict], repeats: int, subset_every: int
+             ) -> tuple[float, list[Pair], list[Scaling]]:
+    """-> (parallel capacity, the pairs, each subset pair with its full pair), all measured in one run."""
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
-        # One tokenizer for both sides (trained once on a sample, not timed).
-        texts = (sources._read_text(f.path, cfg.reader) for f in files[:: max(1, len(files) // 200)])
-        tok = work / "tokenizer.json"
-        train_tokenizer((r[2] for it in texts for r in it if not r[1]), cfg.data.vocab_size, cfg.tokenizer, tok)
-
+        tok = _shared_tokenizer(cfg, files, work / TOKENIZER_FILE)
         capacity = parallel_capacity()
         ensure_ray(cfg.runtime)  # cluster start is not part of either side
-        # Warm-up (untimed), as on a long-lived cluster: a small full run, then the document phase
-        # over every file, which starts all of Ray's worker processes and puts the input files in
-        # the page cache (the plain loop, running second, finds them there too).
-        (work / "warm").mkdir()
-        _build(cfg, files[:64], [], fingerprints, "bench", "bench", work / "warm", tokenizer=tok)
-        build_docs(cfg, files, work / "warm" / "docs")
+        _warm_up(cfg, files, fingerprints, tok, work / "warm")
         # Alternate the sides, so a change in the machine's load (it is shared) hits both.
         pairs, scalings = [], []
-        for _ in range(ns.repeats):
-            subset = (_pair(cfg, files[::ns.subset_every], missing, fingerprints, tok, work)
-                      if ns.subset_every else None)
+        for _ in range(repeats):
+            subset = (_pair(cfg, files[::subset_every], missing, fingerprints, tok, work)
+                      if subset_every else None)
             pairs.append(_pair(cfg, files, missing, fingerprints, tok, work))
             if subset is not None:
                 scalings.append(Scaling(subset, pairs[-1]))
-    speedup = statistics.median(p.speedup for p in pairs)
-    shown = _median_item(pairs, key=lambda p: p.speedup)
+    return capacity, pairs, scalings
 
-    groups = [("A read..minhash", ["read", "normalize", "filter", "hash+minhash"], "read_normalize_filter_sign"),
-              ("B dedup", ["dedup"], "dedup"),
-              ("D split..write", ["split", "tokenize", "pack", "write"], "tokenize_pack_write")]
+
+# Table groups: (label, the plain loop's stages, the Ray phase in the manifest's stage_seconds covering them).
+_GROUPS = [("A read..minhash", ["read", "normalize", "filter", "hash+minhash"], "read_normalize_filter_sign"),
+           ("B dedup", ["dedup"], "dedup"),
+           ("D split..write", ["split", "tokenize", "pack", "write"], "tokenize_pack_write")]
+
+
+def _rows(shown: Pair, shown_sc: Scaling | None) -> list[dict]:
+    """The median pair per stage, whole run and tokens/s; the shown subset pair's marginal rows."""
     stages, plain_s = shown.plain_stages, shown.plain_s
     rows = []
-    for label, names, phase in groups:
+    for label, names, phase in _GROUPS:
         for n in names:
             rows.append({"stage": n, "plain_s": stages.get(n, 0.0), "plain_%": 100 * stages.get(n, 0.0) / plain_s,
                          "ray_s": None})
@@ -246,47 +266,75 @@ def run(args: list[str]) -> BenchResult:
     rows.append({"stage": "TOTAL (wall)", "plain_s": plain_s, "plain_%": 100.0, "ray_s": shown.ray_s})
     rows.append({"stage": "tokens/s", "plain_s": shown.tokens / plain_s, "plain_%": None,
                  "ray_s": shown.tokens / shown.ray_s})
-    measured = [sc for sc in scalings if sc.measurable]
-    if measured:  # the subset pair and full pair of the median marginal speedup
-        shown_sc = _median_item(measured, key=lambda sc: sc.marginal_speedup)
+    if shown_sc is not None:
         rows.append({"stage": "marginal tokens/s", "plain_s": shown_sc.marginal_tokens_per_s("plain"),
                      "plain_%": None, "ray_s": shown_sc.marginal_tokens_per_s("ray")})
         rows.append({"stage": "fixed cost per run (s)", "plain_s": shown_sc.fixed_s("plain"), "plain_%": None,
                      "ray_s": shown_sc.fixed_s("ray")})
+    return rows
 
-    def pair_note(i: int, p: Pair) -> str:
-        cpu = (f"; machine-wide CPU-seconds (every process, other work included) Ray {p.ray_machine_cpu:.1f}, "
-               f"plain {p.plain_machine_cpu:.1f}" if p.ray_machine_cpu is not None and p.plain_machine_cpu is not None
-               else "")
-        return (f"pair {i + 1}: Ray {p.ray_s:.1f}s, plain {p.plain_s:.1f}s (its CPU time {p.plain_cpu:.1f}s) -> "
-                f"{p.speedup:.2f}x; 1-min load average after Ray {p.load_ray:.1f}, after plain {p.load_plain:.1f}{cpu}")
 
-    def scaling_note(i: int, sc: Scaling) -> str:
-        head = (f"subset pair {i + 1} (1 file in {ns.subset_every}, {sc.subset.tokens:,} tokens): "
-                f"Ray {sc.subset.ray_s:.1f}s, plain {sc.subset.plain_s:.1f}s")
-        if not sc.measurable:
-            return head + "; no marginal rate (the full run was not slower than the subset run)"
-        return (f"{head}; beyond the subset Ray {sc.marginal_tokens_per_s('ray'):,.0f} tokens/s, plain "
-                f"{sc.marginal_tokens_per_s('plain'):,.0f} -> {sc.marginal_speedup:.2f}x; fixed cost per run "
-                f"Ray {sc.fixed_s('ray'):.1f}s, plain {sc.fixed_s('plain'):.1f}s")
+def _pair_note(i: int, p: Pair) -> str:
+    cpu = (f"; machine-wide CPU-seconds (every process, other work included) Ray {p.ray_machine_cpu:.1f}, "
+           f"plain {p.plain_machine_cpu:.1f}" if p.ray_machine_cpu is not None and p.plain_machine_cpu is not None
+           else "")
+    return (f"pair {i + 1}: Ray {p.ray_s:.1f}s, plain {p.plain_s:.1f}s (its CPU time {p.plain_cpu:.1f}s) -> "
+            f"{p.speedup:.2f}x; 1-min load average after Ray {p.load_ray:.1f}, after plain {p.load_plain:.1f}{cpu}")
 
-    scaling_notes = [scaling_note(i, sc) for i, sc in enumerate(scalings)]
-    if measured:
-        scaling_notes.append(
+
+def _scaling_note(i: int, sc: Scaling, subset_every: int) -> str:
+    head = (f"subset pair {i + 1} (1 file in {subset_every}, {sc.subset.tokens:,} tokens): "
+            f"Ray {sc.subset.ray_s:.1f}s, plain {sc.subset.plain_s:.1f}s")
+    if not sc.measurable:
+        return head + "; no marginal rate (the full run was not slower than the subset run)"
+    return (f"{head}; beyond the subset Ray {sc.marginal_tokens_per_s('ray'):,.0f} tokens/s, plain "
+            f"{sc.marginal_tokens_per_s('plain'):,.0f} -> {sc.marginal_speedup:.2f}x; fixed cost per run "
+            f"Ray {sc.fixed_s('ray'):.1f}s, plain {sc.fixed_s('plain'):.1f}s")
+
+
+def _scaling_notes(scalings: list[Scaling], shown_sc: Scaling | None, subset_every: int) -> list[str]:
+    notes = [_scaling_note(i, sc, subset_every) for i, sc in enumerate(scalings)]
+    if shown_sc is not None:
+        measured = [sc for sc in scalings if sc.measurable]
+        notes.append(
             f"the marginal rows show subset pair {scalings.index(shown_sc) + 1}; marginal speedup, median of "
             f"{len(measured)}: {statistics.median(sc.marginal_speedup for sc in measured):.2f}x (tokens/s beyond "
             "the subset: what a larger corpus approaches as the fixed cost per run becomes a smaller share; "
             "the goal is the whole-run ratio)")
-    notes = ["both sides: one thread per process (TOKENIZERS_PARALLELISM=false); Ray warmed up first (a small run, then the read phase over all files)",
-             "Ray stages documents in Parquet between phases A and D (bounded memory); the loop keeps them in memory",
-             f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {shown.tokens:,} tokens on both sides; "
-             f"seq_len={cfg.data.seq_len} vocab={cfg.data.vocab_size}; "
-             f"tokenizer actors={cfg.runtime.tokenize_actors}",
-             f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU "
-             f"(on {os.cpu_count()} cores shared with other work)",
-             *[pair_note(i, p) for i, p in enumerate(pairs)],
-             *scaling_notes,
+    return notes
+
+
+def _setup_notes(cfg: PreprocessConfig, files: list[sources.InputFile], fingerprints: list[dict], tokens: int,
+                 capacity: float) -> list[str]:
+    n_bytes = sum(f["bytes"] for f in fingerprints)
+    return ["both sides: one thread per process (TOKENIZERS_PARALLELISM=false); Ray warmed up first (a small run, then the read phase over all files)",
+            "Ray stages documents in Parquet between phases A and D (bounded memory); the loop keeps them in memory",
+            f"input: {len(files)} files, {n_bytes / 1e6:.1f} MB; {tokens:,} tokens on both sides; "
+            f"seq_len={cfg.data.seq_len} vocab={cfg.data.vocab_size}; "
+            f"tokenizer actors={cfg.runtime.tokenize_actors}",
+            f"parallel capacity measured before the run: two processes got {capacity:.2f} cores' worth of CPU "
+            f"(on {os.cpu_count()} cores shared with other work)"]
+
+
+def run(args: list[str]) -> BenchResult:
+    # One thread per process on both sides: the plain loop is one core, Ray spreads processes over
+    # the cores. (Ray's tokenizer actors run with TOKENIZERS_PARALLELISM=false too, see ray_options.)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    ns, overrides = _parse_args(args)
+    src = f"data.sources=[{{kind:stdlib,max_files:{ns.files}}}]" if ns.files else None
+    cfg = compose_preprocess_config([*([src] if src else []), "tracking.enabled=false", *overrides])
+    files, missing = sources.resolve_sources(cfg.data.sources)
+    fingerprints = sources.fingerprint_files(files, missing, len(cfg.data.sources))
+    capacity, pairs, scalings = _measure(cfg, files, missing, fingerprints, ns.repeats, ns.subset_every)
+    speedup = statistics.median(p.speedup for p in pairs)
+    shown = _median_item(pairs, key=lambda p: p.speedup)
+    measured = [sc for sc in scalings if sc.measurable]
+    # The subset pair and full pair of the median marginal speedup.
+    shown_sc = _median_item(measured, key=lambda sc: sc.marginal_speedup) if measured else None
+    notes = [*_setup_notes(cfg, files, fingerprints, shown.tokens, capacity),
+             *[_pair_note(i, p) for i, p in enumerate(pairs)],
+             *_scaling_notes(scalings, shown_sc, ns.subset_every),
              f"the table shows pair {pairs.index(shown) + 1}; speedup (Ray tokens/s / plain tokens/s), median of "
              f"{len(pairs)} pair(s): {speedup:.2f}x"]
-    return BenchResult(name="data", rows=rows, goals={"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)},
-                       notes=notes)
+    return BenchResult(name="data", rows=_rows(shown, shown_sc),
+                       goals={"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)}, notes=notes)

@@ -5,7 +5,11 @@
   C  (driver, streaming)    byte-level BPE trained on a hash-chosen sample of the train split
   D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool, `tokenize_phase`),
                             streamed to the driver, which writes train/ and val/ shards with seq_id
-                            0..N-1; manifest last.
+                            0..N-1 (`shards`); manifest last.
+
+`build_dataset` runs the phases in order through one public function each: `stage_corpus` (A, B),
+`train_corpus_tokenizer` (C), `write_dataset` (D), `build_manifest`; each phase's wall seconds go
+to the manifest's `stage_seconds`.
 
 Output goes to a temporary directory renamed to `v<NNNN>-<key>` only when complete, so an
 interrupted run never leaves a half output that "latest" could pick up.
@@ -20,7 +24,8 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +36,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from cluster.runtime import RayOptions, start_or_connect
+from moe.checkpoint import TOKENIZER_FILE
 from pipelines.data import dedup, manifest, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, RuntimeConfig
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.minhash import lsh_params
+from pipelines.data.shards import ShardWriter, write_shards
 from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats
 from pipelines.data.tokenize_phase import TokenizePlan, cut_units, tokenize_and_pack, unit_count
-from pipelines.data.tokenizer import TOKENIZER_FILE, file_sha256, load_tokenizer, special_id, train_tokenizer
+from pipelines.data.tokenizer import file_sha256, load_tokenizer, special_id, train_tokenizer
 
 BAD_INPUT_REASONS = (sources.UNREADABLE_PATH, sources.UNREADABLE, sources.EMPTY_FILE, sources.BINARY_FILE,
                      sources.INVALID_UTF8, sources.MALFORMED_JSON, sources.NOT_AN_OBJECT, sources.MISSING_FIELD,
@@ -52,8 +59,20 @@ class NoUsableInputError(RuntimeError):
 
 
 @dataclasses.dataclass
+class SplitTally:
+    """Where the documents dedup kept go: counts per split and source, and the rows phase D tokenizes."""
+
+    docs: dict[str, Counter]  # split -> source -> documents
+    weighted: dict[str, int]  # split -> documents counted with their weight repeats
+    per_source: list[Counter]  # source -> {split or dedup reason: documents}
+    train_bytes: int
+    kept_rows: list[int]  # global staging rows of the documents phase D tokenizes, in order
+    kept_bytes: list[int]  # their bytes times their repeats
+
+
+@dataclasses.dataclass
 class CorpusFacts:
-    """What phases A-C learned about the corpus, for the manifest."""
+    """What the phases learned about the corpus, for the manifest."""
 
     n_read: int  # staged records (every record of every readable file)
     n_missing: int  # source paths that matched nothing
@@ -61,11 +80,20 @@ class CorpusFacts:
     bad: dict[str, int]
     filtered: dict[str, int]
     dedup_result: dedup.DedupResult
-    split_docs: dict[str, Counter]
-    split_weighted: dict[str, int]
-    per_source: list[Counter]
-    sample_stats: dict[str, int]
-    stage_seconds: dict[str, float]
+    splits: SplitTally
+    stage_seconds: dict[str, float]  # wall seconds per phase, in the order they ran
+    sample_stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"documents": 0, "bytes": 0})
+    n_quarantined: int | None = None  # quarantine records written (None: reader.quarantine is off)
+
+
+@dataclasses.dataclass
+class StagedCorpus:
+    """Phases A and B's result: the staged documents and what was decided about them, for phases C and D."""
+
+    docs: Path  # staging Parquet directory (removed by `write_dataset`)
+    staging: list[tuple[str, int]]  # (staging file, rows) in global row order
+    missing: list[tuple[int, str]]  # (source, path) of source paths that matched nothing
+    facts: CorpusFacts
 
 
 class ClusterTooSmallError(RuntimeError):
@@ -171,57 +199,6 @@ def tokenizer_sample(cfg: PreprocessConfig, docs: Path, dropped: set[str], train
             yield text
 
 
-class _ShardWriter:
-    """Rolls `<split>/part-NNNNN.parquet` files of `rows` sequences with seq_id 0..N-1."""
-
-    SCHEMA = pa.schema([("seq_id", pa.int64()), ("tokens", pa.list_(pa.int32())),
-                        ("loss_mask", pa.list_(pa.uint8()))])
-
-    def __init__(self, d: Path, rows: int) -> None:
-        self.d, self.rows = d, rows
-        d.mkdir(parents=True, exist_ok=True)
-        self.pending: list[pa.Table] = []
-        self.n_pending = 0
-        self.sequences = 0
-        self.tokens = 0
-        self.shards: list[str] = []
-
-    def add(self, t: pa.Table) -> None:
-        self.tokens += int(pc.sum(t.column("n_tokens")).as_py() or 0)
-        self.pending.append(t.select(["tokens", "loss_mask"]))
-        self.n_pending += len(t)
-        while self.n_pending >= self.rows:
-            self._flush(self.rows)
-
-    def _flush(self, n: int) -> None:
-        t = pa.concat_tables(self.pending).combine_chunks() if self.pending else self.SCHEMA.empty_table()
-        head, rest = t.slice(0, n), t.slice(n)
-        ids = pa.array(range(self.sequences, self.sequences + len(head)), pa.int64())
-        name = f"part-{len(self.shards):05d}.parquet"
-        pq.write_table(pa.table([ids, head.column("tokens"), head.column("loss_mask")], schema=self.SCHEMA),
-                       self.d / name)
-        self.shards.append(name)
-        self.sequences += len(head)
-        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
-
-    def close(self) -> None:
-        if self.n_pending or not self.shards:  # an empty split still gets one (empty) shard to read
-            self._flush(self.n_pending)
-
-
-def write_shards(packed: Iterable[pa.Table], out: Path, rows_per_shard: int) -> dict[str, _ShardWriter]:
-    """Packed tables in order -> per-split shards with contiguous seq_ids (the driver's end of phase D)."""
-    writers = {s: _ShardWriter(out / s, rows_per_shard) for s in SPLITS}
-    for t in packed:
-        for s in SPLITS:
-            part = t.filter(pc.equal(t.column("split"), s))
-            if len(part):
-                writers[s].add(part)
-    for w in writers.values():
-        w.close()
-    return writers
-
-
 def _no_input_message(cfg: PreprocessConfig, bad: dict[str, int], filtered: dict[str, int]) -> str:
     f = cfg.filters
     return (f"no usable documents from {describe_sources(cfg)}. Bad input by reason: {bad or 'none'}; "
@@ -262,7 +239,7 @@ def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
     work = root / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
-        info = _build(cfg, files, missing, fingerprints, cfg_hash, key, work)
+        info = build_dataset(cfg, files, missing, fingerprints, cfg_hash, key, work)
         final = root / manifest.next_version_name(root, key)
         info["version"] = final.name
         manifest.write_json(work / manifest.MANIFEST_FILE, info)
@@ -273,37 +250,55 @@ def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
     return final, False
 
 
-def _build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
-           fingerprints: list[dict], cfg_hash: str, key: str, work: Path,
-           tokenizer: Path | None = None) -> dict[str, Any]:
-    """Phases A-D into `work`; `tokenizer` reuses a trained tokenizer file instead of phase C (benchmarks)."""
+def build_dataset(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
+                  fingerprints: list[dict], cfg_hash: str, key: str, work: Path) -> dict[str, Any]:
+    """Phases A-D into `work`; -> its manifest (with `version` still None), phase times in `stage_seconds`."""
     t_start = time.perf_counter()
-    facts, plan = _phases_a_to_c(cfg, files, missing, work, tokenizer)
-    t0 = time.perf_counter()
-    writers = write_shards(tokenize_and_pack(cfg, plan), work, cfg.runtime.rows_per_shard)
-    facts.stage_seconds["tokenize_pack_write"] = time.perf_counter() - t0
-    docs = work / "_docs"
-    t0 = time.perf_counter()
-    n_quarantined = write_quarantine(docs, missing, work / QUARANTINE_FILE) if cfg.reader.quarantine else None
-    shutil.rmtree(docs)
-    facts.stage_seconds["quarantine_cleanup"] = time.perf_counter() - t0
-    facts.stage_seconds["total"] = time.perf_counter() - t_start
-    return _manifest(cfg, facts, writers, n_quarantined, fingerprints, cfg_hash, key, work / TOKENIZER_FILE)
+    corpus = stage_corpus(cfg, files, missing, work)
+    tok_path = work / TOKENIZER_FILE
+    train_corpus_tokenizer(cfg, corpus, tok_path)
+    writers = write_dataset(cfg, corpus, tok_path, work)
+    corpus.facts.stage_seconds["total"] = time.perf_counter() - t_start
+    return build_manifest(cfg, corpus.facts, writers, fingerprints, cfg_hash, key, tok_path)
 
 
-def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
-                   work: Path, tokenizer: Path | None) -> tuple[CorpusFacts, TokenizePlan]:
-    """Read, dedup, split and train the tokenizer; -> (manifest facts, the plan for phase D)."""
+@contextmanager
+def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
+    """Records the block's wall seconds as `times[stage]` (the manifest's `stage_seconds`)."""
+    t0 = time.perf_counter()
+    yield
+    times[stage] = time.perf_counter() - t0
+
+
+def stage_corpus(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
+                 work: Path) -> StagedCorpus:
+    """Phases A and B: stage every record under `work`, then decide duplicates, splits and weights.
+
+    Raises NoUsableInputError when no record is good, or when nothing is left for the train split."""
     times: dict[str, float] = {}
-    t0 = time.perf_counter()
     docs = work / "_docs"
-    build_docs(cfg, files, docs)
-    times["read_normalize_filter_sign"] = time.perf_counter() - t0
+    with _timed(times, "read_normalize_filter_sign"):
+        build_docs(cfg, files, docs)
+    with _timed(times, "dedup"):
+        keys, staging = _keys(docs)
+        good, bad, filtered = _count_reasons(cfg, keys, missing)
+        result = dedup.decide(keys.filter(pc.equal(keys.column("reason"), "")), cfg.dedup)
+    splits = _tally_splits(cfg, keys, result.dropped)
+    if splits.weighted[TRAIN] == 0:
+        raise NoUsableInputError(
+            f"every document was removed as a duplicate, went to validation or has weight 0 "
+            f"({describe_sources(cfg)}; dedup dropped {result.exact_dropped} exact and {result.near_dropped} "
+            f"near duplicates, validation has {sum(splits.docs['val'].values())}). Add input, lower "
+            "data.val_fraction or raise dedup.threshold.")
+    facts = CorpusFacts(n_read=len(keys), n_missing=len(missing), good=good, bad=bad, filtered=filtered,
+                        dedup_result=result, splits=splits, stage_seconds=times)
+    return StagedCorpus(docs=docs, staging=staging, missing=missing, facts=facts)
 
-    t0 = time.perf_counter()
-    keys, staging = _keys(docs)
+
+def _count_reasons(cfg: PreprocessConfig, keys: pa.Table, missing: list[tuple[int, str]]
+                   ) -> tuple[int, dict[str, int], dict[str, int]]:
+    """-> (good records, bad input by reason, records dropped by each filter); raises when none is good."""
     reasons = Counter(keys.column("reason").to_pylist())
-    n_read = len(keys)
     good = reasons.pop("", 0)
     bad = {r: reasons[r] for r in BAD_INPUT_REASONS if reasons.get(r)}
     if missing:
@@ -311,23 +306,24 @@ def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missin
     filtered = {name: reasons.get(name, 0) for name in FILTER_NAMES}
     if good == 0:
         raise NoUsableInputError(_no_input_message(cfg, bad, {k: v for k, v in filtered.items() if v}))
-    kept_keys = keys.filter(pc.equal(keys.column("reason"), ""))
-    result = dedup.decide(kept_keys, cfg.dedup)
-    times["dedup"] = time.perf_counter() - t0
+    return good, bad, filtered
 
+
+def _tally_splits(cfg: PreprocessConfig, keys: pa.Table, dropped: dict[str, str]) -> SplitTally:
+    """Split and weight every good document that dedup kept, in global staging row order."""
     weights = [s.weight for s in cfg.data.sources]
     split_docs = {s: Counter() for s in SPLITS}
     split_weighted = {s: 0 for s in SPLITS}
     train_bytes = 0
     per_source = [Counter() for _ in cfg.data.sources]
-    kept_rows: list[int] = []  # global staging rows of the documents phase D tokenizes, in order
+    kept_rows: list[int] = []
     kept_bytes: list[int] = []
     for row, (reason, src, uid, h, nb) in enumerate(zip(*(keys.column(c).to_pylist()
                                                           for c in ("reason", "source", "uid", "hash", "n_bytes")))):
         if reason:
             continue
-        if uid in result.dropped:
-            per_source[src][result.dropped[uid]] += 1
+        if uid in dropped:
+            per_source[src][dropped[uid]] += 1
             continue
         s = assign_split(h, cfg.data.val_fraction)
         c = repeats(h, weights[src], s)
@@ -338,39 +334,49 @@ def _phases_a_to_c(cfg: PreprocessConfig, files: list[sources.InputFile], missin
         if c:
             kept_rows.append(row)
             kept_bytes.append(nb * c)
-    if split_weighted[TRAIN] == 0:
-        raise NoUsableInputError(
-            f"every document was removed as a duplicate, went to validation or has weight 0 "
-            f"({describe_sources(cfg)}; dedup dropped {result.exact_dropped} exact and {result.near_dropped} "
-            f"near duplicates, validation has {sum(split_docs['val'].values())}). Add input, lower "
-            "data.val_fraction or raise dedup.threshold.")
+    return SplitTally(docs=split_docs, weighted=split_weighted, per_source=per_source, train_bytes=train_bytes,
+                      kept_rows=kept_rows, kept_bytes=kept_bytes)
 
-    t0 = time.perf_counter()
-    tok_path = work / TOKENIZER_FILE
-    sample_stats = {"documents": 0, "bytes": 0}
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, tok_path)
-    else:
-        train_tokenizer(tokenizer_sample(cfg, docs, set(result.dropped), train_bytes, sample_stats),
-                        cfg.data.vocab_size, cfg.tokenizer, tok_path)
-    times["tokenizer_train"] = time.perf_counter() - t0
 
-    rows_K, bytes_K = np.asarray(kept_rows, np.int64), np.asarray(kept_bytes, np.int64)
-    plan = TokenizePlan(
-        tokenizer_path=str(tok_path), files=staging, dropped=set(result.dropped),
+def train_corpus_tokenizer(cfg: PreprocessConfig, corpus: StagedCorpus, out: Path) -> None:
+    """Phase C: byte-level BPE trained on a hash-chosen sample of the train split, saved to `out`."""
+    facts = corpus.facts
+    with _timed(facts.stage_seconds, "tokenizer_train"):
+        sample = tokenizer_sample(cfg, corpus.docs, set(facts.dedup_result.dropped), facts.splits.train_bytes,
+                                  facts.sample_stats)
+        train_tokenizer(sample, cfg.data.vocab_size, cfg.tokenizer, out)
+
+
+def write_dataset(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, work: Path
+                  ) -> dict[str, ShardWriter]:
+    """Phase D: the kept documents, tokenized with `tokenizer` and packed, as train/ and val/ shards
+    under `work`; then the quarantine file, and the staged documents are removed."""
+    facts = corpus.facts
+    plan = _tokenize_plan(cfg, corpus, tokenizer)
+    with _timed(facts.stage_seconds, "tokenize_pack_write"):
+        writers = write_shards(tokenize_and_pack(cfg, plan), work, cfg.runtime.rows_per_shard)
+    with _timed(facts.stage_seconds, "quarantine_cleanup"):
+        if cfg.reader.quarantine:
+            facts.n_quarantined = write_quarantine(corpus.docs, corpus.missing, work / QUARANTINE_FILE)
+        shutil.rmtree(corpus.docs)
+    return writers
+
+
+def _tokenize_plan(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path) -> TokenizePlan:
+    splits = corpus.facts.splits
+    rows_K, bytes_K = np.asarray(splits.kept_rows, np.int64), np.asarray(splits.kept_bytes, np.int64)
+    n_rows = sum(n for _, n in corpus.staging)
+    return TokenizePlan(
+        tokenizer_path=str(tokenizer), files=corpus.staging, dropped=set(corpus.facts.dedup_result.dropped),
         units=cut_units(rows_K, bytes_K, unit_count(cfg, int(bytes_K.sum())), cfg.runtime.tokenize_batch_docs,
-                        len(keys)),
-        val_fraction=cfg.data.val_fraction, weights=weights)
-    facts = CorpusFacts(n_read=n_read, n_missing=len(missing), good=good, bad=bad, filtered=filtered, dedup_result=result,
-                        split_docs=split_docs, split_weighted=split_weighted, per_source=per_source,
-                        sample_stats=sample_stats, stage_seconds=times)
-    return facts, plan
+                        n_rows),
+        val_fraction=cfg.data.val_fraction, weights=[s.weight for s in cfg.data.sources])
 
 
-def _manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str, _ShardWriter],
-              n_quarantined: int | None, fingerprints: list[dict], cfg_hash: str, key: str,
-              tok_path: Path) -> dict[str, Any]:
-    good, result, split_docs, split_weighted = facts.good, facts.dedup_result, facts.split_docs, facts.split_weighted
+def build_manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str, ShardWriter],
+                   fingerprints: list[dict], cfg_hash: str, key: str, tok_path: Path) -> dict[str, Any]:
+    """The manifest of a finished build (`version` None until the output directory is named)."""
+    good, result, splits = facts.good, facts.dedup_result, facts.splits
     tok = load_tokenizer(tok_path)
     row_len = cfg.data.seq_len + 1
     bands, rows = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
@@ -389,7 +395,7 @@ def _manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str, _Sha
         "special_tokens": list(cfg.tokenizer.special_tokens),
         "splits": {
             s: {"sequences": w.sequences, "tokens": w.tokens, "padding_tokens": w.sequences * row_len - w.tokens,
-                "documents": sum(split_docs[s].values()), "documents_weighted": split_weighted[s],
+                "documents": sum(splits.docs[s].values()), "documents_weighted": splits.weighted[s],
                 "shards": w.shards}
             for s, w in writers.items()
         },
@@ -401,10 +407,10 @@ def _manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str, _Sha
         "filtered": facts.filtered,
         "dedup": {"docs_in": result.docs_in, "exact_dropped": result.exact_dropped,
                   "near_dropped": result.near_dropped, **result.rates(), "lsh_bands": bands, "lsh_rows": rows},
-        "per_source": [{"source": i, **dict(c)} for i, c in enumerate(facts.per_source)],
+        "per_source": [{"source": i, **dict(c)} for i, c in enumerate(splits.per_source)],
         "tokenizer_sample": facts.sample_stats,
-        "quarantine_file": QUARANTINE_FILE if n_quarantined is not None else None,
-        "quarantined": n_quarantined,
+        "quarantine_file": QUARANTINE_FILE if facts.n_quarantined is not None else None,
+        "quarantined": facts.n_quarantined,
         "stage_seconds": {k: round(v, 3) for k, v in facts.stage_seconds.items()},
         "config": manifest.hashed_config(cfg) | {"data": dataclasses.asdict(cfg.data)},
     }
