@@ -129,7 +129,7 @@ def _ep_step_time(args: argparse.Namespace, world: int, ep: bool = True) -> floa
         return max(float(Path(f"{out_file}.{r}").read_text()) for r in range(world))
 
 
-def run(argv: list[str]) -> BenchResult:
+def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipelines.bench moe")
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--expert-hidden", type=int, default=704)
@@ -140,13 +140,13 @@ def run(argv: list[str]) -> BenchResult:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--loop-rounds", type=int, default=2, help="rounds for the (slow) masked-loop baseline")
     p.add_argument("--sweep", default="8,16,32,64", help="n_experts values at fixed active parameters")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    T, D = args.tokens, args.d_model
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, T, D, generator=gen)
-    g = torch.randn(1, T, D, generator=gen)
+    return p.parse_args(argv)
 
+
+def _candidates(args: argparse.Namespace, sweep: list[int], x: torch.Tensor, g: torch.Tensor
+                ) -> tuple[dict[str, Callable[[], None]], dict[str, str], dict[str, str]]:
+    """-> (one step per case, the table label of each, the expert kernel each MoE layer resolved)."""
+    T, D = args.tokens, args.d_model
     candidates: dict[str, Callable[[], None]] = {}
     labels: dict[str, str] = {}
     torch.manual_seed(0)
@@ -154,7 +154,6 @@ def run(argv: list[str]) -> BenchResult:
     dense.init_weights(0.02, 0.02)
     candidates["dense"] = _fwd_bwd(dense, x, g)
     labels["dense"] = f"dense SwiGLU hidden={args.top_k * args.expert_hidden}"
-    sweep = [int(e) for e in args.sweep.split(",")]
     kernels = {}
     for n_experts in sorted(set(sweep) | {args.experts}):
         layer = MoE(_layer_config(args, n_experts))
@@ -167,6 +166,43 @@ def run(argv: list[str]) -> BenchResult:
     loop.init_weights(0.02, 0.02)
     candidates["masked loop"] = _fwd_bwd(loop, x, g)
     labels["masked loop"] = f"MoE E={args.experts} top-{args.top_k} (per-expert masked loop, HF Mixtral-style)"
+    return candidates, labels, kernels
+
+
+def _ep_rows(args: argparse.Namespace) -> tuple[list[dict], float, float]:
+    """The EP comparison's rows; -> (rows, EP=1 and EP=2 aggregate tokens/s)."""
+    t_ep1 = _ep_step_time(args, 1)
+    t_ep2 = _ep_step_time(args, 2)
+    t_solo2 = _ep_step_time(args, 2, ep=False)
+    agg1, agg2, agg_solo2 = args.ep_tokens / t_ep1, 2 * args.ep_tokens / t_ep2, 2 * args.ep_tokens / t_solo2
+    rows = [{"case": f"EP=1, 1 process, E={args.experts}, {args.ep_tokens} tokens/worker", "kernel": "",
+             "step_ms": 1e3 * t_ep1, "tokens_per_s": agg1},
+            {"case": f"EP=2, 2 gloo processes, E={args.experts}, {args.ep_tokens} tokens/worker", "kernel": "",
+             "step_ms": 1e3 * t_ep2, "tokens_per_s": agg2},
+            {"case": f"2 independent EP=1 processes side by side (this machine's ceiling for EP=2: "
+                     f"{agg_solo2 / agg1:.2f}x)", "kernel": "", "step_ms": 1e3 * t_solo2, "tokens_per_s": agg_solo2}]
+    return rows, agg1, agg2
+
+
+def _notes(args: argparse.Namespace) -> list[str]:
+    return [f"d_model={args.d_model} expert_hidden={args.expert_hidden} top_k={args.top_k} tokens={args.tokens} "
+            f"(forward+backward, fp32, 1 thread per process, median of {args.rounds} interleaved rounds); "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
+            "Every case keeps its gradients allocated between steps (zero_grad(set_to_none=False)) as the "
+            "trainer does; the MoE layers add expert weight gradients into them in place.",
+            "Goals use wall time (step_ms); cpu_ms is this process's CPU time for the same calls, "
+            "less sensitive to other processes on a shared machine."]
+
+
+def run(argv: list[str]) -> BenchResult:
+    args = _parse_args(argv)
+    torch.set_num_threads(1)
+    T, D = args.tokens, args.d_model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, T, D, generator=gen)
+    g = torch.randn(1, T, D, generator=gen)
+    sweep = [int(e) for e in args.sweep.split(",")]
+    candidates, labels, kernels = _candidates(args, sweep, x, g)
     rounds = {name: args.rounds for name in candidates}
     rounds["masked loop"] = args.loop_rounds  # ~10x slower than the rest
     secs, cpu = _interleaved(candidates, rounds)
@@ -178,16 +214,8 @@ def run(argv: list[str]) -> BenchResult:
         rows.append({"case": labels[name], "kernel": kernels.get(name, ""), "step_ms": 1e3 * t, "tokens_per_s": T / t,
                      "vs_dense": secs["dense"] / t, "vs_E8": t / secs[first] if name.startswith("moe") else None,
                      "cpu_ms": 1e3 * cpu[name], "cpu_vs_dense": cpu["dense"] / cpu[name]})
-    t_ep1 = _ep_step_time(args, 1)
-    t_ep2 = _ep_step_time(args, 2)
-    t_solo2 = _ep_step_time(args, 2, ep=False)
-    agg1, agg2, agg_solo2 = args.ep_tokens / t_ep1, 2 * args.ep_tokens / t_ep2, 2 * args.ep_tokens / t_solo2
-    rows.append({"case": f"EP=1, 1 process, E={args.experts}, {args.ep_tokens} tokens/worker", "kernel": "",
-                 "step_ms": 1e3 * t_ep1, "tokens_per_s": agg1})
-    rows.append({"case": f"EP=2, 2 gloo processes, E={args.experts}, {args.ep_tokens} tokens/worker", "kernel": "",
-                 "step_ms": 1e3 * t_ep2, "tokens_per_s": agg2})
-    rows.append({"case": f"2 independent EP=1 processes side by side (this machine's ceiling for EP=2: "
-                         f"{agg_solo2 / agg1:.2f}x)", "kernel": "", "step_ms": 1e3 * t_solo2, "tokens_per_s": agg_solo2})
+    ep_rows, agg1, agg2 = _ep_rows(args)
+    rows.extend(ep_rows)
     goals = {
         f"MoE E={args.experts} top-{args.top_k} / dense tokens/s": Goal(secs["dense"] / secs[main], 0.85),
         "MoE / masked loop tokens/s": Goal(secs["masked loop"] / secs[main], 2.0),
@@ -195,11 +223,4 @@ def run(argv: list[str]) -> BenchResult:
                                                         higher_is_better=False),
         "EP=2 / EP=1 aggregate tokens/s": Goal(agg2 / agg1, 1.8),
     }
-    notes = [f"d_model={D} expert_hidden={args.expert_hidden} top_k={args.top_k} tokens={T} (forward+backward, "
-             f"fp32, 1 thread per process, median of {args.rounds} interleaved rounds); "
-             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
-             "Every case keeps its gradients allocated between steps (zero_grad(set_to_none=False)) as the "
-             "trainer does; the MoE layers add expert weight gradients into them in place.",
-             "Goals use wall time (step_ms); cpu_ms is this process's CPU time for the same calls, "
-             "less sensitive to other processes on a shared machine."]
-    return BenchResult(name="moe", rows=rows, goals=goals, notes=notes)
+    return BenchResult(name="moe", rows=rows, goals=goals, notes=_notes(args))
