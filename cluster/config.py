@@ -2,16 +2,28 @@
 
 Profiles are config (`conf/cluster/*.yaml`; NVIDIA profiles extend `_nvidia.yaml`, AMD ones
 `_amd.yaml`); `cluster.profiles` derives from a profile what Ray Train and the worker need.
+The field defaults below ARE the local CPU profile (`conf/cluster/local.yaml` only selects them).
+
+`SubmitConfig` is what `python -m cluster.submit` (conf/submit.yaml) creates or deletes on
+Kubernetes; `validate_submit_config` checks it before anything contacts the cluster.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from moe.config import ConfigError
 
 
 @dataclass
 class ClusterConfig:
-    """Where training runs: local CPU Ray or a GPU cluster profile (conf/cluster/)."""
+    """Where training runs: local CPU Ray or a GPU cluster profile (conf/cluster/).
+
+    The defaults are the local profile: 2 CPU workers, gloo, fp32 (what runs without +cluster).
+    """
 
     name: str = "local"
     vendor: str = "cpu"  # cpu | nvidia | amd
@@ -32,3 +44,49 @@ class ClusterConfig:
     env: dict[str, str] = field(default_factory=dict)  # runtime env vars (NCCL_*, RCCL_*, ...)
     image: str = "rayproject/ray:2.60.0-py311-cpu"
     namespace: str = "default"
+
+
+# What `python -m cluster.submit target=...` creates, and the KubeRay kind it renders.
+SUBMIT_TARGETS = {
+    "train": "RayJob",  # runs `python -m pipelines.train +cluster=<profile> <train_overrides>` on a fresh cluster
+    "cluster": "RayCluster",  # a long-lived Ray cluster (connect with RAY_ADDRESS / ray job submit)
+    "service": "RayService",  # serves serve.app:app (the OpenAI-compatible endpoint)
+}
+# Default object names keep the suffixes of the earlier CLI (elastic-moe-h100-job, ...).
+_NAME_SUFFIX = {"train": "job", "cluster": "cluster", "service": "service"}
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+@dataclass
+class SubmitConfig:
+    """`python -m cluster.submit` (conf/submit.yaml): what to create or delete on Kubernetes, and where."""
+
+    target: str = MISSING  # train | cluster | service (SUBMIT_TARGETS)
+    cluster: ClusterConfig = MISSING  # +cluster=a100|h100|mi250|mi300x|local
+    name: str | None = None  # the object's name; None: elastic-moe-<profile>-<job|cluster|service>
+    dry_run: bool = False  # print the manifest (or what would be deleted) and contact nothing
+    delete: bool = False  # delete the named object instead of creating it
+    train_overrides: list[str] = field(default_factory=list)  # pipelines.train overrides (target=train only)
+
+    @property
+    def kind(self) -> str:
+        return SUBMIT_TARGETS[self.target]
+
+    @property
+    def object_name(self) -> str:
+        return self.name or f"elastic-moe-{self.cluster.name}-{_NAME_SUFFIX[self.target]}"
+
+
+def validate_submit_config(c: SubmitConfig) -> SubmitConfig:
+    """Checks before anything contacts Kubernetes; messages name the key, the value and the fix."""
+    targets = " | ".join(f"target={t} ({kind})" for t, kind in SUBMIT_TARGETS.items())
+    if c.target not in SUBMIT_TARGETS:
+        raise ConfigError(f"target={c.target!r} is not a submit target; use one of: {targets}.")
+    if c.train_overrides and c.target != "train":
+        raise ConfigError(f"train_overrides={c.train_overrides} only apply to target=train (a RayJob running "
+                          f"pipelines.train); drop them or use target=train.")
+    name = c.object_name
+    if len(name) > 63 or not _DNS_LABEL.fullmatch(name):
+        raise ConfigError(f"name={name!r} is not a valid Kubernetes object name; use at most 63 lowercase letters, "
+                          "digits and '-', starting and ending with a letter or digit (e.g. name=moe-h100).")
+    return c
