@@ -1,7 +1,8 @@
 """`python -m pipelines.train [overrides]`: Hydra -> validated TrainConfig -> plan -> Ray Train run.
 
 Config errors (unknown keys, wrong types, impossible values) stop here, before Ray starts.
-`train.dry_run=true` prints the plan and exits. The run itself lives in pipelines/trainer.py.
+`train.dry_run=true` prints the plan and exits. The run itself: pipelines/train/driver.py (Ray, MLflow,
+export) and pipelines/train/worker.py (the Trainer on every worker).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from moe.parallel.apply import shard_model
 from moe.parallel.mesh import ParallelDims
 from pipelines.train.config import TrainConfig
 
-
 GIB = 1024 ** 3
 MASTER_BYTES = 4  # parameters and gradients are fp32 (bf16 profiles compute under autocast)
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32, per trainable element

@@ -144,3 +144,17 @@ def test_expert_parallel_training_logs_load_and_drops(ray_cluster, compose, tmp_
     assert client.get_metric_history(outcome.run_id, "moe/layer1/max_load")[-1].value >= 1.0
     model = load_model(outcome.model_dir)  # exported from the EP-sharded checkpoint, all experts present
     assert model.layers["1"].ffn.experts.w1.shape[0] == cfg.model.moe.n_routed_experts
+
+
+def test_mlflow_run_ends_failed_when_a_step_after_its_start_raises(ray_cluster, compose, tmp_path: Path,
+                                                                   dataset_root: Path) -> None:
+    """The driver's MLflow run is a context: an exception in fit, export or registration ends it FAILED."""
+    from pipelines.train.driver import check_dataset, tracked_run
+
+    cfg, yaml_text, plan = tiny_config(compose, tmp_path, dataset_root)
+    with pytest.raises(RuntimeError, match="export broke"):
+        with tracked_run(cfg, yaml_text, plan, check_dataset(cfg)) as run:
+            raise RuntimeError("export broke")
+    client = MlflowClient(tracking_uri=run.tracking_uri)
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    assert client.get_run(run.run_id).data.params["model.d_model"] == "64"  # what was logged is kept
