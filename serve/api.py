@@ -2,9 +2,11 @@
 POST /v1/chat/completions (JSON or server-sent events), vLLM's POST /tokenize and /detokenize,
 GET /health and GET /stats.
 
-It owns the HTTP side only: body decoding (UTF-8, JSON), schema validation (serve/protocol.py),
-the optional API key, mapping backpressure to 503, errors in OpenAI's JSON shape, and request
-metrics. The model work happens in the `MoEModel` deployment behind `self.model` (a handle).
+It owns the HTTP side only: body decoding (UTF-8, JSON), schema validation
+(serve/openai/protocol.py), the optional API key, mapping backpressure to 503, errors in OpenAI's
+JSON shape, and request metrics. The model work happens in the `MoEModel` deployment behind
+`self.model` (a handle): each route calls that endpoint's replica method and sends the typed
+response it returns (serve/openai/responses.py) as JSON, or raises the `ErrorResponse` it returns.
 """
 
 
@@ -25,11 +27,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.config import IngressConfig
-from serve.protocol import (
+from serve.openai.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     TokenizeRequest,
     validation_error,
 )
@@ -53,6 +56,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s", request.url.path)
     return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+
+ALL_BUSY = "all model replicas are busy"
+QUEUE_FULL = "all model replicas are busy and their queue is full"
 
 
 def overloaded(what: str) -> APIError:
@@ -104,13 +111,15 @@ class OpenAIIngress:
         except ValidationError as err:
             raise validation_error(err) from err
 
-    async def _call(self, method: str, req: Any) -> dict[str, Any]:
+    @staticmethod
+    async def _call(method: DeploymentHandle, *args: Any, busy: str = QUEUE_FULL) -> Any:
+        """One replica method's response; its `ErrorResponse` is raised, backpressure is a 503."""
         try:
-            out = await self.model.call.remote(method, req)
+            out = await method.remote(*args)
         except BackPressureError as err:
-            raise overloaded("all model replicas are busy and their queue is full") from err
-        if "error" in out:
-            raise APIError.from_dict(out)
+            raise overloaded(busy) from err
+        if isinstance(out, ErrorResponse):
+            raise APIError.from_response(out)
         return out
 
     async def _endpoint(self, name: str, request: Request, fn) -> Response:
@@ -129,31 +138,32 @@ class OpenAIIngress:
             self.metrics.record(name, response.status_code, time.perf_counter() - t0)
         return response
 
-    async def _generate(self, name: str, request: Request, schema: type[BaseModel], method: str) -> Response:
+    async def _generate(self, name: str, request: Request, schema: type[BaseModel], unary: DeploymentHandle,
+                        stream: DeploymentHandle) -> Response:
+        """A completions or chat route: the `unary` replica method's response, or with `stream: true`
+        the `stream` method's chunks as server-sent events."""
         req = await self._parse(request, schema)
         if not req.stream:
-            out = await self._call(method, req)
-            return JSONResponse(out)
+            return JSONResponse((await self._call(unary, req)).model_dump())
         t0 = time.perf_counter()
-        gen = self.model.options(stream=True).stream.remote(method, req)
+        gen = stream.options(stream=True).remote(req)
         try:
             first = await gen.__anext__()
         except BackPressureError as err:
-            raise overloaded("all model replicas are busy and their queue is full") from err
+            raise overloaded(QUEUE_FULL) from err
         except StopAsyncIteration as err:
             raise APIError(500, "the model replica ended the stream without a response", "server_error") from err
-        if "error" in first:
-            raise APIError.from_dict(first)
+        if isinstance(first, ErrorResponse):
+            raise APIError.from_response(first)
 
         async def sse() -> AsyncIterator[str]:
             status = 200
             try:
                 async for chunk in gen:
-                    if "error" in chunk:
-                        status = chunk.get("status", 500)
-                        yield f"data: {json.dumps({'error': chunk['error']})}\n\n"
+                    yield f"data: {json.dumps(chunk.model_dump())}\n\n"
+                    if isinstance(chunk, ErrorResponse):
+                        status = chunk.status
                         break
-                    yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 gen.cancel()
@@ -166,43 +176,38 @@ class OpenAIIngress:
     @app.get("/health")
     async def health(self, request: Request) -> Response:
         async def fn() -> Response:
-            try:
-                await self.model.info.remote()
-            except BackPressureError as err:
-                raise overloaded("all model replicas are busy") from err
+            await self._call(self.model.models, busy=ALL_BUSY)
             return JSONResponse({"status": "ok"})
         return await self._endpoint("health", request, fn)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         async def fn() -> Response:
-            try:
-                info = await self.model.info.remote()
-            except BackPressureError as err:
-                raise overloaded("all model replicas are busy") from err
-            return JSONResponse({"object": "list", "data": [info]})
+            return JSONResponse((await self._call(self.model.models, busy=ALL_BUSY)).model_dump())
         return await self._endpoint("models", request, fn)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._endpoint("completions", request,
-                                    lambda: self._generate("completions", request, CompletionRequest, "completion"))
+        return await self._endpoint("completions", request, lambda: self._generate(
+            "completions", request, CompletionRequest, self.model.completions, self.model.completions_stream))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._endpoint("chat", request,
-                                    lambda: self._generate("chat", request, ChatCompletionRequest, "chat"))
+        return await self._endpoint("chat", request, lambda: self._generate(
+            "chat", request, ChatCompletionRequest, self.model.chat, self.model.chat_stream))
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
         async def fn() -> Response:
-            return JSONResponse(await self._call("tokenize", await self._parse(request, TokenizeRequest)))
+            req = await self._parse(request, TokenizeRequest)
+            return JSONResponse((await self._call(self.model.tokenize, req)).model_dump())
         return await self._endpoint("tokenize", request, fn)
 
     @app.post("/detokenize")
     async def detokenize(self, request: Request) -> Response:
         async def fn() -> Response:
-            return JSONResponse(await self._call("detokenize", await self._parse(request, DetokenizeRequest)))
+            req = await self._parse(request, DetokenizeRequest)
+            return JSONResponse((await self._call(self.model.detokenize, req)).model_dump())
         return await self._endpoint("detokenize", request, fn)
 
     @app.get("/stats")

@@ -372,3 +372,26 @@ def test_streaming_several_prompts_n_echo_and_logprobs(client):
     for c in full["choices"]:
         assert texts[c["index"]] == c["text"] and c["text"].startswith(["a = 1", "b = 2"][c["index"] // 2])
         assert tokens[c["index"]] == c["logprobs"]["tokens"]
+
+
+def test_wire_json_keys_and_nulls(client):
+    """Every response shape sends exactly these keys, with null where nothing applies."""
+    top = {"id", "object", "created", "model", "choices", "usage"}
+    body = client.post("/v1/completions", json={"prompt": "x = 1", "max_tokens": 2}).json()
+    assert set(body) == top and set(body["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+    assert body["choices"][0]["logprobs"] is None
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    body = client.post("/v1/chat/completions", json=chat).json()
+    assert set(body) == top and set(body["choices"][0]) == {"index", "message", "logprobs", "finish_reason"}
+    assert body["choices"][0]["logprobs"] is None and set(body["choices"][0]["message"]) == {"role", "content"}
+    for path, req in (("/v1/completions", {"prompt": "x = 1", "max_tokens": 3}), ("/v1/chat/completions", chat)):
+        with client.stream("POST", path, json={**req, "stream": True}) as r:
+            events = sse(r)
+        assert all(set(e) == top - {"usage"} and len(e["choices"]) == 1 for e in events)  # no usage key
+        assert all(e["choices"][0]["logprobs"] is None for e in events)
+        assert events[0]["choices"][0]["finish_reason"] is None
+    assert all(set(e["choices"][0]["delta"]) <= {"role", "content"} for e in events)
+    tk = client.post("/tokenize", json={"prompt": "x"}).json()
+    assert set(tk) == {"count", "max_model_len", "tokens", "token_strs"} and tk["token_strs"] is None
+    card = client.get("/v1/models").json()["data"][0]
+    assert set(card) == {"id", "object", "created", "owned_by", "root", "max_model_len"}

@@ -1,13 +1,17 @@
-"""OpenAI (and vLLM tokenize/detokenize) request schemas, and the OpenAI error shape.
+"""OpenAI (and vLLM tokenize/detokenize) request schemas, the sampling parameters each request
+builds, and OpenAI's error shape (`APIError` raised, `ErrorResponse` carried and rendered).
 
 Requests are validated here, in the ingress, before anything reaches a model replica: types,
 required fields and ranges. Checks that need the tokenizer or the model (context length, token id
-range, the model name) happen in the replica (serve/completions.py) and raise the same `APIError`.
+range, the model name) happen in the replica (serve/openai/base.py and the endpoint classes) and
+raise the same `APIError`. Importing this module stays light (no torch): `to_sampling_params`
+imports `moe.generate` when the replica calls it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,7 +24,25 @@ from pydantic import (
     model_validator,
 )
 
+if TYPE_CHECKING:
+    from moe.generate import SamplingParams
+
 MAX_LOGPROBS = 20
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body `{"error": {...}}`. `status` (the HTTP status) travels with it from the
+    replica to the ingress but is not part of the body."""
+
+    error: ErrorInfo
+    status: int = Field(exclude=True)
 
 
 class APIError(Exception):
@@ -31,16 +53,17 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def response(self) -> ErrorResponse:
+        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=info, status=self.status)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, **self.body()}
+    def body(self) -> dict:
+        return self.response().model_dump()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> APIError:
-        e = d["error"]
-        return cls(d["status"], e["message"], e.get("type") or "invalid_request_error", e.get("param"), e.get("code"))
+    def from_response(cls, r: ErrorResponse) -> APIError:
+        e = r.error
+        return cls(r.status, e.message, e.type or "invalid_request_error", e.param, e.code)
 
 
 UNION_HINTS = {
@@ -77,7 +100,9 @@ class StreamOptions(_Base):
     include_usage: StrictBool = False
 
 
-class _Sampling(_Base):
+class SamplingRequest(_Base):
+    """What completions and chat requests share: the model, sampling, n, streaming and stops."""
+
     model: StrictStr | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -108,11 +133,29 @@ class _Sampling(_Base):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return [s for s in stops if s]
 
+    def max_new_tokens(self) -> int | None:
+        """The completion length asked for (None: the endpoint's default)."""
+        raise NotImplementedError
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a chunk that carries the usage (`stream_options.include_usage`)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling_params(self, max_tokens: int, seed_offset: int, stop: Sequence[str], logprobs: int | None,
+                         prompt_logprobs: int | None) -> SamplingParams:
+        from moe.generate import SamplingParams  # torch: only the replica builds sampling parameters
+
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            seed=None if self.seed is None else self.seed + seed_offset, stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
 
 TokenIds = list[StrictInt]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] \
         | Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]
     max_tokens: StrictInt | None = Field(None, ge=0)
@@ -129,6 +172,15 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix is not supported")
         return self
 
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
+        """Sampling for choice `seed_offset` of a prompt (a seeded request gives choice j seed + j).
+        With `echo` and `logprobs`, the prompt tokens are scored too."""
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._sampling_params(max_tokens, seed_offset, self.stop_list(), self.logprobs, prompt_logprobs)
+
 
 class ContentPart(_Base):
     type: Literal["text"]
@@ -144,7 +196,7 @@ class ChatMessage(_Base):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = Field(None, ge=0)
     max_completion_tokens: StrictInt | None = Field(None, ge=0)
@@ -160,6 +212,14 @@ class ChatCompletionRequest(_Sampling):
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int, seed_offset: int = 0, extra_stop: Sequence[str] = ()
+                           ) -> SamplingParams:
+        """Sampling for choice `seed_offset`; `extra_stop` (the chat template's stops) joins `stop`.
+        `logprobs=true` scores each generated token with `top_logprobs` alternatives (default 0)."""
+        stop = self.stop_list() + [s for s in extra_stop if s]
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, seed_offset, stop, logprobs, None)
 
 
 class TokenizeRequest(_Base):
