@@ -1,5 +1,6 @@
-"""`python -m serve.deploy [overrides]`: compose conf/serve.yaml, start or connect to Ray, start
-Serve's HTTP proxy on `http.host:http.port` and deploy the app (serve/app.py).
+"""`python -m serve.deploy [overrides]`: compose conf/serve.yaml, start or connect to Ray (the
+project's one way, `cluster.runtime.start_or_connect`), start Serve's HTTP proxy on
+`http.host:http.port` and deploy the app (serve/app.py).
 
 With a Ray it started itself it stays in the foreground (Ctrl-C shuts Serve down); connected to a
 running cluster with `blocking=false` it returns once the app is running.
@@ -8,9 +9,7 @@ running cluster with `blocking=false` it returns once the app is running.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -18,22 +17,6 @@ from omegaconf import DictConfig
 from serve.config import ServeConfig, register_configs, to_serve_config
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
-
-
-def connect_ray(address: str | None) -> bool:
-    """Connect to `address` (or RAY_ADDRESS), else start a local Ray; True if this process started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return False
-    ray.init(runtime_env=runtime_env)
-    return True
 
 
 def deploy(cfg: ServeConfig) -> str:
@@ -54,8 +37,13 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
+    from cluster.runtime import RayOptions, start_or_connect
+
     cfg = to_serve_config(dcfg)
-    started = connect_ray(cfg.ray_address)
+    # ray_address null: RAY_ADDRESS, else a local Ray (dashboard on, as a plain ray.init would)
+    runtime = start_or_connect(RayOptions(address=cfg.ray_address, env_vars={"OMP_NUM_THREADS": "1"},
+                                          dashboard=True))
+    started = runtime.started_locally
     base = deploy(cfg)
     print(f"OpenAI-compatible API at {base}/v1 (Ctrl-C to stop)" if cfg.blocking or started
           else f"OpenAI-compatible API at {base}/v1")
@@ -67,6 +55,7 @@ def main(dcfg: DictConfig) -> None:
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.shutdown()
+            runtime.shutdown()
 
 
 if __name__ == "__main__":

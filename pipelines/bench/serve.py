@@ -105,7 +105,7 @@ def load(base: str, clients: int, requests_per_client: int, prompt: str, max_tok
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99)}
 
 
-def run(args: list[str]) -> BenchResult:
+def parse_args(args: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipelines.bench serve", description=__doc__)
     p.add_argument("--model-dir", default=None)
     p.add_argument("--registered-name", default=None)
@@ -118,13 +118,17 @@ def run(args: list[str]) -> BenchResult:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs for the model replica")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-gpus", type=float, default=0.0)
-    a = p.parse_args(args)
+    return p.parse_args(args)
+
+
+def run(args: list[str]) -> BenchResult:
+    a = parse_args(args)
     levels = [int(x) for x in a.concurrency.split(",")]
 
     import httpx
-    import ray
     from ray import serve
 
+    from cluster.runtime import RayOptions, start_or_connect
     from serve.app import build_app
     from serve.config import load_config
 
@@ -136,9 +140,8 @@ def run(args: list[str]) -> BenchResult:
         source = [f"model.registered_name={a.registered_name}", f"tracking.uri={a.tracking_uri}"]
     else:
         source = [f"model.path={make_model_dir(a.preset, Path(tmp.name))}"]
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    runtime = start_or_connect(RayOptions(env_vars={"OMP_NUM_THREADS": "1"}, num_cpus=max(4, os.cpu_count() or 1),
+                                          log_to_driver=False))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
@@ -167,6 +170,7 @@ def run(args: list[str]) -> BenchResult:
                          f"max {stats['max_decode_batch_size']}")
     finally:
         serve.shutdown()
+        runtime.shutdown()  # only a Ray this run started
         tmp.cleanup()
     top = max(levels)
     on = next(r for r in rows if r["batching"] == "on" and r["clients"] == top)["tokens_per_s"]
