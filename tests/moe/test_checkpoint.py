@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moe.checkpoint import load_checkpoint, load_full_model, save_checkpoint
 from moe.config import ModelConfig, MoEConfig
 from moe.model import build_model
 from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
-from moe.checkpoint import load_checkpoint, load_full_model, save_checkpoint
 from tests.moe.distributed import gather_full_state, spawn
 
 CFG = ModelConfig(name="ckpt", vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
