@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cluster.config import ClusterConfig
 from moe.config import ConfigError
-from pipelines.train.config import TrainConfig, to_train_config
+from pipelines.train.config import TrainConfig, compose_train_config, to_train_config
 from pipelines.train.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,3 +103,71 @@ def test_gpu_profile_without_gpus_fails_fast_naming_need_and_have() -> None:
     assert proc.returncode == 1
     assert "cluster profile 'a100' needs 8 workers x 8 CPU, 1 A100 GPU each (8 GPUs in all)" in proc.stderr
     assert "0 GPU" in proc.stderr
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+ENTRY_POINTS = sorted(p.stem for p in (REPO / "conf").glob("*.yaml"))
+
+
+def test_recipes_exist() -> None:
+    assert {"tiny_smoke", "ep2_small", "deepseek16b_h100"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_recipe_composes_and_validates(experiment: str) -> None:
+    cfg = compose_train_config([f"+experiment={experiment}"])
+    plan = make_plan(cfg)
+    assert plan.active_params < plan.total_params
+    text = (REPO / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert f"+experiment={experiment}" in text  # each recipe shows the command that runs it
+
+
+def test_recipes_select_their_groups_and_steps() -> None:
+    smoke = compose_train_config(["+experiment=tiny_smoke"])
+    assert (smoke.model.name, smoke.data.name, smoke.cluster.name, smoke.train.steps) == ("tiny", "tiny", "local", 20)
+    ep2 = compose_train_config(["+experiment=ep2_small", "train.steps=7"])  # the command line wins over a recipe
+    assert (ep2.model.name, ep2.parallel.ep, ep2.train.steps) == ("small", 2, 7)
+    gpu = compose_train_config(["+experiment=deepseek16b_h100"])
+    assert (gpu.model.name, gpu.cluster.name, gpu.parallel.ep) == ("deepseek_moe_16b", "h100", 8)
+    # The form cluster.submit's RayJob runs (+cluster=<profile> first) composes too; another profile is
+    # chosen with cluster=NAME after the recipe.
+    assert compose_train_config(["+cluster=h100", "+experiment=deepseek16b_h100"]).cluster.name == "h100"
+    assert compose_train_config(["+experiment=deepseek16b_h100", "cluster=a100"]).cluster.name == "a100"
+
+
+def test_local_profile_is_the_schema_defaults(compose) -> None:
+    default = to_train_config(compose("train")).cluster
+    assert to_train_config(compose("train", ["+cluster=local"])).cluster == default == ClusterConfig()
+    assert to_train_config(compose("train", ["+cluster=a100"])).cluster.name == "a100"
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_uses_the_shared_hydra_run_dir(name: str) -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from cluster.submit import register_configs as register_submit_configs
+    from pipelines.data.config import register_configs as register_data_configs
+    from pipelines.train.config import register_configs as register_train_configs
+    from serve.config import register_configs as register_serve_configs
+
+    for register in (register_train_configs, register_data_configs, register_serve_configs, register_submit_configs):
+        register()
+    assert "hydra:" not in (REPO / "conf" / f"{name}.yaml").read_text()  # one place: conf/hydra/default.yaml
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name=name, overrides=["hydra/job_logging=disabled"], return_hydra_config=True)
+    hc = cfg.hydra
+    assert hc.run.dir.startswith(f"outputs/hydra/{name}/") and hc.job.chdir is False
+    # Hydra's own groups still compose, and overriding one still works.
+    assert hc.runtime.choices["hydra/launcher"] == "basic"
+    assert hc.runtime.choices["hydra/job_logging"] == "disabled"
+
+
+def test_a_run_writes_its_hydra_dir_under_outputs_hydra_train(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipelines.train", "train.dry_run=true"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "outputs" / "hydra" / "train").iterdir()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert list(tmp_path.iterdir()) == [tmp_path / "outputs"]  # no chdir: nothing else written beside it
