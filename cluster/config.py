@@ -69,10 +69,6 @@ class SubmitConfig:
     train_overrides: list[str] = field(default_factory=list)  # pipelines.train overrides (target=train only)
 
     @property
-    def kind(self) -> str:
-        return SUBMIT_TARGETS[self.target]
-
-    @property
     def object_name(self) -> str:
         return self.name or f"elastic-moe-{self.cluster.name}-{_NAME_SUFFIX[self.target]}"
 
@@ -84,7 +80,7 @@ def validate_submit_config(c: SubmitConfig) -> SubmitConfig:
         raise ConfigError(f"target={c.target!r} is not a submit target; use one of: {targets}.")
     if c.train_overrides and c.target != "train":
         raise ConfigError(f"train_overrides={c.train_overrides} only apply to target=train (a RayJob running "
-                          f"pipelines.train); drop them or use target=train.")
+                          "pipelines.train); drop them or use target=train.")
     name = c.object_name
     if len(name) > 63 or not _DNS_LABEL.fullmatch(name):
         raise ConfigError(f"name={name!r} is not a valid Kubernetes object name; use at most 63 lowercase letters, "

@@ -66,6 +66,10 @@ def _train_cluster(cfg: SubmitConfig) -> ClusterConfig:
     """target=train: the cluster of the validated training run, which also sizes the pods."""
     try:
         profile = compose_profile(cfg.cluster.name, []).cluster
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"cluster.name={cfg.cluster.name!r} is not a profile in conf/cluster/ ({str(err).splitlines()[0]}); "
+                          "choose the profile with +cluster=NAME and leave cluster.name alone.") from err
+    try:
         run = compose_profile(cfg.cluster.name, cfg.train_overrides).cluster
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"train_overrides={cfg.train_overrides}: {err}") from err
