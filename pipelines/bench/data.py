@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from moe.checkpoint import TOKENIZER_FILE
+from moe.files import TOKENIZER_FILE
 from pipelines.bench import BenchResult, Goal
 from pipelines.data import dedup, sources
 from pipelines.data.clean import normalize_batch

@@ -36,7 +36,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from cluster.runtime import RayOptions, start_or_connect
-from moe.checkpoint import TOKENIZER_FILE
+from moe.files import TOKENIZER_FILE
 from pipelines.data import dedup, manifest, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, RuntimeConfig

@@ -16,10 +16,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 if TYPE_CHECKING:  # the tokenizer actors import this module; they need no Hydra
     from pipelines.data.config import TokenizerConfig
 
-# The file name a tokenizer is saved under is `moe.checkpoint.TOKENIZER_FILE` (one definition, used by
-# preprocessing's output and model exports). It is not imported here: the tokenizer actors import this
-# module, and moe.checkpoint would bring torch and the model into every one of them.
-
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, cfg: TokenizerConfig, out: Path) -> Tokenizer:
     tok = Tokenizer(models.BPE())
