@@ -365,11 +365,10 @@ def write_dataset(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, 
 def _tokenize_plan(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path) -> TokenizePlan:
     splits = corpus.facts.splits
     rows_K, bytes_K = np.asarray(splits.kept_rows, np.int64), np.asarray(splits.kept_bytes, np.int64)
-    n_rows = sum(n for _, n in corpus.staging)
     return TokenizePlan(
         tokenizer_path=str(tokenizer), files=corpus.staging, dropped=set(corpus.facts.dedup_result.dropped),
         units=cut_units(rows_K, bytes_K, unit_count(cfg, int(bytes_K.sum())), cfg.runtime.tokenize_batch_docs,
-                        n_rows),
+                        corpus.facts.n_read),
         val_fraction=cfg.data.val_fraction, weights=[s.weight for s in cfg.data.sources])
 
 
