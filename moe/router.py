@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe.config import MoEConfig
@@ -32,7 +33,9 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
-        logits_TE = self.gate(x_TD).float()
+        # the gate in fp32 whatever the model's dtype (as the stock transformers routers compute it), so
+        # a bf16 model selects the same experts as its fp32 export
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         if cfg.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
             probs_TE = scores_TE
