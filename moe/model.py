@@ -4,7 +4,8 @@ Written for one device. `build_meta_model` creates it on the meta device, where 
 (moe/parallel) transforms the module tree before any memory is spent; `materialize` then allocates
 and initializes what is left on the target device (`build_model` does both for one device).
 Layers sit in a `ModuleDict` keyed by layer index so pipeline stages can drop the ones they do
-not own; `forward` skips a missing embedding, norm or head for the same reason.
+not own (moe/parallel/pipeline.py); `forward` skips a missing embedding, norm or head for the same
+reason, and `init_weights` draws what the whole model draws so a stage's values equal the whole model's.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class Block(nn.Module):
         self.ffn.init_weights(std, out_std)
 
 
+def _transient_block(cfg: ModelConfig, layer_id: int, device: torch.device) -> Block:
+    """An uninitialized layer (built on meta, so construction draws no random numbers)."""
+    with torch.device("meta"):
+        block = Block(cfg, layer_id)
+    return block.to_empty(device=device)
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -76,18 +84,24 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """Initialize what this module holds from the current random state, drawing exactly what the
+        whole model draws: a unit a pipeline stage does not hold (moe/parallel/pipeline.py) is drawn
+        into a transient copy on the same device and dropped, so the units it does hold get the
+        whole model's values (transient memory: one layer)."""
         cfg = self.cfg
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.n_layers)
-        if self.tok_emb is not None:
-            nn.init.normal_(self.tok_emb.weight, std=1.0)
-        for block in self.layers.values():
+        device = self.rope_cos.device
+        emb = self.tok_emb if self.tok_emb is not None else torch.empty(cfg.vocab_size, cfg.d_model, device=device)
+        nn.init.normal_(emb.weight if isinstance(emb, nn.Embedding) else emb, std=1.0)
+        for i in range(cfg.n_layers):
+            block = self.layers[str(i)] if str(i) in self.layers else _transient_block(cfg, i, device)
             block.init_weights(std, out_std)
         if self.norm is not None:
             self.norm.init_weights()
-        if self.head is not None:
-            nn.init.trunc_normal_(self.head.weight, std=cfg.d_model ** -0.5)
-        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        head = self.head.weight if self.head is not None else torch.empty(cfg.vocab_size, cfg.d_model, device=device)
+        nn.init.trunc_normal_(head, std=cfg.d_model ** -0.5)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
@@ -114,10 +128,13 @@ def materialize(model: MoETransformer, device: torch.device | str = "cpu", seed:
                 dtype: torch.dtype = torch.float32) -> MoETransformer:
     """Allocate the parameters the (possibly sharded) meta model holds on `device` and initialize them.
 
-    For the same seed the values equal the one-device model's (a shard draws what the whole model
-    would and keeps its slice, see `GroupedExperts.init_weights`), on every rank alike.
+    For the same seed the values equal the one-device model's, on every rank alike: a pipeline stage
+    draws (and drops) what the layers it does not hold would draw, and an expert shard draws what the
+    whole layer would and keeps its slice (see `GroupedExperts.init_weights`).
     """
     model.to_empty(device=device)
+    for moe in model.moe_layers().values():  # logging values kept outside buffers were made on meta
+        moe.last_aux_loss = moe.last_z_loss = torch.zeros((), device=device)
     if seed is not None:
         torch.manual_seed(seed)
     model.init_weights()

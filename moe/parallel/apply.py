@@ -8,26 +8,32 @@ whole model:
     materialize(model, device, seed)                 # local shards = slices of the one-device init
 Order applied by `parallelize` (every rank calls it, after `torch.distributed` is initialized,
 before the optimizer is created):
-    1. build the mesh (moe/parallel/mesh.py); a model that is already materialized is broadcast from
-       rank 0 of the stage, so every rank starts from identical weights (a meta model gets them from
-       `materialize`, which draws the same values on every rank for the same seed);
-    2. `shard_model`: expert parallelism (ep > 1) keeps each MoE layer's E/ep local experts and
-       declares the placement on the module (`GroupedExperts.shard`); structural only, no process
-       group needed, so the dry-run plan uses it to size every rank's share;
-    3. the token exchange (all-to-all, moe/parallel/expert.py) as each expert module's dispatch;
-    4. global statistics: the aux loss reduces its statistics over the stage (every dp*ep rank),
+    1. build the mesh (moe/parallel/mesh.py; pp > 1 adds one group per pipeline, with the pipeline
+       timeout); a model that is already materialized is broadcast from rank 0 first, so every rank
+       starts from identical weights (a meta model gets them from `materialize`, which draws the
+       same values on every rank for the same seed);
+    2. `shard_model`: (a) pipeline stages (pp > 1): the layers are split into stages of balanced cost
+       and the rank keeps only its stages' layers (moe/parallel/pipeline.py); (b) expert parallelism
+       inside each stage (ep > 1) keeps each MoE layer's E/ep local experts and declares the placement
+       on the module (`GroupedExperts.shard`); structural only, no process group needed, so the
+       dry-run plan uses it to size every rank's share;
+    3. the pipeline (pp > 1): `plan.pipeline` runs the rank's stages under the chosen schedule;
+    4. the token exchange (all-to-all, moe/parallel/expert.py) as each expert module's dispatch;
+    5. global statistics: the aux loss reduces its statistics over the stage (every dp*ep rank),
        capacity mode drops tokens by the global token order (see moe/moe.py);
-    5. data parallelism by gradient all-reduce in `sync_gradients` (below).
+    6. data parallelism by gradient all-reduce in `sync_gradients` (below), per stage.
 
 Training loop, per step (all ranks, same order; ep=1 and ep>1 alike):
     loss = cross_entropy(model(tokens_local), targets_local)   # each rank its own micro-batch
-    loss.backward()
+    loss.backward()                                  # pp > 1: plan.pipeline.step(tokens, targets, scale)
     plan.sync_gradients()                            # before grad clipping and optimizer.step()
-    plan.clip_grad_norm_(max_norm)                   # not torch's: the norm of the unsharded gradient
+    plan.clip_grad_norm_(max_norm)                   # not torch's: the norm of the unsharded, all-stage gradient
     optimizer.step(); optimizer.zero_grad()
     loads = plan.reduce_expert_loads()               # {layer: (E,) global assignments per expert}
     plan.update_expert_bias(loads)                   # identical bias on every rank
     dropped = plan.reduce_dropped_fractions()        # {layer: global dropped fraction} (collective)
+Under pp the statistics for logging cover the whole model: `gather_over_pipeline`, `aux_losses` and
+`reduce_dropped_fractions` add every stage's layers (a stage without MoE layers takes part too).
 Saving and export: `moe/checkpoint.py` (sharded checkpoints that reshard, the full model from one).
 
 Gradient sync: every rank reads distinct data, so non-expert gradients are averaged over all
@@ -47,6 +53,7 @@ from moe.experts import GroupedExperts
 from moe.model import MoETransformer
 from moe.parallel.expert import ExpertParallel, make_counts_gather, make_stats_reducer, shard_experts
 from moe.parallel.mesh import Mesh, ParallelDims, build_mesh
+from moe.parallel.pipeline import Pipeline, PipelineConfig, prune_to_stages, rank_stages
 
 
 class ParallelPlan:
@@ -55,6 +62,9 @@ class ParallelPlan:
     def __init__(self, model: MoETransformer, dims: ParallelDims, mesh: Mesh) -> None:
         self.model, self.dims, self.mesh = model, dims, mesh
         self.expert_parallel: dict[str, ExpertParallel] = {}
+        self.pipeline: Pipeline | None = None  # pp > 1: this rank's stages and their schedule
+        cfg = model.cfg
+        self.moe_layer_names = [str(i) for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]  # whole model
         self.expert_param_names = {f"{prefix}.{name}" for prefix, mod in model.named_modules()
                                    if isinstance(mod, GroupedExperts) for name in GroupedExperts.PARAM_NAMES}
 
@@ -109,7 +119,7 @@ class ParallelPlan:
         """
         params = dict(self.model.named_parameters())
         buckets = self.grad_sync_buckets()
-        device = next(iter(params.values())).device
+        device = self.model.rope_cos.device
 
         def squares(names: list[str]) -> torch.Tensor:
             total = torch.zeros((), device=device, dtype=torch.float32)
@@ -121,7 +131,10 @@ class ParallelPlan:
         expert_sq = squares(buckets["expert_dp"])
         if self.distributed and self.dims.ep > 1:
             dist.all_reduce(expert_sq, group=self.mesh.ep_group)
-        total_norm = (squares(buckets["stage"]) + expert_sq).sqrt()
+        total_sq = squares(buckets["stage"]) + expert_sq
+        if self.mesh.pp_group is not None:  # every stage's share: the norm of the whole model
+            dist.all_reduce(total_sq, group=self.mesh.pp_group)
+        total_norm = total_sq.sqrt()
         coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
         for p in params.values():
             if p.grad is not None:
@@ -145,41 +158,71 @@ class ParallelPlan:
 
     @torch.no_grad()
     def reduce_dropped_fractions(self) -> dict[str, float]:
-        """Per MoE layer: dropped / routed assignments since the last call over the whole stage (collective)."""
+        """Per MoE layer of the whole model: dropped / routed assignments since the last call over the
+        whole stage, gathered over the pipeline (collective; a stage without MoE layers takes part)."""
         layers = self.model.moe_layers()
-        if not layers:
-            return {}
-        counts = torch.stack([torch.stack([m.dropped_tokens.float(), m.routed_tokens.float()])
-                              for m in layers.values()])
-        if self.distributed:
-            dist.all_reduce(counts, group=self.mesh.stage_group)
+        device = self.model.rope_cos.device
+        counts = {n: torch.stack([m.dropped_tokens.float(), m.routed_tokens.float()]) for n, m in layers.items()}
+        if self.distributed and counts:
+            stacked = torch.stack(list(counts.values()))
+            dist.all_reduce(stacked, group=self.mesh.stage_group)
+            counts = dict(zip(counts, stacked, strict=True))
         for m in layers.values():
             m.take_dropped_fraction()  # reset the local counters
-        return {name: float(c[0] / c[1].clamp(min=1)) for name, c in zip(layers, counts)}
+        full = self.gather_over_pipeline(counts, torch.zeros(2, device=device))
+        return {name: float(c[0] / c[1].clamp(min=1)) for name, c in full.items()}
+
+    @torch.no_grad()
+    def gather_over_pipeline(self, per_layer: dict[str, torch.Tensor], empty: torch.Tensor
+                             ) -> dict[str, torch.Tensor]:
+        """Every MoE layer's value (this rank holds only its stages' layers): one all-reduce over the
+        pipeline, each stage filling its own rows (`empty` gives a row's shape). Collective under pp."""
+        if self.mesh.pp_group is None:
+            return per_layer
+        rows = torch.stack([per_layer[n].to(empty) if n in per_layer else torch.zeros_like(empty)
+                            for n in self.moe_layer_names]) if self.moe_layer_names else empty.new_zeros((0,))
+        dist.all_reduce(rows, group=self.mesh.pp_group)
+        return dict(zip(self.moe_layer_names, rows, strict=True))
+
+    @torch.no_grad()
+    def aux_losses(self) -> dict[str, float]:
+        """Last auxiliary and z losses summed over the whole model's MoE layers (for logging; collective
+        under pp: each stage adds its layers')."""
+        local = self.model.aux_losses()
+        if self.mesh.pp_group is None:
+            return local
+        t = torch.tensor([local["aux_loss"], local["z_loss"]], device=self.model.rope_cos.device)
+        dist.all_reduce(t, group=self.mesh.pp_group)
+        return {"aux_loss": float(t[0]), "z_loss": float(t[1])}
 
 
 @torch.no_grad()
-def _broadcast_from_stage_rank0(model: nn.Module, mesh: Mesh) -> None:
+def _broadcast_from_rank0(model: nn.Module, group: dist.ProcessGroup) -> None:
     tensors = [t for t in [*model.parameters(), *model.buffers()] if t.numel()]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
-    src = dist.get_global_rank(mesh.stage_group, 0)
+    src = dist.get_global_rank(group, 0)
     for group_tensors in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group_tensors])
-        dist.broadcast(flat, src=src, group=mesh.stage_group)
+        dist.broadcast(flat, src=src, group=group)
         offset = 0
         for t in group_tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
 
-def shard_model(model: MoETransformer, dims: ParallelDims, rank: int) -> None:
-    """Keep `rank`'s share of every sharded parameter, in place: with ep > 1 each MoE layer keeps the
-    experts of its EP coordinate. Structural only (no process group), so it runs on a meta model to
-    size a layout before any memory is spent, and on the real one inside `parallelize`."""
-    if dims.pp != 1:
-        raise NotImplementedError("pipeline parallelism is not applied yet; use parallel.pp=1.")
+def shard_model(model: MoETransformer, dims: ParallelDims, rank: int,
+                pipeline: PipelineConfig | None = None) -> None:
+    """Keep `rank`'s share of the model, in place, in the fixed order: pipeline stages first (pp > 1:
+    only the layers, embedding and head of this rank's stages), then expert parallelism inside them
+    (ep > 1: each MoE layer keeps the experts of its EP coordinate). Structural only (no process
+    group), so it runs on a meta model to size a layout before any memory is spent, and on the real
+    one inside `parallelize`."""
+    if dims.pp > 1:
+        pipeline = (pipeline or PipelineConfig()).validate(dims.pp, model.cfg.n_layers)
+        pp_rank = dims.coords(rank)[0]
+        prune_to_stages(model, rank_stages(model.cfg, dims.pp, pp_rank, pipeline.virtual_stages))
     if dims.ep == 1:
         return
     ep_rank = dims.coords(rank)[2]
@@ -189,31 +232,36 @@ def shard_model(model: MoETransformer, dims: ParallelDims, rank: int) -> None:
         shard_experts(moe.experts, ep_rank, dims.ep)
 
 
-def parallelize(model: MoETransformer, dims: ParallelDims, device_type: str | None = None) -> ParallelPlan:
+def parallelize(model: MoETransformer, dims: ParallelDims, device_type: str | None = None,
+                pipeline: PipelineConfig | None = None) -> ParallelPlan:
     """Apply the parallelisms `dims` asks for to `model` in place; returns the plan the loop steps with.
 
     `model` is either on the meta device (then `materialize` it afterwards; `device_type` is required)
     or materialized (then rank 0's weights are broadcast first). device_type ("cpu" or "cuda", ROCm
-    included) defaults to the device of a materialized model's parameters.
+    included) defaults to the device of a materialized model's parameters. `pipeline` says how
+    stages are scheduled when dims.pp > 1 (defaults: `PipelineConfig()`).
     """
-    if dims.pp != 1:
-        raise NotImplementedError("pipeline parallelism is not applied yet; use parallel.pp=1.")
     on_meta = any(p.is_meta for p in model.parameters())
     if device_type is None:
         if on_meta:
             raise ValueError("parallelize() of a meta-device model needs device_type ('cpu' or 'cuda').")
         device_type = next(model.parameters()).device.type
-    mesh = build_mesh(dims, device_type)
+    pipeline = (pipeline or PipelineConfig()).validate(dims.pp, model.cfg.n_layers)
+    mesh = build_mesh(dims, device_type, pipeline.timeout_s)
     plan = ParallelPlan(model, dims, mesh)
     if not mesh.distributed:
         return plan
-    if not on_meta:
-        _broadcast_from_stage_rank0(model, mesh)
-    shard_model(model, dims, mesh.rank)
+    if not on_meta:  # the whole model is still here: every rank takes global rank 0's weights
+        _broadcast_from_rank0(model, dist.group.WORLD)
+    shard_model(model, dims, mesh.rank, pipeline)  # 1. stages, 2. experts inside each stage
+    if dims.pp > 1:
+        specs = rank_stages(model.cfg, dims.pp, mesh.pp_rank, pipeline.virtual_stages)
+        device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else device_type
+        plan.pipeline = Pipeline(model, specs, pipeline, mesh.pp_group, device)
     for name, moe in model.moe_layers().items():
         if dims.ep > 1:
             plan.expert_parallel[name] = ExpertParallel(moe.experts, mesh.ep_group, dims.ep)
         moe.reduce_stats = make_stats_reducer(mesh.stage_group)
         if moe.cfg.capacity_factor > 0:
             moe.gather_counts = make_counts_gather(mesh.stage_group)
-    return plan
+    return plan  # 3. data-parallel gradient sync: plan.sync_gradients() over each stage's dp*ep ranks

@@ -18,6 +18,7 @@ group uses (gloo on CPU, NCCL on NVIDIA, RCCL through torch's nccl backend on RO
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -77,6 +78,21 @@ class ParallelDims:
         pp_idx, _, ep_idx = self.coords(rank)
         return [(pp_idx * self.dp + d) * self.ep + ep_idx for d in range(self.dp)]
 
+    def pipeline_ranks(self, rank: int) -> list[int]:
+        """The pp ranks (one per stage, in stage order) that train the same microbatches as `rank`."""
+        _, dp_idx, ep_idx = self.coords(rank)
+        return [(p * self.dp + dp_idx) * self.ep + ep_idx for p in range(self.pp)]
+
+    def data_rank(self, rank: int) -> int:
+        """Which data-parallel replica (dp*ep of them, every pipeline is one) `rank` belongs to."""
+        _, dp_idx, ep_idx = self.coords(rank)
+        return dp_idx * self.ep + ep_idx
+
+    @property
+    def data_ranks(self) -> int:
+        """Data-parallel replicas: each reads its own micro-batch (ranks of one pipeline share theirs)."""
+        return self.dp * self.ep
+
     def stage_ranks(self, rank: int) -> list[int]:
         """All dp*ep ranks of `rank`'s pipeline stage: the data-parallel world of non-expert parameters."""
         pp_idx = self.coords(rank)[0]
@@ -93,10 +109,15 @@ class Mesh:
     ep_group: dist.ProcessGroup | None  # this rank's expert-parallel group (token exchange)
     expert_dp_group: dist.ProcessGroup | None  # ranks holding the same experts
     stage_group: dist.ProcessGroup | None  # all dp*ep ranks of this pipeline stage
+    pp_group: dist.ProcessGroup | None = None  # this rank's pipeline (pp ranks), with the pipeline timeout
 
     @property
     def distributed(self) -> bool:
         return self.stage_group is not None
+
+    @property
+    def pp_rank(self) -> int:
+        return self.dims.coords(self.rank)[0]
 
     @property
     def ep_rank(self) -> int:
@@ -107,15 +128,16 @@ class Mesh:
         return self.dims.coords(self.rank)[1]
 
 
-def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> Mesh:
-    """Create the DeviceMesh and its groups; every rank must call this, in the same order."""
+def build_mesh(dims: ParallelDims, device_type: str = "cpu", pp_timeout_s: float | None = None) -> Mesh:
+    """Create the DeviceMesh and its groups; every rank must call this, in the same order. With pp > 1
+    each pipeline also gets its own group for the stages' send/recv, created with `pp_timeout_s`."""
     if not (dist.is_available() and dist.is_initialized()):
         if dims.world_size != 1:
             raise ConfigError(
                 f"parallel degrees describe a world of {dims.world_size} ranks but torch.distributed is not "
                 "initialized; start workers through Ray Train (or init_process_group) first."
             )
-        return Mesh(dims, 0, None, None, None, None)
+        return Mesh(dims, 0, None, None, None, None, None)
     world = dist.get_world_size()
     if world != dims.world_size:
         raise ConfigError(
@@ -130,7 +152,17 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> Mesh:
         stage_group = dist.group.WORLD
     else:  # the stage's dp*ep ranks as one group
         stage_group = device_mesh["dp", "ep"]._flatten("dp_ep").get_group()
-    mesh = Mesh(dims, rank, device_mesh, device_mesh.get_group("ep"), device_mesh.get_group("dp"), stage_group)
+    pp_group = None
+    if dims.pp > 1:
+        timeout = timedelta(seconds=pp_timeout_s) if pp_timeout_s else None
+        for d in range(dims.dp):  # every rank creates every pipeline's group, in the same order
+            for e in range(dims.ep):
+                ranks = [(p * dims.dp + d) * dims.ep + e for p in range(dims.pp)]
+                group = dist.new_group(ranks, timeout=timeout)
+                if rank in ranks:
+                    pp_group = group
+    mesh = Mesh(dims, rank, device_mesh, device_mesh.get_group("ep"), device_mesh.get_group("dp"), stage_group,
+                pp_group)
     for name, group, expected in (("ep", mesh.ep_group, dims.ep_group_ranks(rank)),
                                   ("dp", mesh.expert_dp_group, dims.expert_dp_group_ranks(rank))):
         got = dist.get_process_group_ranks(group)
