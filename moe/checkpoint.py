@@ -1,7 +1,9 @@
 """The one checkpoint module: sharded training checkpoints that reshard, and the exported model.
 
 Training checkpoints (`save_checkpoint`, `load_checkpoint`, `load_full_model`) are
-torch.distributed.checkpoint (DCP) directories of model + optimizer. Replicated tensors are
+torch.distributed.checkpoint (DCP) directories of model + optimizer, every entry keyed by the
+one-device model's parameter name (the optimizer's state and param groups flattened by name), so a
+pipeline stage writes only its own layers' entries and any stage layout reads them back. Replicated tensors are
 written once (DCP deduplicates them across ranks). Expert weights, which expert parallelism shards
 along their first (expert) dimension, and their AdamW moments are stored one entry per *global*
 expert (`<param>.expert<e>`), so a checkpoint written with any EP degree or number of workers
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from moe.config import ModelConfig, MoEConfig
 from moe.experts import GroupedExperts
@@ -53,46 +55,57 @@ def _join(parts: dict[str, torch.Tensor], first: int) -> torch.Tensor:
     return torch.stack([parts[f"expert{first + i}"] for i in range(len(parts))])
 
 
+OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state_fqn(key: str) -> str | None:
+    """`state.<parameter fqn>.<moment>` -> the parameter's fqn (flattened optimizer keys)."""
+    return key[len("state."):key.rindex(".")] if key.startswith("state.") else None
+
+
 def to_global_layout(model_sd: dict[str, Any], optim_sd: dict[str, Any], offsets: dict[str, int]
                      ) -> dict[str, Any]:
-    """Split expert tensors (and their optimizer moments) into per-global-expert entries."""
+    """Split expert tensors (and their optimizer moments) into per-global-expert entries.
+
+    `optim_sd` is flattened by parameter name (`state.<fqn>.exp_avg`, `param_groups.<fqn>.lr`): a
+    rank's optimizer holds only its stages' parameters, and index-keyed `param_groups` would collide
+    across pipeline stages in DCP (and lose lr/betas on load)."""
     model_out = {k: (_split(v, offsets[k]) if k in offsets else v) for k, v in model_sd.items()}
-    state_out = {}
-    for fqn, st in optim_sd.get("state", {}).items():
-        if fqn in offsets:
-            st = {k: (_split(v, offsets[fqn]) if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in st.items()}
-        state_out[fqn] = st
-    return {"model": model_out, "optim": {"state": state_out, "param_groups": optim_sd.get("param_groups", [])}}
+    optim_out = {}
+    for key, v in optim_sd.items():
+        fqn = _state_fqn(key)
+        expert = fqn in offsets and torch.is_tensor(v) and v.ndim > 0
+        optim_out[key] = _split(v, offsets[fqn]) if expert else v
+    return {"model": model_out, "optim": optim_out}
 
 
 def from_global_layout(state: dict[str, Any], offsets: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Inverse of `to_global_layout` for this rank's experts."""
     model_sd = {k: (_join(v, offsets[k]) if k in offsets else v) for k, v in state["model"].items()}
-    optim_state = {}
-    for fqn, st in state["optim"]["state"].items():
-        if fqn in offsets:
-            st = {k: (_join(v, offsets[fqn]) if isinstance(v, dict) else v) for k, v in st.items()}
-        optim_state[fqn] = st
-    return model_sd, {"state": optim_state, "param_groups": state["optim"]["param_groups"]}
+    optim_sd = {k: (_join(v, offsets[_state_fqn(k)]) if isinstance(v, dict) else v)
+                for k, v in state["optim"].items()}
+    return model_sd, optim_sd
 
 
 def save_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, directory: Path,
                     extra: dict[str, Any], rank: int) -> None:
-    """Collective: every rank writes its part under `directory/dcp`; rank 0 also writes `extra`."""
-    model_sd, optim_sd = get_state_dict(model, opt)
+    """Collective: every rank writes its part under `directory/dcp`; rank 0 also writes `extra`.
+    Entries are keyed by the one-device model's parameter names, so what a pipeline stage writes
+    loads under any other stage layout (pp), EP degree or world size."""
+    model_sd, optim_sd = get_state_dict(model, opt, options=OPTIM_OPTIONS)
     dcp.save(to_global_layout(model_sd, optim_sd, expert_offsets(model)), checkpoint_id=str(directory / DCP_DIR))
     if rank == 0:
         torch.save(extra, directory / TRAINER_STATE_FILE)
 
 
 def load_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, directory: Path) -> dict[str, Any]:
-    """Collective: fill model and optimizer (any EP degree / world size) and return rank 0's `extra`."""
+    """Collective: fill model and optimizer (any pp layout / EP degree / world size) and return rank 0's `extra`."""
     offsets = expert_offsets(model)
-    model_sd, optim_sd = get_state_dict(model, opt)  # initializes the optimizer state to load into
+    model_sd, optim_sd = get_state_dict(model, opt, options=OPTIM_OPTIONS)  # initializes the optimizer state
     state = to_global_layout(model_sd, optim_sd, offsets)
     dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
     model_sd, optim_sd = from_global_layout(state, offsets)
-    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIM_OPTIONS)
     return torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
 
 
