@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from cluster.config import ClusterConfig
 from moe.config import ModelConfig
+from moe.parallel.pipeline import PipelineConfig
 from pipelines.core.config import check, compose_config, to_dataclass
 from pipelines.core.tracking import TrackingConfig
 from pipelines.data.config import DataConfig
@@ -33,17 +34,28 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """Degrees of the device mesh; dp=-1 takes what is left of the world."""
+    """Degrees of the device mesh; dp=-1 takes what is left of the world. With pp > 1 the model is
+    split into pipeline stages run by `pp_schedule` over `pp_microbatches` microbatches of each
+    pipeline's `train.micro_batch_size` sequences (moe/parallel/pipeline.py)."""
 
     dp: int = -1
     ep: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_microbatches: int = 2
+    pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b: >= 2)
+    pp_timeout_s: float = 600.0  # pipeline send/recv and process-group timeout
+
+
+def pipeline_config(p: ParallelConfig) -> PipelineConfig:
+    return PipelineConfig(schedule=p.pp_schedule, microbatches=p.pp_microbatches,
+                          virtual_stages=p.pp_virtual_stages, timeout_s=p.pp_timeout_s)
 
 
 @dataclass
 class TrainLoopConfig:
     steps: int = 200
-    micro_batch_size: int = 16  # sequences per worker per step
+    micro_batch_size: int = 16  # sequences per data-parallel rank (a whole pipeline under pp) per step
     shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (0: stream order)
     log_every: int = 10
     eval_every: int = 50
@@ -118,4 +130,22 @@ def validate_train_config(c: TrainConfig) -> TrainConfig:
     check(c.model.moe.n_routed_experts % p.ep == 0,
            f"model.moe.n_routed_experts={c.model.moe.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
            "choose an ep that divides the number of experts.")
+    _validate_pipeline(c)
     return c
+
+
+def _validate_pipeline(c: TrainConfig) -> None:
+    """pp > 1: the schedule can run the layout, and a pipeline's batch splits into its microbatches."""
+    p, b = c.parallel, c.train.micro_batch_size
+    pipeline_config(p).validate(p.pp, c.model.n_layers)  # ConfigError naming the key and the fix
+    if p.pp == 1:
+        return
+    check(c.cluster.num_workers % p.pp == 0,
+          f"parallel.pp={p.pp} does not divide cluster.num_workers={c.cluster.num_workers}; "
+          f"set cluster.num_workers to a multiple of {p.pp * p.ep}.")
+    check(b % p.pp_microbatches == 0,
+          f"train.micro_batch_size={b} (sequences per pipeline per step) is not divisible by "
+          f"parallel.pp_microbatches={p.pp_microbatches}; choose a multiple of it.")
+    check(b % p.pp == 0,
+          f"train.micro_batch_size={b} is not divisible by parallel.pp={p.pp}: each of a pipeline's {p.pp} ranks "
+          f"reads 1/{p.pp} of its batch; choose a multiple of {p.pp}.")

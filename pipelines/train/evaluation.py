@@ -1,5 +1,6 @@
 """The training loss and the validation loss: next-token cross entropy under the loss mask, and
-`Evaluator`, the mean validation loss over a fixed sample of the validation split."""
+`Evaluator`, the mean validation loss over a fixed sample of the validation split (under pipeline
+parallelism through the schedule's forward-only path)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ import torch.nn.functional as F
 
 from cluster.profiles import torch_dtype
 from moe.model import MoETransformer
+from moe.parallel.pipeline import IGNORE_INDEX, Pipeline
 from pipelines.data.ingest import ConsumedSet, iter_batches
 from pipelines.train.collectives import all_reduce_
 from pipelines.train.config import TrainConfig
+
+
+def token_loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross entropies over targets that are not IGNORE_INDEX (masked positions)."""
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def masked_lm_loss(logits_BTV: torch.Tensor, tokens_BT1: torch.Tensor, mask_BT1: torch.Tensor) -> torch.Tensor:
@@ -40,29 +48,36 @@ class Evaluator:
         self.cfg, self.device, self.n_val_sequences = cfg, device, n_val_sequences
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
-    def _load(self, rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+    def _load(self, data_rank: int, n_data: int) -> list[dict[str, torch.Tensor]]:
         b = self.cfg.train.micro_batch_size
-        # whole batches on every rank: under expert parallelism each forward is a collective
-        n_sample = min(self.n_val_sequences, self.cfg.train.eval_batches * world * b) // (world * b) * (world * b)
+        # whole batches on every data rank: under expert (and pipeline) parallelism each forward is a collective
+        n_sample = min(self.n_val_sequences, self.cfg.train.eval_batches * n_data * b) // (n_data * b) * (n_data * b)
         chosen = torch.linspace(0, self.n_val_sequences - 1, n_sample).round().long().unique()
         keep = torch.zeros(self.n_val_sequences, dtype=torch.bool)
-        keep[chosen[rank::world]] = True  # by seq_id, so the ranks' shares never depend on read order
+        keep[chosen[data_rank::n_data]] = True  # by seq_id, so the shares never depend on read order
         skip = ConsumedSet(self.n_val_sequences)  # everything outside this rank's share counts as "consumed"
         skip.add(torch.nonzero(~keep).flatten())
         return list(iter_batches(ray.train.get_dataset_shard("val"), b, skip))
 
     @torch.no_grad()
-    def __call__(self, model: MoETransformer, rank: int, world: int) -> float:
+    def __call__(self, model: MoETransformer, data_rank: int, n_data: int, pipeline: Pipeline | None = None
+                 ) -> float:
+        """Mean token loss over the sample. `data_rank` of `n_data` data-parallel ranks picks the share;
+        the ranks of one pipeline read the same share and run it through the schedule's eval path."""
         if self._batches is None:
-            self._batches = self._load(rank, world)
+            self._batches = self._load(data_rank, n_data)
         model.eval()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         for batch in self._batches:
             tokens, mask = batch["tokens"].to(self.device), batch["loss_mask"].to(self.device)
+            targets = torch.where(mask[:, 1:] > 0, tokens[:, 1:], IGNORE_INDEX)
             with autocast(self.cfg, self.device):
-                logits = model(tokens[:, :-1])
-            n = float(mask[:, 1:].sum())
-            loss_sum += torch.tensor([float(masked_lm_loss(logits, tokens, mask)) * n, n], dtype=torch.float64)
+                if pipeline is None:
+                    ce = token_loss_sum(model(tokens[:, :-1]), targets)
+                else:  # only the last stage has the loss; the others add zeros below
+                    ce = pipeline.eval(tokens[:, :-1], targets, dtypes=(torch.float32, torch_dtype(self.cfg.cluster)))
+            if ce is not None:
+                loss_sum += torch.tensor([float(ce), float((targets != IGNORE_INDEX).sum())], dtype=torch.float64)
         model.train()
         all_reduce_(loss_sum)
         return float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")

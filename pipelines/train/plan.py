@@ -2,7 +2,9 @@
 
 Printed at the start of every run and by `train.dry_run=true`. The memory lines come from the
 model itself: it is built on the meta device and sharded exactly as a training rank shards it
-(`moe.parallel.apply.shard_model`), so they count what one rank will hold, before any GPU is rented.
+(`moe.parallel.apply.shard_model`, pipeline stages included: the plan shows the largest stage), so
+they count what one rank will hold, before any GPU is rented. The global batch counts data-parallel
+ranks only (dp x ep; the pp ranks of a pipeline train the same sequences).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from moe.flops import flops_per_token, param_counts
 from moe.model import build_meta_model
 from moe.parallel.apply import shard_model
 from moe.parallel.mesh import ParallelDims
-from pipelines.train.config import TrainConfig
+from moe.parallel.pipeline import PipelineConfig, split_stages
+from pipelines.train.config import TrainConfig, pipeline_config
 
 GIB = 1024 ** 3
 MASTER_BYTES = 4  # parameters and gradients are fp32 (bf16 profiles compute under autocast)
@@ -35,15 +38,24 @@ class RankMemory:
         return self.param_bytes + self.grad_bytes + self.optim_bytes
 
 
-def rank_memory(model_cfg: ModelConfig, dims: ParallelDims, rank: int = 0) -> RankMemory:
-    """Build the model on meta, keep `rank`'s share (`shard_model`) and count it. Every rank of a
-    stage holds the same amount (the experts divide evenly over ep), so rank 0 stands for all."""
+def rank_memory(model_cfg: ModelConfig, dims: ParallelDims, rank: int = 0,
+                pipeline: PipelineConfig | None = None) -> RankMemory:
+    """Build the model on meta, keep `rank`'s share (`shard_model`: its pipeline stages, then its
+    experts) and count it. Every rank of a stage holds the same amount (the experts divide evenly
+    over ep), so the stage's first rank stands for all of them."""
     model = build_meta_model(model_cfg)
-    shard_model(model, dims, rank)
+    shard_model(model, dims, rank, pipeline)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return RankMemory(params=params, param_bytes=params * MASTER_BYTES, grad_bytes=trainable * MASTER_BYTES,
                       optim_bytes=trainable * ADAMW_STATES * MASTER_BYTES)
+
+
+def largest_stage_memory(model_cfg: ModelConfig, dims: ParallelDims, pipeline: PipelineConfig | None = None
+                         ) -> RankMemory:
+    """The rank that holds the most: one rank per pipeline rank (stage), the largest kept."""
+    stage_first_ranks = [p * dims.dp * dims.ep for p in range(dims.pp)]
+    return max((rank_memory(model_cfg, dims, r, pipeline) for r in stage_first_ranks), key=lambda m: m.total_bytes)
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class TrainingPlan:
     active_params: int
     flops_per_token: float
     memory: RankMemory
+    pipeline_line: str = ""
 
     def lines(self) -> list[str]:
         d = self.dims
@@ -69,13 +82,13 @@ class TrainingPlan:
             f"profile        {self.profile}",
             f"workers        {self.workers}",
             f"device         {self.device} / backend {self.backend} / dtype {self.dtype}",
-            f"mesh           dp={d.dp} ep={d.ep} pp={d.pp} (world {d.world_size})",
-            f"batch          {self.micro_batch_size} seq/worker, global {self.global_batch} seq "
+            f"mesh           dp={d.dp} ep={d.ep} pp={d.pp} (world {d.world_size}){self.pipeline_line}",
+            f"batch          {self.micro_batch_size} seq/data-parallel rank, global {self.global_batch} seq "
             f"= {self.tokens_per_step:,} tokens/step",
             f"steps          {self.steps} ({self.steps * self.tokens_per_step:,} tokens)",
             f"parameters     {self.total_params:,} total, {self.active_params:,} active per token",
             f"FLOPs/token    {self.flops_per_token:.3e} (train, fwd+bwd)",
-            f"per rank       {self.memory.params:,} parameters: {self.memory.param_bytes / GIB:.2f} GiB params + "
+            f"per rank       {'(largest stage) ' if d.pp > 1 else ''}{self.memory.params:,} parameters: {self.memory.param_bytes / GIB:.2f} GiB params + "
             f"{self.memory.grad_bytes / GIB:.2f} GiB grads + {self.memory.optim_bytes / GIB:.2f} GiB AdamW "
             f"= {self.memory.total_bytes / GIB:.2f} GiB (fp32; activations not included)",
         ]
@@ -89,12 +102,16 @@ def make_plan(cfg: TrainConfig) -> TrainingPlan:
     workers = f"{cl.num_workers}" if cl.min_workers is None else f"{cl.min_workers}..{cl.num_workers} (elastic)"
     res = f" x ({cl.cpus_per_worker:g} CPU" + (f", {cl.gpus_per_worker:g} GPU {cl.accelerator_type or ''}".rstrip()
                                               if cl.gpus_per_worker else "") + ")"
-    global_batch = cfg.train.micro_batch_size * dims.dp
+    global_batch = cfg.train.micro_batch_size * dims.data_ranks  # dp x ep ranks read their own; a pipeline shares
+    pipeline = pipeline_config(cfg.parallel)
+    stages = split_stages(cfg.model, pipeline.n_stages(dims.pp)) if dims.pp > 1 else []
+    pipeline_line = (f"; {pipeline.schedule}, {pipeline.microbatches} microbatches, stages (layers) "
+                     + " | ".join(",".join(map(str, s.layer_ids)) for s in stages)) if stages else ""
     return TrainingPlan(
         profile=cl.name, workers=workers + res, device=cl.device, backend=cl.backend, dtype=cl.dtype, dims=dims,
         micro_batch_size=cfg.train.micro_batch_size, global_batch=global_batch,
         tokens_per_step=global_batch * cfg.data.seq_len, steps=cfg.train.steps,
         total_params=counts.total, active_params=counts.active,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
-        memory=rank_memory(cfg.model, dims),
+        memory=largest_stage_memory(cfg.model, dims, pipeline), pipeline_line=pipeline_line,
     )

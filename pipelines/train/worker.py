@@ -3,10 +3,11 @@
     setup       build the model on the meta device, parallelize it, materialize only the local
                 shards; optimizer and schedule; resume from the latest checkpoint or start fresh
     train_step  one optimizer step on one micro-batch (forward, backward, gradient sync, clip,
-                step, load balancing): the seam where a pipeline schedule will replace forward
-                and backward
-    log         the metrics of the steps since the last log (collective)
-    evaluate    the validation loss (collective)
+                step, load balancing); under pp the pipeline schedule (gpipe, 1f1b, interleaved)
+                runs forward and backward over the microbatches (`_forward_backward`)
+    log         the metrics of the steps since the last log (collective; under pp the loss, loads,
+                drops and aux losses cover every stage)
+    evaluate    the validation loss (collective; under pp through the schedule's forward-only path)
     save        a distributed checkpoint of model, optimizer, schedule and data position, reported
                 with the metrics
 `fit` runs them: setup, then steps until `train.steps`, logging every `log_every`, evaluating every
@@ -30,17 +31,18 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from cluster.profiles import uses_gpu
+from cluster.profiles import torch_dtype, uses_gpu
 from moe.checkpoint import load_checkpoint, save_checkpoint
 from moe.experts import accumulate_expert_grads_in_place
 from moe.flops import measure_matmul_peak, mfu
 from moe.model import build_meta_model, materialize
 from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
+from moe.parallel.pipeline import IGNORE_INDEX
 from pipelines.data.ingest import ConsumedSet, iter_batches
 from pipelines.train.collectives import all_gather_cat, all_reduce_
-from pipelines.train.config import TrainConfig
-from pipelines.train.evaluation import Evaluator, autocast, masked_lm_loss
+from pipelines.train.config import TrainConfig, pipeline_config
+from pipelines.train.evaluation import Evaluator, autocast, token_loss_sum
 from pipelines.train.optim import build_optimizer, build_schedule
 
 
@@ -58,7 +60,7 @@ class TrainerState:
 
 @dataclass
 class StepStats:
-    """What one `train_step` measured (this rank's loss; tokens of the whole global batch)."""
+    """What one `train_step` measured (the global batch's loss and tokens; aux losses over all stages)."""
 
     loss: float
     aux_loss: float
@@ -107,14 +109,15 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)
         dims = ParallelDims.from_degrees(self.world, cfg.parallel.dp, cfg.parallel.ep, cfg.parallel.pp,
                                          cfg.model.moe.n_routed_experts)
+        self.dims, self.data_rank = dims, dims.data_rank(self.rank)  # a pipeline's ranks share one data rank
         self.model = build_meta_model(cfg.model)
-        self.plan = parallelize(self.model, dims, device_type=self.device.type)
+        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel))
         materialize(self.model, self.device, seed=cfg.train.seed)
         accumulate_expert_grads_in_place(self.model)  # gradients stay allocated across steps (zero_grad below)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_schedule(self.opt, cfg.optim, cfg.train.steps)
         self.state = self._resume() or TrainerState()
-        self.moe_names = list(self.model.moe_layers())
+        self.moe_names = self.plan.moe_layer_names  # the whole model's, whichever stages this rank holds
         self.load_matrix = torch.tensor(self.state.expert_load, dtype=torch.float64) if self.state.expert_load \
             else torch.zeros(len(self.moe_names), cfg.model.moe.n_routed_experts, dtype=torch.float64)
         peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops else measure_matmul_peak()
@@ -143,27 +146,45 @@ class Trainer:
         t = self.cfg.train
         self.consumed = consumed
         seed = t.seed + 1000 * self.state.epoch + self.rank
+        per_rank = t.micro_batch_size // self.dims.pp  # a pipeline's ranks each read their share of its batch
         self.batches: Iterator[dict[str, torch.Tensor]] = iter(
-            iter_batches(self.shard, t.micro_batch_size, consumed, t.shuffle_buffer, seed))
+            iter_batches(self.shard, per_rank, consumed, t.shuffle_buffer, seed))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next micro-batch; when any rank runs out, every rank starts the next epoch together."""
+        """The next micro-batch; when any rank runs out, every rank starts the next epoch together.
+        Under pp the ranks of a pipeline gather their shares: all of them get the pipeline's batch
+        ("seq_id" stays this rank's own share, which is what it marks consumed)."""
         while True:
             batch = next(self.batches, None)
             have = all_reduce_(torch.tensor([0 if batch is None else 1]), dist.ReduceOp.MIN)
             if int(have[0]) == 1:
-                return batch
+                break
             self.state.epoch += 1
             self._start_epoch(ConsumedSet(self.n_train_sequences))
+        group = self.plan.mesh.pp_group
+        if group is not None:
+            for key in ("tokens", "loss_mask"):
+                parts = [torch.empty_like(batch[key]) for _ in range(self.dims.pp)]
+                dist.all_gather(parts, batch[key], group=group)
+                batch[key] = torch.cat(parts)
+        return batch
 
     # ---- one step ---------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> StepStats:
-        """Forward, backward, gradient sync, clipping, optimizer and schedule step, load balancing."""
+        """Forward, backward, gradient sync, clipping, optimizer and schedule step, load balancing.
+
+        The loss is the sum of the global batch's valid token losses divided by their count: each data
+        rank scales its sum by n_data / count so that the data-parallel gradient average yields it."""
         tokens, mask = batch["tokens"].to(self.device), batch["loss_mask"].to(self.device)
-        with autocast(self.cfg, self.device):
-            logits = self.model(tokens[:, :-1])
-        loss = masked_lm_loss(logits, tokens, mask)
-        loss.backward()
+        targets = torch.where(mask[:, 1:] > 0, tokens[:, 1:], IGNORE_INDEX)
+        n_data = self.dims.data_ranks
+        count = (targets != IGNORE_INDEX).sum().to(torch.float64)
+        if self.plan.distributed:  # the stage's dp*ep ranks hold every data rank's batch once
+            dist.all_reduce(count, group=self.plan.mesh.stage_group)
+        count = count.clamp(min=1)
+        ce_sum = self._forward_backward(tokens[:, :-1], targets, float(n_data / count))
+        loss = all_reduce_(torch.zeros(1, dtype=torch.float64) if ce_sum is None
+                           else (ce_sum.detach().double().cpu() / count.cpu()).reshape(1))
         self.plan.sync_gradients()
         grad_norm = self.plan.clip_grad_norm_(self.cfg.optim.grad_clip)
         self.opt.step()
@@ -171,15 +192,34 @@ class Trainer:
         self.opt.zero_grad(set_to_none=False)
         loads = self.plan.reduce_expert_loads()
         self.plan.update_expert_bias(loads)
+        loads = self.plan.gather_over_pipeline(loads, torch.zeros(self.cfg.model.moe.n_routed_experts,
+                                                                  device=self.device))
         if loads:
             self.load_matrix += torch.stack([loads[n].double().cpu() for n in self.moe_names])
         self.consumed.add(all_gather_cat(batch["seq_id"].to(self.device)).cpu())
-        step_tokens = tokens[:, :-1].numel() * self.world
+        step_tokens = tokens[:, :-1].numel() * n_data  # data-parallel ranks only: a pipeline shares its batch
         self.state.step += 1
         self.state.tokens_seen += step_tokens
-        aux = self.model.aux_losses()
-        return StepStats(loss=float(loss.detach()), aux_loss=aux["aux_loss"], z_loss=aux["z_loss"],
+        aux = self.plan.aux_losses()
+        return StepStats(loss=float(loss[0]), aux_loss=aux["aux_loss"], z_loss=aux["z_loss"],
                          grad_norm=float(grad_norm), tokens=step_tokens, loads=loads)
+
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """Backward of scale * (sum of this rank's token losses); returns that unscaled sum (None on a
+        pipeline rank without the last stage). Under pp the schedule runs every microbatch."""
+        with autocast(self.cfg, self.device):
+            if self.plan.pipeline is not None:
+                scaled = self.plan.pipeline.step(inputs, targets, loss_scale=scale, dtypes=self._pp_dtypes())
+                return None if scaled is None else scaled / scale
+            logits = self.model(inputs)
+        ce_sum = token_loss_sum(logits, targets)
+        (ce_sum * scale).backward()
+        return ce_sum
+
+    def _pp_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """(activations, logits) between stages: the residual stream stays fp32, logits follow autocast."""
+        dtype = torch_dtype(self.cfg.cluster)
+        return torch.float32, dtype
 
     # ---- log, evaluate, save ----------------------------------------------------------------------
     def log(self, window: MetricsWindow, last: StepStats, eta_s: float) -> dict[str, Any]:
@@ -188,7 +228,7 @@ class Trainer:
         tokens_per_s = window.tokens_per_s()
         metrics: dict[str, Any] = {
             "step": state.step, "epoch": state.epoch,
-            "train/loss": float(all_reduce_(torch.tensor([window.mean("loss")])) / self.world),
+            "train/loss": window.mean("loss"),  # already the global batch's (train_step)
             "train/aux_loss": window.mean("aux_loss"), "train/z_loss": window.mean("z_loss"),
             "train/grad_norm": window.mean("grad_norm"), "train/lr": self.sched.get_last_lr()[0],
             "perf/tokens_per_s": tokens_per_s,
@@ -206,7 +246,7 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> float:
-        return self.evaluator(self.model, self.rank, self.world)
+        return self.evaluator(self.model, self.data_rank, self.dims.data_ranks, self.plan.pipeline)
 
     def save(self, metrics: dict[str, Any]) -> None:
         """Write this rank's part of a checkpoint and report it with `metrics`."""
