@@ -236,8 +236,10 @@ def _timed_stage_class():
                                 super().get_bwd_send_ops(bwd_chunk_id))
 
         def describe(self) -> str:
-            if self.last_p2p is None:
-                return f"stage {self.stage_index} (global rank {dist.get_rank()}): no send/recv posted yet"
+            if self.last_p2p is None:  # the schedule's start-up exchange (shape vote) with the neighbours
+                peers = [p for p in (self.stage_index - 1, self.stage_index + 1) if 0 <= p < self.num_stages]
+                names = " and ".join(f"stage {p} (global rank {self._resolve_peer_global_rank(p)})" for p in peers)
+                return f"stage {self.stage_index} (global rank {dist.get_rank()}) in the start-up exchange with {names}"
             what, peer, mb = self.last_p2p
             return (f"stage {self.stage_index} (global rank {dist.get_rank()}) waiting to {what} stage {peer} "
                     f"(global rank {self._resolve_peer_global_rank(peer)}), microbatch {mb}")

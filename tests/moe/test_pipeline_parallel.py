@@ -188,3 +188,29 @@ def test_stages_balance_cost_and_hold_only_their_layers() -> None:
 def test_pipeline_config_errors_name_the_fix(pc: PipelineConfig, pp: int, n_layers: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         pc.validate(pp, n_layers)
+
+
+def _stuck_peer(rank: int, world: int) -> None:
+    import time
+
+    from moe.parallel.pipeline import PipelineCommError
+
+    model = build_meta_model(pp_config())
+    plan = parallelize(model, ParallelDims.from_degrees(world, pp=2), device_type="cpu",
+                       pipeline=PipelineConfig("gpipe", 2, timeout_s=2))
+    materialize(model, "cpu", seed=0)
+    tokens, targets = _batch(1)
+    plan.pipeline.step(tokens[:, :-1], targets, loss_scale=1.0)  # one step together
+    if rank == 1:  # then stage 1 is stuck: it never takes part in the next step
+        time.sleep(5)
+        return
+    t0 = time.perf_counter()
+    with pytest.raises(PipelineCommError) as err:
+        plan.pipeline.step(tokens[:, :-1], targets, loss_scale=1.0)
+    message = str(err.value)
+    assert "stage 0 (global rank 0) waiting to send activations to stage 1 (global rank 1)" in message, message
+    assert "parallel.pp_timeout_s" in message and time.perf_counter() - t0 < 30, message
+
+
+def test_a_stuck_stage_times_out_naming_the_stage_and_the_peer() -> None:
+    spawn(_stuck_peer, 2)
