@@ -20,7 +20,7 @@ from tests.conftest import REPO
 PACKAGES = ("moe", "cluster", "pipelines", "serve")
 # command lines: they compose configs of several layers and sit on top (never imported by production code)
 ENTRY_POINTS = {"cluster.submit", "pipelines.preprocess", "pipelines.train.__main__",
-                "serve.deploy"}
+                "serve.deploy", "pipelines.evaluate", "pipelines.export"}
 ALLOWED = {
     "moe": {"moe"},
     "cluster": {"moe", "cluster"},
@@ -28,8 +28,10 @@ ALLOWED = {
     "data": {"moe", "cluster", "core", "data"},
     "train": {"moe", "cluster", "core", "data", "train"},
     "serve": {"moe", "cluster", "core", "serve"},
-    "bench": {"moe", "cluster", "core", "data", "train", "serve", "bench"},
-    "entry": {"moe", "cluster", "core", "data", "train", "serve"},
+    # evaluation and export of a trained model: reads preprocessed data, never training or serving
+    "evaluation": {"moe", "core", "data", "evaluation"},
+    "bench": {"moe", "cluster", "core", "data", "train", "serve", "evaluation", "bench"},
+    "entry": {"moe", "cluster", "core", "data", "train", "serve", "evaluation"},
 }
 FORBIDDEN_IN_MOE = ("ray", "hydra", "omegaconf", "mlflow")
 
@@ -41,7 +43,7 @@ def component(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] in ("moe", "cluster", "serve"):
         return parts[0]
-    if parts[0] == "pipelines" and len(parts) > 1 and parts[1] in ("core", "data", "train", "bench"):
+    if parts[0] == "pipelines" and len(parts) > 1 and parts[1] in ("core", "data", "train", "evaluation", "bench"):
         return parts[1]
     return None
 

@@ -5,12 +5,15 @@
     track     an MLflow run as a context: params, config, manifest, tokenizer; ended FAILED on any
               exception below, export and registration included
     fit       a Ray Train TorchTrainer running `pipelines.train.worker.Trainer` on every worker
-    export    the final checkpoint as a one-process model directory (moe.checkpoint)
-    register  plots, the model logged under the run and registered as a new version
+    export    the final checkpoint as a one-process model directory (moe.checkpoint), and beside it
+              the stock transformers directory (moe.hf) when a stock class represents the model
+    register  plots, the model logged under the run and registered as a new version, the
+              transformers directory logged as artifact `hf`
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from collections.abc import Iterator
@@ -23,10 +26,13 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train import DataConfig as RayDataConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from tokenizers import Tokenizer
 
 from cluster.profiles import worker_resources
 from cluster.runtime import ClusterMismatchError, connect
 from moe.checkpoint import export_model, load_full_model
+from moe.hf import UnsupportedModelError, export_hf
+from moe.model import MoETransformer
 from pipelines.core import tracking
 from pipelines.data.ingest import read_manifest, resolve_dataset_dir, split_dataset
 from pipelines.train.config import TrainConfig
@@ -174,7 +180,26 @@ def export(cfg: TrainConfig, result: Result, ds: Dataset, model_dir: Path) -> Pa
         model = load_full_model(cfg.model, Path(ckpt_dir))
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    return export_model(model, model_dir, tokenizer_path=ds.tokenizer_path)
+    export_model(model, model_dir, tokenizer_path=ds.tokenizer_path)
+    export_transformers(model, ds, hf_dir(model_dir))
+    return model_dir
+
+
+def hf_dir(model_dir: Path) -> Path:
+    return model_dir.parent / "hf"
+
+
+def export_transformers(model: MoETransformer, ds: Dataset, out: Path) -> None:
+    """The model as a stock transformers directory (moe/hf.py); a model no stock class represents
+    exactly (or an install without the `hf` extra) gets a warning, not a failed run."""
+    if out.exists():
+        shutil.rmtree(out)
+    tok = Tokenizer.from_file(str(ds.tokenizer_path))
+    try:
+        export_hf(model, out, ds.tokenizer_path, eos_token=tok.id_to_token(int(ds.manifest["eos_id"])),
+                  pad_token=tok.id_to_token(int(ds.manifest["pad_id"])))
+    except (UnsupportedModelError, ImportError) as err:
+        logging.getLogger(__name__).warning("no transformers export: %s", err)
 
 
 def register(cfg: TrainConfig, run: TrackedRun, final: dict[str, Any], model_dir: Path
@@ -194,6 +219,8 @@ def register(cfg: TrainConfig, run: TrackedRun, final: dict[str, Any], model_dir
     if final.get("expert_load"):
         mlflow.log_figure(expert_load_heatmap(final["expert_load"], final["moe_layers"]),
                           "plots/expert_load_heatmap.png")
+    if hf_dir(model_dir).is_dir():
+        mlflow.log_artifacts(str(hf_dir(model_dir)), "hf")
     version = tracking.register_model_dir(model_dir, cfg.tracking.registered_model, run.run_id)
     return version, initial_val, final_val
 
