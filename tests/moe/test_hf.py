@@ -178,3 +178,20 @@ def test_what_no_stock_class_represents_is_refused(tmp_path: Path) -> None:
         moe_hf.model_config_from_hf(other)
     with pytest.raises(FileNotFoundError, match="not a transformers model directory"):
         moe_hf.load_hf(tmp_path / "missing")
+
+
+def test_the_hf_benchmark_checks_logits_and_generation_in_its_run() -> None:
+    """`python -m pipelines.bench hf` at toy size: both sides run on the same exported weights, the
+    logits agree and greedy generation matches (the speed goals are measured, not asserted)."""
+    from pipelines.bench.hf import run
+
+    result = run(["--preset", "tiny", "--batch", "2", "--seq", "32", "--prompts", "4", "--prompt-len", "8",
+                  "--new-tokens", "4", "--rounds", "1", "--gen-rounds", "1", "--score-func", "sigmoid"])
+    out = result.to_json()
+    assert set(out["goals"]) == {"train_tokens_per_s_vs_transformers", "generate_tokens_per_s_vs_transformers",
+                                 "logits_max_abs_diff"}
+    assert out["goals"]["logits_max_abs_diff"]["met"]
+    assert {(r["what"].split(" ")[0], r["side"]) for r in out["rows"]} == {
+        ("train", "ours"), ("train", "transformers"), ("generate", "ours"), ("generate", "transformers")}
+    assert any("Glm4MoeForCausalLM" in n for n in result.notes)
+    assert any("100% of the 4 prompts produce the same tokens" in n for n in result.notes)
