@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe.checkpoint import load_model
+from moe.files import TOKENIZER_FILE
 from moe.hf import export_hf, hf_architecture
 from pipelines.core import tracking
 from pipelines.evaluation.config import ExportConfig
@@ -41,7 +42,7 @@ def run_export(cfg: ExportConfig) -> ExportOutcome:
     resolved = resolve_model(cfg.model, cfg.tracking)
     model = load_model(resolved.path)
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(resolved.label)
-    tokenizer = resolved.path / "tokenizer.json"
+    tokenizer = resolved.path / TOKENIZER_FILE
     export_hf(model, out, tokenizer if tokenizer.is_file() else None, eos_token=cfg.eos_token,
               pad_token=cfg.pad_token)
     logged = None

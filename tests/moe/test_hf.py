@@ -83,11 +83,13 @@ def test_export_loads_in_transformers_with_equal_logits(preset: str, tokenizer_p
         ours, theirs = model(tokens), hf(tokens).logits
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), float((ours - theirs).abs().max())
 
-    # greedy generation: our KV cache against transformers `generate`, same tokens
+    # greedy generation until eos: our KV cache against transformers `generate`, same tokens
+    eos = hf.generation_config.eos_token_id
     prompts = tokens[:, :16]
-    seqs = generate(model, prompts.tolist(), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-    hf_out = hf.generate(prompts, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    assert [s.output_ids for s in seqs] == hf_out[:, 16:].tolist()
+    seqs = generate(model, prompts.tolist(), SamplingParams(max_tokens=12, temperature=0.0), eos_ids=[eos])
+    theirs_ids = [row[:row.index(eos)] if eos in row else row
+                  for row in hf.generate(prompts, max_new_tokens=12, do_sample=False)[:, 16:].tolist()]
+    assert [s.output_ids for s in seqs] == theirs_ids
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
