@@ -80,3 +80,27 @@ def _parallelize_on_meta(rank: int, world: int, dp: int, ep: int) -> None:
 
 def test_parallelize_on_meta_then_materialize_equals_one_device_init() -> None:
     spawn(_parallelize_on_meta, 2, 1, 2)
+
+
+def test_pipeline_stages_split_the_model_and_the_plan_counts_data_parallel_ranks(compose) -> None:
+    """Under pp each rank holds only its stage (the stages add up to the whole model, EP inside them);
+    the dry-run plan's global batch is micro x dp x ep and its memory line is the largest stage's."""
+    from moe.parallel.pipeline import PipelineConfig
+    from pipelines.train.plan import make_plan
+
+    cfg = dataclasses.replace(CFG, n_layers=4)
+    total = sum(p.numel() for p in build_meta_model(cfg).parameters())
+    dims = ParallelDims.from_degrees(4, dp=1, ep=2, pp=2, n_experts=8)
+    per_stage = [rank_memory(cfg, dims, rank, PipelineConfig("1f1b", 2)) for rank in (0, 2)]
+    whole_stages = [rank_memory(cfg, ParallelDims.from_degrees(2, dp=1, pp=2), r, PipelineConfig("1f1b", 2))
+                    for r in (0, 1)]
+    assert sum(m.params for m in whole_stages) == total  # nothing held twice, nothing lost
+    assert all(m.params < w.params for m, w in zip(per_stage, whole_stages, strict=True))  # experts split by ep
+    train_cfg = to_train_config(compose("train", [
+        "model=tiny", "data=tiny", "data.seq_len=64", "parallel=pp2_ep2", "cluster.num_workers=8", "train.micro_batch_size=4"]))
+    plan = make_plan(train_cfg)
+    assert (plan.dims.dp, plan.dims.ep, plan.dims.pp) == (2, 2, 2)
+    assert plan.global_batch == 4 * 2 * 2 and plan.tokens_per_step == 16 * 64
+    stage_params = [rank_memory(train_cfg.model, plan.dims, r, PipelineConfig("1f1b", 2)).params for r in (0, 4)]
+    assert plan.memory.params == max(stage_params)
+    assert "stages (layers) 0 | 1" in "\n".join(plan.lines())

@@ -60,3 +60,21 @@ def test_pp2_ep2_trains_on_four_workers(ray_cluster, compose, tmp_path: Path, da
     assert MlflowClient(tracking_uri=outcome.tracking_uri).get_run(outcome.run_id).info.status == "FINISHED"
     model = load_model(outcome.model_dir)  # experts of both EP ranks of stage 1
     assert model.layers["1"].ffn.experts.w1.shape[0] == cfg.model.moe.n_routed_experts
+
+
+def test_pipeline_config_errors_stop_before_ray(compose) -> None:
+    """A layout the schedule cannot run is a ConfigError naming the key and the fix (no Ray needed)."""
+    import pytest
+
+    from moe.config import ConfigError
+
+    base = ["model=tiny", "data=tiny", "parallel=pp2"]
+    for overrides, message in (
+        (["parallel.pp_microbatches=1"], "set parallel.pp_microbatches>=2"),
+        (["parallel.pp=4", "parallel.pp_microbatches=4", "cluster.num_workers=4"], "model.n_layers=2 cannot be split into 4 pipeline stages"),
+        (["train.micro_batch_size=6", "parallel.pp_microbatches=4"], "not divisible by parallel.pp_microbatches=4"),
+        (["parallel.pp_schedule=interleaved_1f1b"], "pp_virtual_stages=2"),
+        (["parallel.pp_schedule=zb"], "parallel.pp_schedule='zb'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            to_train_config(compose("train", base + overrides))
