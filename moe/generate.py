@@ -5,6 +5,11 @@ slot cache of moe/kv_cache.py.
   seeded result does not depend on what else is in the batch), max_tokens, stop token ids, stop
   strings (with a `detokenize` function), an optional text check (content filter), the chosen
   token's logprob with the top alternatives, and prompt logprobs (for scoring, `echo`).
+- `sample_tokens`: OpenAI's logit adjustments first, per row of the batch (each sequence its own):
+  `logits[j] += logit_bias[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty`,
+  `count[j]` = how often token j occurs in the sequence's generated tokens; a bias of -100 bans the
+  token outright (unless it bans every token), +100 makes it all but certain. Then greedy or
+  temperature / top-k / top-p. Logprobs stay the model's own (before the adjustments).
 - `BatchDecoder`: continuous batching on one device. `prefill(seqs)` admits new sequences into free
   slots with one forward pass (right-padded), `decode()` advances every active sequence by one
   token with one forward pass; finished sequences free their slot at once, so new ones can be
@@ -40,6 +45,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     prompt_logprobs: int | None = None  # same for prompt tokens (the first has none)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); -100 bans the token
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     def validate(self) -> SamplingParams:
         checks = [
@@ -50,6 +62,10 @@ class SamplingParams:
             (self.logprobs is None or self.logprobs >= 0, f"logprobs={self.logprobs} must be >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              f"prompt_logprobs={self.prompt_logprobs} must be >= 0"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty={self.presence_penalty} must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+             "logit_bias: token ids must be >= 0 and biases in [-100, 100]"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -83,7 +99,7 @@ class Sequence:
         # text check, streaming); otherwise once, at the end.
         self.text_every_step = bool(stream_text or params.stop or text_check)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed % 2**64)  # any integer seed, as 64 bits
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -160,10 +176,40 @@ def _logprob_entries(logp_V: torch.Tensor, token_id: int, k: int) -> TokenLogpro
     return TokenLogprob(token_id, float(logp_V[token_id]), top)
 
 
+BAN = -100.0  # a logit_bias of -100 bans the token (OpenAI: "should result in a ban")
+
+
+def adjust_logits(logits_BV: torch.Tensor, seqs: SequenceABC[Sequence]) -> torch.Tensor:
+    """OpenAI's logit_bias, presence_penalty and frequency_penalty, each row with its own sequence's
+    settings, over that sequence's generated tokens (float32 logits; returns adjusted ones).
+    Ids outside the logits are ignored (the server checks them against the vocabulary first)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.adjusts_logits]
+    if not rows:
+        return logits_BV
+    V = logits_BV.shape[-1]
+    logits_BV = logits_BV.clone()  # the caller's logits stay the model's (logprobs read them)
+    x_RV = logits_BV[rows]
+    flat = [r * V + t for r, i in enumerate(rows) for t in seqs[i].output_ids if 0 <= t < V]
+    counts_RV = torch.bincount(torch.tensor(flat, dtype=torch.long), minlength=len(rows) * V).view(len(rows), V)
+    freq_R1 = torch.tensor([[seqs[i].params.frequency_penalty] for i in rows])
+    pres_R1 = torch.tensor([[seqs[i].params.presence_penalty] for i in rows])
+    x_RV -= counts_RV * freq_R1 + (counts_RV > 0) * pres_R1
+    entries = [(r, t, b) for r, i in enumerate(rows) for t, b in seqs[i].params.logit_bias if 0 <= t < V]
+    if entries:
+        r_E, t_E, b_E = (torch.tensor(c) for c in zip(*entries))
+        bias_RV = torch.zeros_like(x_RV).index_put_((r_E, t_E), b_E.float())
+        banned_RV = torch.zeros_like(x_RV, dtype=torch.bool).index_put_((r_E, t_E), b_E <= BAN)
+        banned_RV &= ~banned_RV.all(-1, keepdim=True)  # a row that bans every token bans none
+        x_RV = (x_RV + bias_RV).masked_fill(banned_RV, float("-inf"))
+    logits_BV[rows] = x_RV
+    return logits_BV
+
+
 def sample_tokens(logits_BV: torch.Tensor, seqs: SequenceABC[Sequence]) -> torch.Tensor:
-    """One token per row: greedy where temperature is 0, else temperature, top-k, top-p, each row
-    drawing from its own sequence's generator. Only rows with top_p < 1 pay for a full sort."""
-    logits_BV = logits_BV.float().cpu()
+    """One token per row: logit bias and penalties (`adjust_logits`), then greedy where temperature is
+    0, else temperature, top-k, top-p, each row drawing from its own sequence's generator. Only rows
+    with top_p < 1 pay for a full sort."""
+    logits_BV = adjust_logits(logits_BV.float().cpu(), seqs)
     out_B = logits_BV.argmax(-1)
     rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if not rows:
@@ -188,7 +234,8 @@ def sample_tokens(logits_BV: torch.Tensor, seqs: SequenceABC[Sequence]) -> torch
         probs_RV[nucleus] = torch.zeros_like(sorted_PV).scatter(-1, order_PV, sorted_PV)
     cum_RV = probs_RV.cumsum(-1)
     u_R = torch.stack([torch.rand((), generator=seqs[i].generator) for i in rows]) * cum_RV[:, -1]
-    choice_R = torch.searchsorted(cum_RV, u_R[:, None].contiguous()).clamp(max=V - 1).squeeze(-1)
+    # right side: a draw of exactly 0 never lands on a leading token of probability 0 (a banned one)
+    choice_R = torch.searchsorted(cum_RV, u_R[:, None].contiguous(), right=True).clamp(max=V - 1).squeeze(-1)
     out_B[rows_t] = choice_R
     return out_B
 

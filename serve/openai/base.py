@@ -65,7 +65,7 @@ class ServingTokenizer:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}).",
-                           param=param)
+                           param=param.split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,12 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
             raise APIError(400, f"n={req.n} is above this server's limit of {max_n}.", param="n")
         if req.stop_token_ids:
             self.tokenizer.check_ids(req.stop_token_ids, "stop_token_ids")
+        for key in req.logit_bias or {}:
+            token_id = int(key.strip())  # the request checked the key's form
+            if token_id >= self.tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias: key {key!r} is token id {token_id}, outside the vocabulary "
+                                    f"[0, {self.tokenizer.vocab_size}); use token ids from POST /tokenize.",
+                               param="logit_bias")
         prompts = self.render_prompts(req)
         self._check_prompts(prompts, req.n)
         request_id = self.request_id_prefix + secrets.token_hex(12)

@@ -31,14 +31,11 @@ class OpenAIServingCompletion(
             texts, ids = [p], [tok.encode(p)]
         elif isinstance(p[0], str):
             texts, ids = list(p), [tok.encode(s) for s in p]  # type: ignore[arg-type]
-        elif isinstance(p[0], int):
-            ids = [list(p)]  # type: ignore[list-item]
-            texts = [tok.decode(ids[0])]
-        else:
-            ids = [list(x) for x in p]  # type: ignore[union-attr]
+        else:  # token ids: checked against the vocabulary before the tokenizer decodes them
+            ids = [list(p)] if isinstance(p[0], int) else [list(x) for x in p]  # type: ignore[union-attr,list-item]
+            for i, x in enumerate(ids):
+                tok.check_ids(x, "prompt" if isinstance(p[0], int) else f"prompt.{i}")
             texts = [tok.decode(x) for x in ids]
-        for x in ids:
-            tok.check_ids(x, "prompt")
         return Prompts(ids, texts, filter_texts=texts)
 
     def default_max_tokens(self) -> int:

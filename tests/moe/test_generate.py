@@ -1,5 +1,7 @@
 """KV-cache decoding: cached logits equal full recomputation, batching and continuous admission do
-not change greedy results, sampling honours seed / top-k / top-p, stop strings and logprobs."""
+not change greedy results, sampling honours seed / top-k / top-p, stop strings and logprobs, and
+OpenAI's logit_bias / presence_penalty / frequency_penalty change the logits exactly as defined,
+per sequence of a batch."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.config import ModelConfig, MoEConfig
-from moe.generate import BatchDecoder, SamplingParams, Sequence, generate, sample_tokens
+from moe.generate import BatchDecoder, SamplingParams, Sequence, adjust_logits, generate, sample_tokens
 from moe.kv_cache import KVCache
 from moe.model import build_model
 
@@ -194,3 +196,74 @@ def test_content_check_ends_with_content_filter():
     for tok in (0, 1, 1):
         s.append(tok, None, 100)
     assert s.finish_reason == "content_filter" and s.text == "a"
+
+
+def _seq(params: SamplingParams, output_ids: list[int] = (), seed: int = 0) -> Sequence:
+    s = Sequence([1], SamplingParams(**{**params.__dict__, "seed": seed}))
+    s.output_ids = list(output_ids)
+    return s
+
+
+def test_penalties_and_bias_change_each_rows_logits_exactly():
+    V = 6
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+    seqs = [
+        _seq(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), [1, 1, 2]),
+        _seq(SamplingParams(logit_bias=((0, 2.5), (4, -1.0))), [0, 0]),  # no penalty: counts do not matter
+        _seq(SamplingParams(), [3, 3, 3]),  # no adjustments: the row is untouched
+        _seq(SamplingParams(frequency_penalty=-1.0, presence_penalty=-2.0, logit_bias=((5, 0.5),)), [5, 2, 5, 9]),
+    ]
+    out = adjust_logits(logits, seqs)
+    want = logits.clone()
+    # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, plus logit_bias[j]
+    want[0, 1] -= 2 * 0.5 + 0.25
+    want[0, 2] -= 1 * 0.5 + 0.25
+    want[1, 0] += 2.5
+    want[1, 4] -= 1.0
+    want[3, 5] -= 2 * -1.0 + -2.0 - 0.5  # id 9 lies outside the logits and is ignored
+    want[3, 2] -= 1 * -1.0 + -2.0
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    assert not torch.equal(out, logits)  # the caller's logits are left as they were
+
+
+def test_bias_minus_100_never_samples_and_plus_100_always_does():
+    V = 50
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(1)).repeat(3, 1)
+    top = int(logits[0].argmax())
+    ban = SamplingParams(temperature=2.0, logit_bias=((top, -100.0),))
+    force = SamplingParams(temperature=2.0, top_p=0.9, top_k=10, logit_bias=((7, 100.0),))
+    plain = SamplingParams(temperature=2.0)
+    for seed in range(200):  # one batch mixing the three settings, a fresh draw each time
+        batch = [_seq(ban, seed=seed), _seq(force, seed=seed), _seq(plain, seed=seed)]
+        out = sample_tokens(logits, batch).tolist()
+        assert out[0] != top and out[1] == 7
+        assert out[2] == int(sample_tokens(logits[2:], [_seq(plain, seed=seed)])[0])  # others unaffected
+    greedy_ban = _seq(SamplingParams(temperature=0.0, logit_bias=((top, -100.0),)))
+    assert int(sample_tokens(logits[:1], [greedy_ban])[0]) == int(logits[0].topk(2).indices[1])
+    everything = _seq(SamplingParams(temperature=0.0, logit_bias=tuple((t, -100.0) for t in range(V))))
+    assert int(sample_tokens(logits[:1], [everything])[0]) == top  # banning every token bans none
+
+
+@torch.no_grad()
+def test_penalised_greedy_decoding_equals_a_direct_computation():
+    model = tiny_model()
+    prompt = prompts(1, seed=4)[0]
+    params = SamplingParams(max_tokens=10, temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5,
+                            logit_bias=((3, 4.0), (11, -100.0)))
+    out = generate(model, [prompt], params)[0].output_ids
+    tokens: list[int] = []
+    for _ in range(10):  # recompute every step from the full sequence, penalties applied by hand
+        logits = model(torch.tensor([prompt + tokens]))[0, -1].clone()
+        counts = torch.bincount(torch.tensor(tokens, dtype=torch.long), minlength=97).float()
+        logits -= counts * 1.5 + (counts > 0).float() * 0.5
+        logits[3] += 4.0
+        logits[11] = float("-inf")
+        tokens.append(int(logits.argmax()))
+    assert out == tokens and 11 not in out
+    plain = generate(model, [prompt], SamplingParams(max_tokens=10, temperature=0.0))[0].output_ids
+    assert len(set(out)) > len(set(plain)) or out != plain  # the penalties changed what was chosen
+
+
+def test_any_integer_seed_is_accepted():
+    for seed in (-(2**63), -1, 0, 2**63 - 1, 2**64 + 5):
+        Sequence([1], SamplingParams(seed=seed))

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from moe.generate import SamplingParams
-from serve.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
+from serve.openai.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    TokenizeRequest,
+    parse_request,
+)
 from serve.openai.responses import (
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
@@ -113,6 +121,39 @@ def test_chat_request_builds_its_sampling_params():
     assert ChatCompletionRequest.model_validate({"messages": messages}).to_sampling_params(7).logprobs is None
 
 
+@pytest.mark.parametrize("schema, body, param, fragment", [
+    (CompletionRequest, {"prompt": [5, -1]}, "prompt", "prompt: token id -1 (position 1) is outside [0, 2147483647]"),
+    (CompletionRequest, {"prompt": [5, 10**30]}, "prompt", "<31-digit number>"),
+    (CompletionRequest, {"prompt": "\ud800"}, "prompt", "prompt: contains a lone UTF-16 surrogate (\\ud800)"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages", "messages.0.content.0.text: contains a lone"),
+    (TokenizeRequest, {"prompt": "ok", "model": "\ud801"}, "model", "model: contains a lone"),
+    (DetokenizeRequest, {"tokens": [1, -7]}, "tokens", "tokens: token id -7"),
+    (CompletionRequest, {"prompt": "x", "seed": -(2**63) - 1}, "seed", "greater than or equal to"),
+    (CompletionRequest, {"prompt": "x", "temperature": float("inf")}, "temperature", "finite"),
+    (CompletionRequest, {"prompt": "x", "logit_bias": {"-1": 5}}, "logit_bias", "key '-1' is not a token id"),
+    (CompletionRequest, {"prompt": "x", "logit_bias": {"1": float("nan")}}, "logit_bias", "finite"),
+    (CompletionRequest, {"prompt": "x", "stop_token_ids": [2**31]}, "stop_token_ids", "stop_token_ids: token id"),
+    (CompletionRequest, {"prompt": "x", "max_tokens": 2**31}, "max_tokens", "less than or equal to 2147483647"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}] * 2049}, "messages", "at most 2048"),
+])
+def test_edge_validation_names_the_field_and_the_range(schema, body, param, fragment):
+    with pytest.raises(APIError) as err:
+        parse_request(schema, body)
+    assert err.value.status == 400 and err.value.param == param and fragment in err.value.message, err.value.message
+
+
+def test_penalties_and_logit_bias_reach_the_sampling_params():
+    req = parse_request(CompletionRequest, {"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1,
+                                            "logit_bias": {"7": -100, " 3": 2.5, "07": 1}})
+    sp = req.to_sampling_params(4)
+    assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.0)
+    assert sp.logit_bias == ((3, 2.5), (7, 1.0))  # "07" names token 7 too: the later entry wins
+    chat = parse_request(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}],
+                                                 "logit_bias": {"5": 100}})
+    assert chat.to_sampling_params(4).logit_bias == ((5, 100.0),)
+
+
 def test_protocol_and_responses_import_without_torch():
     code = ("import sys, serve.openai.protocol, serve.openai.responses, serve.api; "
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -191,9 +232,11 @@ def test_chat_class_answers_and_streams_the_same_text(serving):
     ({"prompt": "x", "model": "other"}, 404, "does not exist"),
     ({"prompt": "x", "n": 4}, 400, "n=4 is above"),
     ({"prompt": [1, 999]}, 400, "outside the vocabulary"),
-    ({"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": [400]}, 400, "stop_token_ids"),  # -1: refused at the edge
     ({"prompt": "x", "max_tokens": 500}, 400, "maximum context length"),
     ({"prompt": "say nope"}, 400, "content policy"),
+    ({"prompt": "x", "logit_bias": {"400": 1}}, 400, "logit_bias: key '400' is token id 400, outside"),
+    ({"prompt": [[3], [4, 400]]}, 400, "prompt.1: token id 400 is outside the vocabulary"),
 ])
 def test_completion_class_refuses_bad_requests(serving, body, status, fragment):
     completion = serving[0]
