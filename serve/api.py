@@ -2,9 +2,11 @@
 POST /v1/chat/completions (JSON or server-sent events), vLLM's POST /tokenize and /detokenize,
 GET /health and GET /stats.
 
-It owns the HTTP side only: body decoding (UTF-8, JSON), schema validation
-(serve/openai/protocol.py), the optional API key, mapping backpressure to 503, errors in OpenAI's
-JSON shape, and request metrics. The model work happens in the `MoEModel` deployment behind
+It owns the HTTP side only: body size (413 beyond `ingress.max_body_bytes`), decoding (UTF-8,
+JSON; any decoding failure is a 400), schema validation (serve/openai/protocol.py `parse_request`),
+API keys (`$ingress.api_key_env` and/or `ingress.api_keys_file`), per-key limits (serve/limits.py:
+429 with Retry-After), mapping backpressure to 503, errors in OpenAI's JSON shape, and request
+metrics. Nothing a client sends makes a 5xx: those mean the server failed. The model work happens in the `MoEModel` deployment behind
 `self.model` (a handle): each route calls that endpoint's replica method and sends the typed
 response it returns (serve/openai/responses.py) as JSON, or raises the `ErrorResponse` it returns.
 """
@@ -15,18 +17,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.config import IngressConfig
+from serve.limits import KeyLimiter, KeyLimits, load_api_keys
 from serve.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -34,28 +37,64 @@ from serve.openai.protocol import (
     DetokenizeRequest,
     ErrorResponse,
     TokenizeRequest,
-    validation_error,
+    parse_request,
 )
 
 logger = logging.getLogger("ray.serve")
 
+
+def _nothing() -> None:
+    pass
+
 app = FastAPI(title="elastic-moe OpenAI-compatible API")
 
 
-def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+def error_response(err: APIError, headers: dict[str, str] | None = None) -> Response:
+    """OpenAI's error body; JSON with ASCII escapes, so any message (even one quoting odd input) encodes."""
+    return Response(json.dumps(err.body()), status_code=err.status, media_type="application/json",
+                    headers={**(err.headers or {}), **(headers or {})})
+
+
+async def _released_after(body: AsyncIterator[Any], release: Callable[[], None]) -> AsyncIterator[Any]:
+    try:
+        async for part in body:
+            yield part
+    finally:
+        release()
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_))
 
 
 @app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unexpected error on %s", request.url.path)
     return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
+
+
+def body_too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"The request body has {size} bytes, more than this server accepts ({limit}, "
+                         "ingress.max_body_bytes); send fewer or shorter prompts.", code="request_too_large")
+
+
+def decode_json(body: bytes) -> Any:
+    """A request body as JSON; anything that is not UTF-8 JSON is a 400 saying where it broke."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise APIError(400, f"The request body is not valid UTF-8 (byte {err.start}).") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise APIError(400, f"The request body is not valid JSON: {err.msg} at line {err.lineno} column "
+                            f"{err.colno}.") from err
+    except RecursionError as err:
+        raise APIError(400, "The request body is not valid JSON here: it is nested too deeply.") from err
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise APIError(400, f"The request body is not valid JSON here: {err}.") from err
 
 
 ALL_BUSY = "all model replicas are busy"
@@ -75,41 +114,43 @@ class OpenAIIngress:
 
         self.model = model
         self.cfg = cfg
-        self.api_key = os.environ.get(cfg.api_key_env) or None
+        self.default_limits = cfg.limits.key_limits()
+        self.keys: dict[str, KeyLimits] = load_api_keys(cfg.api_keys_file, self.default_limits) \
+            if cfg.api_keys_file else {}
+        env_key = os.environ.get(cfg.api_key_env)
+        if env_key:
+            self.keys.setdefault(env_key.strip(), self.default_limits)
+        self.limiter = KeyLimiter()
         self.metrics = RequestMetrics()
-        logger.info("OpenAI ingress ready (API key %s)", f"required via ${cfg.api_key_env}" if self.api_key
-                    else "off")
+        logger.info("OpenAI ingress ready (API keys: %s)", f"{len(self.keys)} accepted" if self.keys else "off")
 
     # ---- plumbing -----------------------------------------------------------------------------
-    def _auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
+    def _auth(self, request: Request) -> tuple[str, KeyLimits]:
+        """Who is asking (the API key, or the client's address when the server takes no key) and their limits."""
+        if not self.keys:
+            return f"client:{request.client.host if request.client else '?'}", self.default_limits
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        token = token.strip()
+        for key, limits in self.keys.items():
+            if hmac.compare_digest(token.encode(), key.encode()):
+                return f"key:{key}", limits
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    @staticmethod
-    async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-        body = await request.body()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise APIError(400, f"The request body is not valid UTF-8 (byte {err.start}).") from err
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise APIError(400, f"The request body is not valid JSON: {err.msg} at line {err.lineno} column "
-                                f"{err.colno}.") from err
-        if not isinstance(data, dict):
-            raise APIError(400, f"The request body must be a JSON object, got {type(data).__name__}.")
-        try:
-            return schema.model_validate(data)
-        except ValidationError as err:
-            raise validation_error(err) from err
+    async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise body_too_large(int(declared), limit)
+        body = bytearray()
+        async for part in request.stream():  # a body without Content-Length stops at the limit too
+            body += part
+            if len(body) > limit:
+                raise body_too_large(len(body), limit)
+        return parse_request(schema, decode_json(bytes(body)))
 
     @staticmethod
     async def _call(method: DeploymentHandle, *args: Any, busy: str = QUEUE_FULL) -> Any:
@@ -123,18 +164,27 @@ class OpenAIIngress:
         return out
 
     async def _endpoint(self, name: str, request: Request, fn) -> Response:
-        """Run one route: API key, errors -> OpenAI JSON, request metrics (streams record their own)."""
+        """Run one route: API key, per-key limits (held until a stream ends), errors -> OpenAI JSON,
+        request metrics (streams record their own)."""
         t0 = time.perf_counter()
+        release: Callable[[], None] = _nothing
         try:
             if name != "health":
-                self._auth(request)
+                release = self.limiter.acquire(*self._auth(request))
             response = await fn()
         except APIError as err:
+            release()
             if err.status >= 500:
                 logger.warning("%s -> %d: %s", name, err.status, err.message)
             self.metrics.record(name, err.status, time.perf_counter() - t0)
             return error_response(err, {"Retry-After": "1"} if err.status == 503 else None)
-        if not isinstance(response, StreamingResponse):
+        except BaseException:
+            release()
+            raise
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _released_after(response.body_iterator, release)
+        else:
+            release()
             self.metrics.record(name, response.status_code, time.perf_counter() - t0)
         return response
 

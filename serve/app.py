@@ -28,6 +28,8 @@ def build_app(cfg: ServeConfig) -> Application:
     cfg.tracking.uri = absolute_tracking_uri(cfg.tracking.uri)
     if cfg.model.path:
         cfg.model.path = os.path.abspath(cfg.model.path)
+    if cfg.ingress.api_keys_file:  # the ingress replica reads it
+        cfg.ingress.api_keys_file = os.path.abspath(cfg.ingress.api_keys_file)
     d = cfg.deployment
     scaling: dict[str, Any]
     if d.num_replicas is not None:

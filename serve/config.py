@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from moe.config import ConfigError
 from pipelines.core.config import check, compose_config, to_dataclass
 from pipelines.core.tracking import TrackingConfig
+from serve.limits import KeyLimits, load_api_keys
 
 
 @dataclass
@@ -83,6 +84,19 @@ class ChatTemplateConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Per API key (per client address when the server takes no key), in each ingress replica;
+    beyond them: 429 `rate_limit_exceeded` with Retry-After. A keys file line may override them."""
+
+    requests_per_minute: float = 0.0  # 0: no rate limit
+    burst: int = 10  # requests sent back to back before the rate applies
+    max_concurrent: int = 0  # requests in flight at once; 0: no limit
+
+    def key_limits(self) -> KeyLimits:
+        return KeyLimits(float(self.requests_per_minute), self.burst, self.max_concurrent)
+
+
+@dataclass
 class IngressConfig:
     """The OpenAI-compatible HTTP deployment (light: no model, no torch)."""
 
@@ -90,6 +104,9 @@ class IngressConfig:
     num_cpus: float = 0.1
     max_ongoing_requests: int = 1024
     api_key_env: str = "MOE_API_KEY"  # if this environment variable is set, requests need `Bearer <key>`
+    api_keys_file: str | None = None  # keys, one a line: `KEY [requests_per_minute=N] [burst=N] [max_concurrent=N]`
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies: 413
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 @dataclass
@@ -166,7 +183,15 @@ def validate_serve_config(c: ServeConfig) -> ServeConfig:
             except re.error as err:
                 raise ConfigError(f"safety.{side}.regexes[{i}]={pattern!r} is not a valid regex: {err}.") from err
     check(c.route_prefix.startswith("/"), f"route_prefix={c.route_prefix!r} must start with '/'.")
+    validate_ingress(c.ingress)
     return c
+
+
+def validate_ingress(ing: IngressConfig) -> None:
+    check(ing.max_body_bytes >= 1024, f"ingress.max_body_bytes={ing.max_body_bytes} must be >= 1024.")
+    defaults = ing.limits.key_limits().check("ingress.limits.")
+    if ing.api_keys_file:
+        load_api_keys(ing.api_keys_file, defaults)  # the file exists and every line parses
 
 
 def to_serve_config(cfg: DictConfig) -> ServeConfig:

@@ -5,7 +5,9 @@ holding two apps:
 - "moe" at /        : served from the registry (latest version = 2), batching on (8 slots),
                       input content filter on, no API key.
 - "strict" at /strict: served from the run id of version 1, batching off, tiny backpressure limits
-                      (1 ongoing, 1 queued), an API key, an output content filter.
+                      (1 ongoing, 1 queued), an API key, an output content filter, a 64 KiB body limit,
+                      and an API keys file with two more keys: RATE_KEY (6 requests per minute,
+                      bursts of 2) and CONCURRENT_KEY (1 request in flight).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import pytest
 STRICT_KEY_ENV = "MOE_TEST_STRICT_API_KEY"
 STRICT_KEY = "sk-test-4f1c0e"
 MAIN_KEY_ENV = "MOE_TEST_MAIN_API_KEY_UNSET"
+RATE_KEY = "sk-test-rate-9a2b"
+CONCURRENT_KEY = "sk-test-concurrent-77c1"
+STRICT_BODY_LIMIT = 65536
 
 
 @dataclass
@@ -117,7 +122,7 @@ def blocked_fragment(models: TinyModels) -> tuple[str, str, str]:
 
 
 @pytest.fixture(scope="package")
-def server(ray_cluster, tiny_models: TinyModels) -> Iterator[Server]:
+def server(ray_cluster, tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     import re
 
     from ray import serve
@@ -126,6 +131,9 @@ def server(ray_cluster, tiny_models: TinyModels) -> Iterator[Server]:
     from serve.config import load_config
 
     filter_prompt, filter_text, blocked = blocked_fragment(tiny_models)
+    keys_file = tmp_path_factory.mktemp("keys") / "api_keys.txt"
+    keys_file.write_text(f"# test keys\n{RATE_KEY} requests_per_minute=6 burst=2\n\n"
+                         f"{CONCURRENT_KEY} max_concurrent=1  # one request in flight\n")
     port = free_port()
     common = [f"tracking.uri={tiny_models.tracking_uri}", "deployment.num_cpus=0.5", "ingress.num_cpus=0.05",
               "deployment.health_check_period_s=2", "engine.log_interval_s=2", "model.num_threads=1"]
@@ -142,6 +150,7 @@ def server(ray_cluster, tiny_models: TinyModels) -> Iterator[Server]:
         "deployment.max_ongoing_requests=1", "deployment.max_queued_requests=1",
         f"ingress.api_key_env={STRICT_KEY_ENV}",
         f"safety.output.regexes=['{re.escape(blocked)}']",
+        f"ingress.api_keys_file={keys_file}", f"ingress.max_body_bytes={STRICT_BODY_LIMIT}",
     ])
     os.environ.pop(MAIN_KEY_ENV, None)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

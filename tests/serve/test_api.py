@@ -1,6 +1,7 @@
 """The OpenAI-compatible API over real HTTP against a real Ray Serve deployment (tests/serve/conftest.py):
 every endpoint, all prompt forms, n, logprobs/echo, streaming, batching under concurrency,
-backpressure, the API key, the content filter, and bad input (each followed by a good request)."""
+backpressure, the API key, per-key limits, the content filter, OpenAI's logit_bias and penalties, and bad
+input (each followed by a good request; issue 22's reproductions among them)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.serve.conftest import STRICT_KEY
+from tests.serve.conftest import CONCURRENT_KEY, RATE_KEY, STRICT_BODY_LIMIT, STRICT_KEY
 
 TIMEOUT = 120.0
 
@@ -308,7 +309,7 @@ BAD_INPUTS = [
     ("token ids longer than context", "/v1/completions", {"prompt": [5] * 200, "max_tokens": 0, "echo": True},
      400, "maximum context length"),
     ("token id out of vocabulary", "/v1/completions", {"prompt": [1, 2, 99999]}, 400, "outside the vocabulary"),
-    ("negative token id", "/detokenize", {"tokens": [-1]}, 400, "outside the vocabulary"),
+    ("negative token id", "/detokenize", {"tokens": [-1]}, 400, "tokens: token id -1"),
     ("unknown model", "/v1/completions", {"model": "gpt-17", "prompt": "x"}, 404, "does not exist"),
     ("unknown model chat", "/v1/chat/completions", {"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]},
      404, "does not exist"),
@@ -325,6 +326,39 @@ BAD_INPUTS = [
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("tokenize neither", "/tokenize", {"model": "tiny-moe"}, 400, "exactly one"),
     ("unknown route", "/v1/embeddings", {"input": "x"}, 404, "Not Found"),
+    # issue 22: each of these was a 500 before validation at the edge
+    ("negative token id in prompt", "/v1/completions", {"prompt": [5, -1]}, 400, "prompt: token id -1"),
+    ("token id far beyond the vocabulary", "/v1/completions", {"prompt": [5, 2**40]}, 400,
+     "outside [0, 2147483647]"),
+    ("token id beyond int64", "/v1/completions", {"prompt": [[5], [10**30]]}, 400, "prompt.1: token id"),
+    ("huge detokenize id", "/detokenize", {"tokens": [2**63]}, 400, "tokens: token id"),
+    ("lone surrogate prompt", "/v1/completions", b'{"prompt": "ab\\ud800"}', 400,
+     "prompt: contains a lone UTF-16 surrogate"),
+    ("lone surrogate chat", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+     400, "messages.0.content: contains a lone UTF-16 surrogate"),
+    ("lone surrogate tokenize", "/tokenize", b'{"prompt": "x\\ud83d"}', 400, "prompt: contains a lone"),
+    ("lone surrogate in a key", "/v1/completions", b'{"prompt": "x", "logit_bias": {"\\ud800": 1}}', 400,
+     "lone UTF-16 surrogate"),
+    ("NaN temperature", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature: Input should be a finite"),
+    ("Infinity penalty", "/v1/completions", b'{"prompt": "x", "presence_penalty": -Infinity}', 400,
+     "presence_penalty"),
+    ("integer with 5000 digits", "/v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400,
+     "not valid JSON"),
+    ("seed beyond int64", "/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "seed"),
+    ("deep nesting", "/v1/completions", b'{"prompt": ' + b"[" * 50_000, 400, "nested too deeply"),
+    ("nesting beyond the limit", "/v1/completions", {"prompt": "x", "user": json.loads("[" * 40 + "]" * 40)}, 400,
+     "nested more than 32"),
+    ("logit_bias key not a token id", "/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400,
+     "logit_bias: key 'abc' is not a token id"),
+    ("logit_bias beyond the vocabulary", "/v1/completions", {"prompt": "x", "logit_bias": {"5000": 1}}, 400,
+     "logit_bias: key '5000' is token id 5000, outside the vocabulary [0, 400)"),
+    ("logit_bias value too large", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, 400, "outside [-100, 100]"),
+    ("penalty out of range", "/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("too many stop strings", "/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, 400, "stop"),
+    ("too many prompts", "/v1/completions", {"prompt": ["x"] * 300}, 400, "300 prompts"),
+    ("suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix is not supported"),
+    ("best_of other than n", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of=3"),
 ]
 
 
@@ -395,3 +429,61 @@ def test_wire_json_keys_and_nulls(client):
     assert set(tk) == {"count", "max_model_len", "tokens", "token_strs"} and tk["token_strs"] is None
     card = client.get("/v1/models").json()["data"][0]
     assert set(card) == {"id", "object", "created", "owned_by", "root", "max_model_len"}
+
+
+def test_logit_bias_and_penalties_over_http(client, local):
+    _, tok = local
+    req = {"prompt": "def f(x):", "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    forced = client.post("/v1/completions", json={**req, "logit_bias": {"42": 100}})
+    assert forced.status_code == 200, forced.text
+    assert forced.json()["choices"][0]["text"] == tok.decode([42] * 6)
+    from moe.generate import SamplingParams, generate
+
+    model, ids = local[0], tok.encode(req["prompt"]).ids
+    with torch.no_grad():
+        first = int(model(torch.tensor([ids]))[0, -1].argmax())
+    ban = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias=((first, -100.0),))
+    want = generate(model, [ids], ban)[0].output_ids
+    assert want[0] != first
+    banned = client.post("/v1/completions", json={**req, "temperature": 0, "logit_bias": {str(first): -100}})
+    assert banned.json()["choices"][0]["text"] == tok.decode(want)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                                   "presence_penalty": 1.5, "frequency_penalty": -0.5})
+    assert r.status_code == 200, r.text
+
+
+def test_per_key_limits_answer_429_with_retry_after(server):
+    with httpx.Client(base_url=server.strict, timeout=TIMEOUT) as c:
+        rate = {"Authorization": f"Bearer {RATE_KEY}"}
+        assert [c.get("/v1/models", headers=rate).status_code for _ in range(3)] == [200, 200, 429]
+        r = c.get("/v1/models", headers=rate)
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 10, r.headers
+        err = r.json()["error"]
+        assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests" and set(err) == {
+            "message", "type", "param", "code"}
+        assert "6 requests per minute" in err["message"] and "try again in" in err["message"]
+        ok = {"Authorization": f"Bearer {STRICT_KEY}"}
+        assert c.get("/v1/models", headers=ok).status_code == 200  # other keys are not held back
+        conc = {"Authorization": f"Bearer {CONCURRENT_KEY}"}
+        req = {"prompt": "import sys", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/v1/completions", json=req, headers=conc) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            next(lines)  # the stream is running: it holds the key's one slot
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=conc)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert "concurrent" in r.json()["error"]["message"]
+            assert c.get("/health").status_code == 200  # probes are never limited
+            for _ in lines:
+                pass
+        good(c, headers=conc)  # the ended stream gave its slot back
+
+
+def test_body_over_the_limit_is_413(server):
+    headers = {"Authorization": f"Bearer {STRICT_KEY}", "Content-Type": "application/json"}
+    body = json.dumps({"prompt": "x" * (STRICT_BODY_LIMIT + 10)}).encode()
+    with httpx.Client(base_url=server.strict, timeout=TIMEOUT) as c:
+        r = c.post("/v1/completions", content=body, headers=headers)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert "ingress.max_body_bytes" in r.json()["error"]["message"]
+        good(c, headers=headers)
