@@ -14,6 +14,11 @@ slot cache of moe/kv_cache.py.
   slots with one forward pass (right-padded), `decode()` advances every active sequence by one
   token with one forward pass; finished sequences free their slot at once, so new ones can be
   admitted between decode steps. `generate()` is the one-call version.
+- Isolation: a step that raises (forward pass or sampling) is run again for each of its sequences
+  alone (nothing was committed to the cache, no draw was taken), so only the sequences that fail
+  alone fail (`Sequence.error`, slot freed) and the others continue exactly as they would have
+  alone; an error while recording one sequence's token (its detokenizer or text check) fails that
+  sequence only.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why generating this sequence failed (it is then done)
         self.text = ""
         self.emitted = 0  # characters of `text` already handed out by `take_text`
         self.slot: int | None = None
@@ -112,7 +118,10 @@ class Sequence:
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.error is not None
+
+    def fail(self, err: BaseException) -> None:
+        self.error = f"{type(err).__name__}: {err}"
 
     def append(self, token_id: int, logprob: TokenLogprob | None, max_len: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
@@ -278,31 +287,13 @@ class BatchDecoder:
             raise ValueError(f"{len(seqs)} sequences but only {self.n_free} free slots.")
         for s in seqs:
             if len(s.prompt_ids) > self.max_len:
-                raise ValueError(f"prompt of {len(s.prompt_ids)} tokens exceeds the context of {self.max_len}.")
-        if not seqs:
-            return []
-        slots = [heapq.heappop(self._free) for _ in seqs]
-        lens = [len(s.prompt_ids) for s in seqs]
-        T = max(lens)
-        tokens_BT = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            tokens_BT[b, :lens[b]] = torch.tensor(s.prompt_ids)
-            s.slot = slots[b]
-            self.active[slots[b]] = s
-        self.cache.begin(slots, T)
-        logits_BTV = self.model(tokens_BT.to(self.device), kv_cache=self.cache)
-        self.cache.commit(slots, lens)
-        for b, s in enumerate(seqs):
-            k = s.params.prompt_logprobs
-            if k is not None:
-                logp_TV = F.log_softmax(logits_BTV[b, :lens[b] - 1].float(), -1).cpu()
-                s.prompt_logprobs = [None] + [_logprob_entries(logp_TV[t], s.prompt_ids[t + 1], k)
-                                              for t in range(lens[b] - 1)]
-        last_BV = logits_BTV[torch.arange(len(seqs), device=logits_BTV.device),
-                             torch.tensor(lens, device=logits_BTV.device) - 1]
-        live = [b for b, s in enumerate(seqs) if not s.done]
-        if live:
-            self._sample_and_append([seqs[b] for b in live], last_BV[live])
+                s.fail(ValueError(f"prompt of {len(s.prompt_ids)} tokens exceeds the context of {self.max_len}."))
+        admitted = [s for s in seqs if s.error is None]
+        for s in admitted:
+            s.slot = heapq.heappop(self._free)
+            self.active[s.slot] = s
+        if admitted:
+            self._isolated(admitted, self._prefill_step)
         for s in seqs:
             if s.done:
                 self._release(s)
@@ -313,28 +304,77 @@ class BatchDecoder:
         """Advance every active sequence by one token in one forward pass; returns those sequences."""
         if not self.active:
             return []
-        slots = sorted(self.active)
-        seqs = [self.active[s] for s in slots]
-        tokens_B1 = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
-        self.cache.begin(slots, 1)
-        logits_BV = self.model(tokens_B1, kv_cache=self.cache)[:, 0]
-        self.cache.commit(slots, [1] * len(slots))
-        self._sample_and_append(seqs, logits_BV)
+        seqs = [self.active[s] for s in sorted(self.active)]
+        self._isolated(seqs, self._decode_step)
         for s in seqs:
             if s.done:
                 self._release(s)
         return seqs
 
-    def _sample_and_append(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> None:
+    def _isolated(self, seqs: list[Sequence], step: Callable[[list[Sequence]], None]) -> None:
+        """Run `step` for the batch; if it raises, for each sequence alone, failing those that still raise."""
+        try:
+            step(seqs)
+            return
+        except Exception as err:
+            if len(seqs) == 1:
+                seqs[0].fail(err)
+                return
+        for s in seqs:
+            try:
+                step([s])
+            except Exception as err:
+                s.fail(err)
+
+    def _prefill_step(self, seqs: list[Sequence]) -> None:
+        slots = [s.slot for s in seqs]
+        lens = [len(s.prompt_ids) for s in seqs]
+        tokens_BT = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens_BT[b, :lens[b]] = torch.tensor(s.prompt_ids)
+        self.cache.begin(slots, max(lens))
+        logits_BTV = self.model(tokens_BT.to(self.device), kv_cache=self.cache)
+        prompt_lps = {}
+        for b, s in enumerate(seqs):
+            if s.params.prompt_logprobs is not None:
+                logp_TV = F.log_softmax(logits_BTV[b, :lens[b] - 1].float(), -1).cpu()
+                prompt_lps[b] = [None] + [_logprob_entries(logp_TV[t], s.prompt_ids[t + 1], s.params.prompt_logprobs)
+                                          for t in range(lens[b] - 1)]
+        last_BV = logits_BTV[torch.arange(len(seqs), device=logits_BTV.device),
+                             torch.tensor(lens, device=logits_BTV.device) - 1]
+        live = [b for b, s in enumerate(seqs) if not s.done]
+        sampled = self._sample([seqs[b] for b in live], last_BV[live]) if live else None
+        self.cache.commit(slots, lens)  # nothing above changed any state: a failure can be retried
+        for b, lps in prompt_lps.items():
+            seqs[b].prompt_logprobs = lps
+        if sampled is not None:
+            self._append([seqs[b] for b in live], *sampled)
+
+    def _decode_step(self, seqs: list[Sequence]) -> None:
+        slots = [s.slot for s in seqs]
+        tokens_B1 = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        self.cache.begin(slots, 1)
+        logits_BV = self.model(tokens_B1, kv_cache=self.cache)[:, 0]
+        sampled = self._sample(seqs, logits_BV)
+        self.cache.commit(slots, [1] * len(slots))
+        self._append(seqs, *sampled)
+
+    def _sample(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         next_B = sample_tokens(logits_BV, seqs).tolist()
         logp_BV = None
         if any(s.params.logprobs is not None for s in seqs):
             logp_BV = F.log_softmax(logits_BV.float(), -1).cpu()
+        return next_B, logp_BV
+
+    def _append(self, seqs: list[Sequence], next_B: list[int], logp_BV: torch.Tensor | None) -> None:
         for b, s in enumerate(seqs):
-            lp = None
-            if logp_BV is not None and s.params.logprobs is not None:
-                lp = _logprob_entries(logp_BV[b], next_B[b], s.params.logprobs)
-            s.append(next_B[b], lp, self.max_len)
+            try:
+                lp = None
+                if logp_BV is not None and s.params.logprobs is not None:
+                    lp = _logprob_entries(logp_BV[b], next_B[b], s.params.logprobs)
+                s.append(next_B[b], lp, self.max_len)
+            except Exception as err:  # this sequence's detokenizer or text check: it alone fails
+                s.fail(err)
 
 
 def generate(model: MoETransformer, prompts: SequenceABC[SequenceABC[int]], params: SamplingParams | None = None,

@@ -7,7 +7,9 @@ between decode steps and finished ones leave at once. When the batch is empty it
 `batch_wait_timeout_s` for more arrivals before a prefill (dynamic batching). Forward passes run
 in a worker thread so the replica's event loop keeps answering health checks and new requests.
 After each step every touched sequence gets a `SeqEvent` (new tokens, logprobs, text delta,
-finish reason) on its request's queue.
+finish reason, or the error of a sequence that failed) on its request's queue. A failing step
+fails only the sequences that fail alone (BatchDecoder isolates them); the others of the batch go
+on as they would have alone.
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ class Engine:
         self.metrics.observe_step(phase, len(seqs), new_tokens, len(self.waiting), len(self.decoder.active))
 
     def _emit(self, s: Sequence, error: str | None = None) -> None:
+        error = error or s.error  # a sequence that failed alone (moe/generate.py isolates failures)
+        if s.error is not None:
+            logger.error("engine: sequence %s failed: %s", s.id, s.error)
         owner = self._owner.get(s.id)
         if owner is None:
             return

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from moe.generate import Sequence
 from serve.config import ChatTemplateConfig, EngineConfig
-from serve.engine import Engine, EngineFailed, EngineOverloaded, SeqEvent
+from serve.engine import Engine, EngineOverloaded, SeqEvent
 from serve.openai.models import OpenAIServingModels
 from serve.openai.protocol import APIError, ChatMessage, SamplingRequest
 from serve.openai.responses import UsageInfo
@@ -215,11 +215,14 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
         return self.response(req, prep)
 
     async def events(self, prep: Prepared) -> AsyncIterator[SeqEvent]:
-        """The engine's events for the request's sequences; a full queue is a 503, a failed step raises."""
+        """The engine's events for the request's sequences; a full queue is a 503, a failed sequence a 500
+        naming the request id (also in the replica log, with the sequence's error)."""
         try:
             async for event in self.ctx.engine.generate(prep.seqs):
                 if event.error is not None:
-                    raise EngineFailed(event.error)
+                    logger.error("%s failed: %s", prep.request_id, event.error)
+                    raise APIError(500, f"Generating request {prep.request_id} failed ({event.error}); the "
+                                        "server log has this id.", type_="server_error")
                 yield event
         except EngineOverloaded as err:
             raise APIError(503, str(err), type_="server_overloaded", code="overloaded") from err

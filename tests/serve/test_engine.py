@@ -1,12 +1,14 @@
 """The continuous-batching engine in-process (no HTTP): concurrent requests share decode steps and
 give the same greedy results as decoding alone, prefill admission respects the token budget,
-a caller that leaves frees its slot, and a failing forward pass ends only its own sequences."""
+a caller that leaves frees its slot, and failing requests mixed into a batch (in prefill, in a later
+decode step, in their own detokenizer) fail alone while the others produce what they would alone."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import torch
 
 from moe.generate import SamplingParams, Sequence, generate
 from moe.model import build_model
@@ -97,3 +99,52 @@ def test_overload_is_refused(ray_cluster, model):
             await collect(engine, seqs)
 
     asyncio.run(main())
+
+
+class Poisoned(torch.nn.Module):
+    """The model, except that a forward pass over a batch holding `poison` raises."""
+
+    def __init__(self, inner, poison: int) -> None:
+        super().__init__()
+        self.inner, self.cfg, self.poison = inner, inner.cfg, poison
+
+    def forward(self, tokens, kv_cache=None):
+        if bool((tokens == self.poison).any()):
+            raise RuntimeError(f"poisoned token {self.poison}")
+        return self.inner(tokens, kv_cache=kv_cache)
+
+
+def test_failing_requests_in_a_batch_leave_the_others_as_they_would_be_alone(ray_cluster, model):
+    """Requests that fail in prefill, in a later decode step, and in their own detokenizer are mixed
+    into one continuous batch with good ones (greedy and seeded): only they fail."""
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    good = [([5, 17, 30], greedy), ([9, 2], seeded), ([40, 41, 42, 43], greedy)]
+    alone = [generate(model, [p], sp)[0].output_ids for p, sp in good]
+    poison = next(t for t in range(399, 0, -1) if all(t not in p + out for (p, _), out in zip(good, alone)))
+    engine = make_engine(Poisoned(model, poison), max_batch_size=6, batch_wait_timeout_s=0.05)
+
+    def broken_detokenize(ids: list[int]) -> str:
+        if len(ids) >= 3:
+            raise UnicodeError("cannot decode")
+        return "x" * len(ids)
+
+    async def main():
+        reqs = [[Sequence(p, sp)] for p, sp in good]
+        reqs.append([Sequence([3, poison, 4], greedy)])  # fails in prefill
+        reqs.append([Sequence([6, 7], SamplingParams(max_tokens=8, temperature=0.0, logit_bias=((poison, 100.0),)))])
+        reqs.append([Sequence([8, 9], greedy, detokenize=broken_detokenize)])  # fails at its third token
+        events = await asyncio.gather(*(collect(engine, r) for r in reqs))
+        engine.check_health()  # the batching loop still runs
+        return reqs, events
+
+    reqs, events = asyncio.run(main())
+    assert [r[0].output_ids for r in reqs[:3]] == alone
+    assert all(ev[-1].error is None and ev[-1].finish_reason == "length" for ev in events[:3])
+    errors = [ev[-1].error for ev in events[3:]]
+    assert f"poisoned token {poison}" in errors[0] and f"poisoned token {poison}" in errors[1], errors
+    assert reqs[4][0].output_ids == [poison]  # it generated the poison, and failed on the next step
+    assert errors[2].startswith("UnicodeError") and len(reqs[5][0].output_ids) == 3
+    assert engine.decoder.n_free == 6 and not engine.waiting
+    snap = engine.metrics.snapshot()
+    assert snap["max_decode_batch_size"] >= 4  # they really shared decode steps

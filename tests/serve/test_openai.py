@@ -243,3 +243,21 @@ def test_completion_class_refuses_bad_requests(serving, body, status, fragment):
     with pytest.raises(APIError) as err:
         completion.prepare(CompletionRequest.model_validate(body))
     assert err.value.status == status and fragment in err.value.message
+
+
+def test_a_failed_sequence_is_a_500_naming_the_request_id(serving, monkeypatch, caplog):
+    completion = serving[0]
+
+    def broken(ids):
+        raise UnicodeError("cannot decode")
+
+    monkeypatch.setattr(completion.tokenizer, "decode", broken)
+    req = CompletionRequest.model_validate({"prompt": "x = 1", "max_tokens": 2, "temperature": 0})
+    with caplog.at_level("ERROR", logger="ray.serve"), pytest.raises(APIError) as err:
+        asyncio.run(completion.create(req))
+    assert err.value.status == 500 and err.value.type == "server_error"
+    request_id = err.value.message.split()[2]
+    assert request_id.startswith("cmpl-") and "UnicodeError: cannot decode" in err.value.message
+    assert any(request_id in r.getMessage() for r in caplog.records)  # the id leads to the server log
+    monkeypatch.undo()
+    assert asyncio.run(completion.create(req)).choices[0].finish_reason == "length"  # the engine goes on
