@@ -115,10 +115,10 @@ class Prompts:
 class Prepared:
     request_id: str
     created: int
-    prompts: list[list[int]]  # one per prompt (choices repeat each prompt n times)
+    prompts: list[list[int]]  # one per prompt (sequences repeat each prompt n times)
     prompt_texts: list[str]
     seqs: list[Sequence]
-    n: int
+    n: int  # sequences per prompt (n, or completions' best_of)
     t0: float
 
 
@@ -149,8 +149,9 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
     def prepare(self, req: RequestT) -> Prepared:
         self.check_model(req.model)
         max_n = self.ctx.engine_cfg.max_n
-        if req.n > max_n:
-            raise APIError(400, f"n={req.n} is above this server's limit of {max_n}.", param="n")
+        if req.candidates() > max_n:
+            param = "n" if req.candidates() == req.n else "best_of"
+            raise APIError(400, f"{param}={req.candidates()} is above this server's limit of {max_n}.", param=param)
         if req.stop_token_ids:
             self.tokenizer.check_ids(req.stop_token_ids, "stop_token_ids")
         for key in req.logit_bias or {}:
@@ -160,10 +161,11 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
                                     f"[0, {self.tokenizer.vocab_size}); use token ids from POST /tokenize.",
                                param="logit_bias")
         prompts = self.render_prompts(req)
-        self._check_prompts(prompts, req.n)
+        self._check_prompts(prompts, req.candidates())
         request_id = self.request_id_prefix + secrets.token_hex(12)
         seqs = self._sequences(req, prompts.ids, request_id)
-        return Prepared(request_id, int(time.time()), prompts.ids, prompts.texts, seqs, req.n, time.perf_counter())
+        return Prepared(request_id, int(time.time()), prompts.ids, prompts.texts, seqs, req.candidates(),
+                        time.perf_counter())
 
     def _check_prompts(self, prompts: Prompts, n: int) -> None:
         param = self.prompt_param
@@ -199,7 +201,7 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
         seqs: list[Sequence] = []
         for ids in prompt_ids:
             max_tokens = self._max_tokens(req.max_new_tokens(), len(ids))
-            for j in range(req.n):
+            for j in range(req.candidates()):
                 seqs.append(Sequence(ids, self.sampling_params(req, max_tokens, j), eos_ids=self.ctx.eos_ids,
                                      detokenize=self.tokenizer.decode, text_check=text_check,
                                      seq_id=f"{request_id}-{len(seqs)}", stream_text=req.stream))

@@ -1,13 +1,14 @@
 """POST /v1/completions (vLLM's `OpenAIServingCompletion`): prompts as a string, strings, token
-ids or lists of token ids; `n` choices per prompt; `echo` (the prompt text, and with `logprobs`
-the prompt tokens scored); legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset);
-one response or a stream of chunks (the last with usage when asked)."""
+ids or lists of token ids; `n` choices per prompt (with `best_of`, the n of best_of candidates
+with the highest sum of token logprobs); `echo` (the prompt text, and with `logprobs` the prompt
+tokens scored); legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset); one response
+or a stream of chunks (the last with usage when asked)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from moe.generate import SamplingParams, TokenLogprob
+from moe.generate import SamplingParams, Sequence, TokenLogprob
 from serve.openai.base import OpenAIServingGeneration, Prepared, Prompts
 from serve.openai.protocol import CompletionRequest
 from serve.openai.responses import (
@@ -44,13 +45,25 @@ class OpenAIServingCompletion(
     def sampling_params(self, req: CompletionRequest, max_tokens: int, choice: int) -> SamplingParams:
         return req.to_sampling_params(max_tokens, seed_offset=choice)
 
+    def best(self, req: CompletionRequest, prep: Prepared) -> list[tuple[int, Sequence]]:
+        """(prompt index, sequence) of the choices: with best_of > n, the n candidates of each prompt with
+        the highest sum of token logprobs (best first), else every sequence in order."""
+        pairs = [(i // prep.n, s) for i, s in enumerate(prep.seqs)]
+        if prep.n == req.n:
+            return pairs
+        out = []
+        for p in range(len(prep.prompts)):
+            group = [s for _, s in pairs[p * prep.n:(p + 1) * prep.n]]
+            group.sort(key=lambda s: -sum(lp.logprob for lp in s.logprobs))
+            out += [(p, s) for s in group[:req.n]]
+        return out
+
     def response(self, req: CompletionRequest, prep: Prepared) -> CompletionResponse:
         choices = []
-        for i, s in enumerate(prep.seqs):
-            prompt_i = i // prep.n
+        for i, (prompt_i, s) in enumerate(self.best(req, prep)):
             prefix = prep.prompt_texts[prompt_i] if req.echo else ""
             lp = None
-            if s.params.logprobs is not None:
+            if req.logprobs is not None:
                 pids = prep.prompts[prompt_i] if req.echo else []
                 plps = (s.prompt_logprobs or [None] * len(pids)) if req.echo else []
                 lp = self._logprobs(plps, pids, s.logprobs, offset0=0)

@@ -244,6 +244,10 @@ class SamplingRequest(_Base):
         """The completion length asked for (None: the endpoint's default)."""
         raise NotImplementedError
 
+    def candidates(self) -> int:
+        """Sequences generated per prompt (completions' best_of; else n)."""
+        return self.n
+
     def include_usage(self) -> bool:
         """Whether a stream ends with a chunk that carries the usage (`stream_options.include_usage`)."""
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -286,9 +290,11 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of}: best_of other than n is not supported; leave it out or "
-                             "set it to n")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of={self.best_of} must be >= n={self.n} (best_of candidates, the n best returned)")
+        if self.stream and self.candidates() > self.n:
+            raise ValueError(f"best_of={self.best_of} > n={self.n} cannot stream (the best are known only at the "
+                             "end); set stream to false or best_of to n")
         if self.suffix:
             raise ValueError("suffix is not supported (no insertion mode); leave it out")
         return self
@@ -296,11 +302,16 @@ class CompletionRequest(SamplingRequest):
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
+    def candidates(self) -> int:
+        return self.best_of or self.n
+
     def to_sampling_params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
         """Sampling for choice `seed_offset` of a prompt (a seeded request gives choice j seed + j).
-        With `echo` and `logprobs`, the prompt tokens are scored too."""
+        With `echo` and `logprobs`, the prompt tokens are scored too; with best_of > n every
+        generated token's logprob is kept (to rank the candidates)."""
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self._sampling_params(max_tokens, seed_offset, self.stop_list(), self.logprobs, prompt_logprobs)
+        logprobs = 0 if self.logprobs is None and self.candidates() > self.n else self.logprobs
+        return self._sampling_params(max_tokens, seed_offset, self.stop_list(), logprobs, prompt_logprobs)
 
 
 class ContentPart(_Base):

@@ -358,7 +358,9 @@ BAD_INPUTS = [
     ("too many stop strings", "/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, 400, "stop"),
     ("too many prompts", "/v1/completions", {"prompt": ["x"] * 300}, 400, "300 prompts"),
     ("suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix is not supported"),
-    ("best_of other than n", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of=3"),
+    ("best_of below n", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of=1 must be >= n=2"),
+    ("best_of streamed", "/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, 400, "cannot stream"),
+    ("best_of above the limit", "/v1/completions", {"prompt": "x", "best_of": 100}, 400, "best_of=100 is above"),
 ]
 
 
@@ -487,3 +489,15 @@ def test_body_over_the_limit_is_413(server):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
         assert "ingress.max_body_bytes" in r.json()["error"]["message"]
         good(c, headers=headers)
+
+
+def test_best_of_returns_the_n_most_likely_of_its_candidates(client):
+    req = {"prompt": "for i in range(", "max_tokens": 5, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    all_three = client.post("/v1/completions", json={**req, "n": 3, "logprobs": 0}).json()["choices"]
+    ranked = sorted(all_three, key=lambda c: -sum(c["logprobs"]["token_logprobs"]))  # stable, like the server
+    best = client.post("/v1/completions", json={**req, "n": 2, "best_of": 3})
+    assert best.status_code == 200, best.text
+    body = best.json()
+    assert [c["text"] for c in body["choices"]] == [c["text"] for c in ranked[:2]]
+    assert [c["index"] for c in body["choices"]] == [0, 1] and body["choices"][0]["logprobs"] is None
+    assert body["usage"]["completion_tokens"] == 15  # every candidate's tokens count
