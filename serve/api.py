@@ -36,6 +36,7 @@ from serve.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    StreamOptions,
     TokenizeRequest,
     parse_request,
 )
@@ -170,7 +171,8 @@ class OpenAIIngress:
         release: Callable[[], None] = _nothing
         try:
             if name != "health":
-                release = self.limiter.acquire(*self._auth(request))
+                request.state.caller = self._auth(request)  # (who, limits): _generate charges the tokens
+                release = self.limiter.acquire(*request.state.caller)
             response = await fn()
         except APIError as err:
             release()
@@ -191,10 +193,20 @@ class OpenAIIngress:
     async def _generate(self, name: str, request: Request, schema: type[BaseModel], unary: DeploymentHandle,
                         stream: DeploymentHandle) -> Response:
         """A completions or chat route: the `unary` replica method's response, or with `stream: true`
-        the `stream` method's chunks as server-sent events."""
+        the `stream` method's chunks as server-sent events. The usage is charged to the caller's token
+        budget (a stream always ends with its usage chunk from the replica; it is passed on if asked for)."""
         req = await self._parse(request, schema)
+
+        def charge(usage: Any) -> None:
+            if usage is not None:
+                self.limiter.charge(*request.state.caller, usage.total_tokens)
+
         if not req.stream:
-            return JSONResponse((await self._call(unary, req)).model_dump())
+            out = await self._call(unary, req)
+            charge(out.usage)
+            return JSONResponse(out.model_dump())
+        wants_usage = req.include_usage()
+        req.stream_options = StreamOptions(include_usage=True)
         t0 = time.perf_counter()
         gen = stream.options(stream=True).remote(req)
         try:
@@ -210,6 +222,10 @@ class OpenAIIngress:
             status = 200
             try:
                 async for chunk in gen:
+                    if getattr(chunk, "usage", None) is not None and not chunk.choices:
+                        charge(chunk.usage)
+                        if not wants_usage:
+                            continue
                     yield f"data: {json.dumps(chunk.model_dump())}\n\n"
                     if isinstance(chunk, ErrorResponse):
                         status = chunk.status

@@ -91,9 +91,11 @@ class LimitsConfig:
     requests_per_minute: float = 0.0  # 0: no rate limit
     burst: int = 10  # requests sent back to back before the rate applies
     max_concurrent: int = 0  # requests in flight at once; 0: no limit
+    tokens_per_minute: float = 0.0  # prompt + completion tokens, charged when a request ends; 0: no budget
 
     def key_limits(self) -> KeyLimits:
-        return KeyLimits(float(self.requests_per_minute), self.burst, self.max_concurrent)
+        return KeyLimits(float(self.requests_per_minute), self.burst, self.max_concurrent,
+                         float(self.tokens_per_minute))
 
 
 @dataclass
@@ -104,7 +106,8 @@ class IngressConfig:
     num_cpus: float = 0.1
     max_ongoing_requests: int = 1024
     api_key_env: str = "MOE_API_KEY"  # if this environment variable is set, requests need `Bearer <key>`
-    api_keys_file: str | None = None  # keys, one a line: `KEY [requests_per_minute=N] [burst=N] [max_concurrent=N]`
+    api_keys_file: str | None = None  # keys, one a line: `KEY [requests_per_minute=N] [burst=N] [max_concurrent=N]
+    # [tokens_per_minute=N]`
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies: 413
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 

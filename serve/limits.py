@@ -2,9 +2,11 @@
 replica, so one client cannot starve the others.
 
 - `KeyLimits`: a request rate (a token bucket: `requests_per_minute`, refilled continuously, holding
-  at most `burst` requests) and `max_concurrent` requests in flight; 0 turns either off.
+  at most `burst` requests), `max_concurrent` requests in flight, and a token budget
+  (`tokens_per_minute`: prompt + completion tokens of finished requests are charged afterwards, so
+  a key may go into debt by one request; while in debt its requests are refused); 0 turns each off.
 - `load_api_keys(path, defaults)`: the API keys file, one key per line with optional overrides,
-  `sk-abc requests_per_minute=60 burst=5 max_concurrent=2`; blank lines and `#` comments are skipped.
+  `sk-abc requests_per_minute=60 burst=5 max_concurrent=2 tokens_per_minute=20000`; blank lines and `#` comments are skipped.
 - `KeyLimiter.acquire(who, limits)`: a release function, or `APIError` 429 in OpenAI's shape
   (`code: rate_limit_exceeded`) with `Retry-After` in seconds. `who` is the API key, or the
   client's address when the server takes no key. The state lives in each ingress replica, so with
@@ -28,6 +30,7 @@ class KeyLimits:
     requests_per_minute: float = 0.0  # 0: no rate limit
     burst: int = 10  # requests a key may send back to back before the rate applies (bucket size)
     max_concurrent: int = 0  # requests in flight at once; 0: no limit
+    tokens_per_minute: float = 0.0  # prompt + completion tokens; 0: no budget
 
     def check(self, where: str) -> KeyLimits:
         if not (math.isfinite(self.requests_per_minute) and self.requests_per_minute >= 0):
@@ -36,12 +39,14 @@ class KeyLimits:
             raise ConfigError(f"{where}burst={self.burst} must be >= 1.")
         if self.max_concurrent < 0:
             raise ConfigError(f"{where}max_concurrent={self.max_concurrent} must be >= 0 (0: no limit).")
+        if not (math.isfinite(self.tokens_per_minute) and self.tokens_per_minute >= 0):
+            raise ConfigError(f"{where}tokens_per_minute={self.tokens_per_minute} must be >= 0 (0: no budget).")
         return self
 
 
 def _parse_key_line(line: str, where: str, defaults: KeyLimits) -> tuple[str, KeyLimits]:
     key, *options = line.split()
-    types = {f.name: (float if f.name == "requests_per_minute" else int) for f in fields(KeyLimits)}
+    types = {f.name: (float if f.name.endswith("per_minute") else int) for f in fields(KeyLimits)}
     values: dict[str, float | int] = {}
     for opt in options:
         name, eq, value = opt.partition("=")
@@ -72,9 +77,10 @@ def load_api_keys(path: str | Path, defaults: KeyLimits) -> dict[str, KeyLimits]
     return keys
 
 
-def rate_limited(message: str, retry_after_s: float) -> APIError:
+def rate_limited(message: str, retry_after_s: float, kind: str = "requests") -> APIError:
+    """OpenAI's 429: type "requests" or "tokens", code rate_limit_exceeded, and Retry-After."""
     seconds = max(1, math.ceil(retry_after_s))
-    return APIError(429, f"{message} Please try again in {seconds}s.", "requests", code="rate_limit_exceeded",
+    return APIError(429, f"{message} Please try again in {seconds}s.", kind, code="rate_limit_exceeded",
                     headers={"Retry-After": str(seconds)})
 
 
@@ -86,6 +92,7 @@ class KeyLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.buckets: dict[str, tuple[float, float]] = {}  # who -> (requests left, at time)
+        self.tokens: dict[str, tuple[float, float]] = {}  # who -> (tokens left, may be negative; at time)
         self.in_flight: dict[str, int] = {}
 
     def acquire(self, who: str, limits: KeyLimits) -> Callable[[], None]:
@@ -94,6 +101,8 @@ class KeyLimiter:
         if limits.max_concurrent and busy >= limits.max_concurrent:
             raise rate_limited(f"Too many concurrent requests: this key may have {limits.max_concurrent} "
                                "in flight at once.", 1)
+        if limits.tokens_per_minute > 0:
+            self._check_tokens(who, limits)
         if limits.requests_per_minute > 0:
             self._take(who, limits)
         self.in_flight[who] = busy + 1
@@ -120,6 +129,23 @@ class KeyLimiter:
         self.buckets[who] = (left - 1.0, now)
         if len(self.buckets) > self.MAX_TRACKED:
             self._prune(now, rate, limits.burst)
+
+    def charge(self, who: str, limits: KeyLimits, n_tokens: int) -> None:
+        """Subtract a finished request's tokens from `who`'s budget."""
+        if limits.tokens_per_minute > 0 and n_tokens > 0:
+            self.tokens[who] = (self._tokens_left(who, limits) - n_tokens, self.clock())
+
+    def _tokens_left(self, who: str, limits: KeyLimits) -> float:
+        now, cap = self.clock(), limits.tokens_per_minute
+        left, at = self.tokens.get(who, (cap, now))
+        return min(cap, left + (now - at) * cap / 60.0)
+
+    def _check_tokens(self, who: str, limits: KeyLimits) -> None:
+        left = self._tokens_left(who, limits)
+        if left < 1.0:
+            raise rate_limited(f"Token budget used up: this key may use {limits.tokens_per_minute:g} tokens per "
+                               "minute (prompt and completion).", (1.0 - left) * 60.0 / limits.tokens_per_minute,
+                               "tokens")
 
     def _prune(self, now: float, rate: float, burst: int) -> None:
         self.buckets = {w: (left, at) for w, (left, at) in self.buckets.items() if left + (now - at) * rate < burst}

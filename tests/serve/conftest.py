@@ -6,8 +6,8 @@ holding two apps:
                       input content filter on, no API key.
 - "strict" at /strict: served from the run id of version 1, batching off, tiny backpressure limits
                       (1 ongoing, 1 queued), an API key, an output content filter, a 64 KiB body limit,
-                      and an API keys file with two more keys: RATE_KEY (6 requests per minute,
-                      bursts of 2) and CONCURRENT_KEY (1 request in flight).
+                      and an API keys file with three more keys: RATE_KEY (6 requests per minute,
+                      bursts of 2), CONCURRENT_KEY (1 request in flight), TOKENS_KEY (60 tokens a minute).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ STRICT_KEY = "sk-test-4f1c0e"
 MAIN_KEY_ENV = "MOE_TEST_MAIN_API_KEY_UNSET"
 RATE_KEY = "sk-test-rate-9a2b"
 CONCURRENT_KEY = "sk-test-concurrent-77c1"
+TOKENS_KEY = "sk-test-tokens-31d0"
 STRICT_BODY_LIMIT = 65536
 
 
@@ -133,7 +134,8 @@ def server(ray_cluster, tiny_models: TinyModels, tmp_path_factory: pytest.TempPa
     filter_prompt, filter_text, blocked = blocked_fragment(tiny_models)
     keys_file = tmp_path_factory.mktemp("keys") / "api_keys.txt"
     keys_file.write_text(f"# test keys\n{RATE_KEY} requests_per_minute=6 burst=2\n\n"
-                         f"{CONCURRENT_KEY} max_concurrent=1  # one request in flight\n")
+                         f"{CONCURRENT_KEY} max_concurrent=1  # one request in flight\n"
+                         f"{TOKENS_KEY} tokens_per_minute=60\n")
     port = free_port()
     common = [f"tracking.uri={tiny_models.tracking_uri}", "deployment.num_cpus=0.5", "ingress.num_cpus=0.05",
               "deployment.health_check_period_s=2", "engine.log_interval_s=2", "model.num_threads=1"]

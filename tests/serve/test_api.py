@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.serve.conftest import CONCURRENT_KEY, RATE_KEY, STRICT_BODY_LIMIT, STRICT_KEY
+from tests.serve.conftest import CONCURRENT_KEY, RATE_KEY, STRICT_BODY_LIMIT, STRICT_KEY, TOKENS_KEY
 
 TIMEOUT = 120.0
 
@@ -479,6 +479,27 @@ def test_per_key_limits_answer_429_with_retry_after(server):
             for _ in lines:
                 pass
         good(c, headers=conc)  # the ended stream gave its slot back
+
+
+def test_token_budget_per_key(server):
+    """60 tokens a minute: a stream (usage charged though not asked for) and a request spend it; the next is a 429."""
+    headers = {"Authorization": f"Bearer {TOKENS_KEY}"}
+    req = {"prompt": "import os", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=server.strict, timeout=TIMEOUT, headers=headers) as c:
+        with c.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+            events = sse(r)
+        assert all(e["choices"] for e in events)  # the usage chunk is not passed on unasked
+        used = c.post("/v1/completions", json=req)
+        assert used.status_code == 200, used.text
+        assert used.json()["usage"]["total_tokens"] >= 41  # 2 x 41 of 60: each started within the budget
+        r = c.post("/v1/completions", json=req)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+        err = r.json()["error"]
+        assert err["type"] == "tokens" and err["code"] == "rate_limit_exceeded" and "60 tokens per minute" in err[
+            "message"]
+        assert c.get("/health").status_code == 200
+    with httpx.Client(base_url=server.strict, timeout=TIMEOUT) as other:
+        good(other, headers={"Authorization": f"Bearer {STRICT_KEY}"})  # other keys keep their budget
 
 
 def test_body_over_the_limit_is_413(server):

@@ -81,6 +81,7 @@ def test_api_keys_file(tmp_path):
     ("ingress.limits.requests_per_minute=-1", "ingress.limits.requests_per_minute=-1.0 must be >= 0"),
     ("ingress.limits.burst=0", "ingress.limits.burst=0"),
     ("ingress.limits.max_concurrent=-2", "ingress.limits.max_concurrent=-2"),
+    ("ingress.limits.tokens_per_minute=-5", "ingress.limits.tokens_per_minute=-5.0"),
     ("ingress.max_body_bytes=10", "ingress.max_body_bytes=10"),
     ("ingress.api_keys_file=/nonexistent/keys.txt", "ingress.api_keys_file='/nonexistent/keys.txt' does not exist"),
 ])
@@ -94,3 +95,19 @@ def test_limits_compose_from_conf():
     cfg = load_config(["ingress.limits.requests_per_minute=120", "ingress.limits.max_concurrent=4"])
     assert cfg.ingress.limits.key_limits() == KeyLimits(requests_per_minute=120, burst=10, max_concurrent=4)
     assert load_config().ingress.limits.key_limits() == KeyLimits()  # off by default
+
+
+def test_token_budget_is_charged_after_and_refills():
+    clock, limits = Clock(), KeyLimits(tokens_per_minute=120)
+    lim = KeyLimiter(clock)
+    lim.acquire("k", limits)()
+    lim.charge("k", limits, 100)
+    lim.acquire("k", limits)()  # 20 left: admitted, and may go into debt
+    lim.charge("k", limits, 50)
+    with pytest.raises(APIError) as err:
+        lim.acquire("k", limits)
+    e = err.value
+    assert e.status == 429 and e.type == "tokens" and e.headers == {"Retry-After": "16"}  # (30 + 1) / 2 per s
+    clock.t += 16
+    lim.acquire("k", limits)()
+    lim.acquire("other", limits)()  # budgets are per key
