@@ -5,7 +5,9 @@ exported weights, one process, fp32, side by side (interleaved rounds, medians):
   - generation: greedy decoding of 32 prompts at once, ours (moe.generate, KV cache) against
     transformers `generate` (tokens/s of generated tokens); goal: ours >= 2x;
   - the logits of both on the benchmark batch (max |difference|, checked in the run) and whether
-    both generate the same greedy tokens.
+    both generate the same greedy tokens;
+  - generation of ours also with `moe.expert_kernel=grouped_mm` (one grouped GEMM per layer instead
+    of the per-expert kernel `auto` picks on CPU), a row beside the goal, which uses the default.
 
 The weights: our preset (default `small`, conf/model/) initialized with a seed and nonzero expert
 biases, exported with `moe.hf.export_hf` to a temporary directory; the transformers side is
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from moe.config import ModelConfig, MoEConfig
-from moe.experts import accumulate_expert_grads_in_place
+from moe.experts import GroupedExperts, accumulate_expert_grads_in_place
 from moe.generate import SamplingParams, generate
 from moe.hf import export_hf, load_hf
 from moe.model import build_model
@@ -117,6 +119,12 @@ def _interleaved(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _set_expert_kernel(model: Any, kernel: str) -> None:
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.kernel = kernel
+
+
 def _logits_diff(ours: Any, theirs: Any, tokens_BT: torch.Tensor) -> float:
     ours.eval()
     theirs.eval()
@@ -131,9 +139,17 @@ def _generation(ours: Any, theirs: Any, prompts_BP: torch.Tensor, new_tokens: in
     theirs.eval()
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     result: dict[str, Any] = {}
+    cfg_kernel = ours.cfg.moe.expert_kernel
 
     def run_ours() -> None:
         result["ours"] = [s.output_ids for s in generate(ours, prompts_BP.tolist(), params)]
+
+    def run_ours_grouped() -> None:  # the same model with moe.expert_kernel=grouped_mm (one call per layer)
+        _set_expert_kernel(ours, "grouped_mm")
+        try:
+            result["ours_grouped"] = [s.output_ids for s in generate(ours, prompts_BP.tolist(), params)]
+        finally:
+            _set_expert_kernel(ours, cfg_kernel)
 
     @torch.no_grad()
     def run_theirs() -> None:
@@ -142,8 +158,10 @@ def _generation(ours: Any, theirs: Any, prompts_BP: torch.Tensor, new_tokens: in
                               pad_token_id=0)
         result["theirs"] = out[:, prompts_BP.shape[1]:].tolist()
 
-    times = _interleaved({"ours": run_ours, "transformers": run_theirs}, rounds)
-    agree = sum(a == b for a, b in zip(result["ours"], result["theirs"])) / len(prompts_BP)
+    times = _interleaved({"ours": run_ours, "transformers": run_theirs,
+                          "ours, expert_kernel=grouped_mm": run_ours_grouped}, rounds)
+    agree = sum(a == b == c for a, b, c in zip(result["ours"], result["theirs"], result["ours_grouped"])) \
+        / len(prompts_BP)
     return times, agree
 
 
