@@ -26,8 +26,8 @@ def main(dcfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    from pipelines.core.model_source import ModelNotFound
     from pipelines.evaluation.runner import compare_versions, evaluate_model
-    from pipelines.evaluation.source import ModelNotFound
     from pipelines.evaluation.texts import EvaluationInputError
 
     try:

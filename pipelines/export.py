@@ -27,8 +27,8 @@ def main(dcfg: DictConfig) -> None:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
     from moe.hf import UnsupportedModelError
+    from pipelines.core.model_source import ModelNotFound
     from pipelines.evaluation.export import run_export
-    from pipelines.evaluation.source import ModelNotFound
 
     try:
         outcome = run_export(cfg)

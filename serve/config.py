@@ -15,19 +15,16 @@ from omegaconf import DictConfig
 
 from moe.config import ConfigError
 from pipelines.core.config import check, compose_config, to_dataclass
+from pipelines.core.model_source import ModelSourceConfig, check_model_source
 from pipelines.core.tracking import TrackingConfig
 from serve.limits import KeyLimits, load_api_keys
 
 
 @dataclass
-class ModelSourceConfig:
-    """Where the weights come from: a local directory, a run, or the registry (default: latest version)."""
+class ServedModelConfig(ModelSourceConfig):
+    """Which model to serve (`ModelSourceConfig`: a directory, a run, or the registry, default its latest
+    version) and how the replica runs it."""
 
-    path: str | None = None  # exported model directory (model.safetensors, config.json, tokenizer.json)
-    run_id: str | None = None  # an MLflow run that logged the model
-    registered_name: str | None = None  # registry name; null: tracking.registered_model
-    version: str | None = None  # registry version; null with alias null: the latest version
-    alias: str | None = None  # registry alias (e.g. "champion")
     served_name: str | None = None  # the `model` id clients send; null: the registry name or directory name
     device: str = "cpu"  # cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16
@@ -140,7 +137,7 @@ class ServeConfig:
     blocking: bool = True  # keep `python -m serve.deploy` in the foreground (needed when it started Ray)
     http: HttpConfig = field(default_factory=HttpConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    model: ServedModelConfig = field(default_factory=ServedModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     deployment: ModelDeploymentConfig = field(default_factory=ModelDeploymentConfig)
     chat: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
@@ -175,10 +172,7 @@ def validate_serve_config(c: ServeConfig) -> ServeConfig:
     check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use float32 or bfloat16.")
     check(m.device == "cpu" or d.num_gpus > 0,
            "model.device=cuda needs deployment.num_gpus > 0 so Ray gives the replica a GPU.")
-    check(sum(x is not None for x in (m.path, m.run_id)) <= 1,
-           "set at most one of model.path and model.run_id (or neither, for the registry).")
-    check(not (m.version is not None and m.alias is not None),
-           "set model.version or model.alias, not both.")
+    check_model_source(m)
     for side in ("input", "output"):
         for i, pattern in enumerate(getattr(c.safety, side).regexes):
             try:

@@ -66,14 +66,11 @@ def served_model_name(cfg: ServeConfig) -> str:
 
 
 def resolve_model_dir(cfg: ServeConfig) -> Path:
-    """The local model directory: as given, or downloaded from the MLflow run / registry."""
-    m = cfg.model
-    if m.path:
-        return Path(m.path)
-    from pipelines.core.tracking import download_model
+    """The local model directory: as given, or downloaded from the MLflow run / registry
+    (`ModelNotFound` names what was asked, what exists and the fix)."""
+    from pipelines.core.model_source import resolve_model
 
-    return download_model(cfg.tracking.uri, name=m.registered_name or cfg.tracking.registered_model,
-                          version=m.version, alias=m.alias, run_id=m.run_id)
+    return resolve_model(cfg.model, cfg.tracking).path
 
 
 def _load(cfg: ServeConfig) -> tuple[MoETransformer, Tokenizer, Path]:

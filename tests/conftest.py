@@ -39,12 +39,14 @@ def compose() -> Callable[..., object]:
     """compose(name, overrides) -> composed DictConfig, using the project's conf/ and schemas."""
     from pipelines.core.config import compose_config
     from pipelines.data.config import register_configs as register_data_configs
+    from pipelines.evaluation.config import register_configs as register_evaluation_configs
     from pipelines.train.config import register_configs as register_train_configs
     from serve.config import register_configs as register_serve_configs
 
     register_train_configs()
     register_data_configs()
     register_serve_configs()
+    register_evaluation_configs()
 
     def _compose(name: str = "train", overrides: list[str] | None = None):
         return compose_config(name, overrides)

@@ -12,21 +12,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from pipelines.core.config import check, compose_config, to_dataclass
+from pipelines.core.model_source import ModelSourceConfig, check_model_source
 from pipelines.core.tracking import TrackingConfig
 from pipelines.data.config import DataConfig
 
 RECORD_MODES = ("new_run", "model_run", "none")
-
-
-@dataclass
-class ModelSourceConfig:
-    """Which model: a local directory, an MLflow run, or the registry (default: its latest version)."""
-
-    path: str | None = None  # an exported model directory (model.safetensors, config.json, tokenizer.json)
-    run_id: str | None = None  # an MLflow run that logged the model
-    registered_name: str | None = None  # registry name; null: tracking.registered_model
-    version: str | None = None  # registry version; null with alias null: the latest version
-    alias: str | None = None  # registry alias (e.g. "champion")
 
 
 @dataclass
@@ -103,15 +93,8 @@ def register_configs() -> None:
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
 
 
-def _check_source(m: ModelSourceConfig) -> None:
-    given = [k for k in ("path", "run_id") if getattr(m, k)]
-    check(len(given) <= 1, f"model.path and model.run_id are both set ({m.path!r}, {m.run_id!r}); give one.")
-    check(not (m.version and m.alias), f"model.version={m.version!r} and model.alias={m.alias!r} are both set; "
-                                        "give one (or neither for the latest version).")
-
-
 def validate_evaluate_config(c: EvaluateConfig) -> EvaluateConfig:
-    _check_source(c.model)
+    check_model_source(c.model)
     check(c.record in RECORD_MODES, f"record={c.record!r}: use one of {', '.join(RECORD_MODES)}.")
     check(len(c.compare) in (0, 2), f"compare={c.compare} needs exactly two registered versions, e.g. compare=[1,2].")
     check(not (c.compare and (c.model.path or c.model.run_id)),
@@ -127,7 +110,7 @@ def validate_evaluate_config(c: EvaluateConfig) -> EvaluateConfig:
 
 
 def validate_export_config(c: ExportConfig) -> ExportConfig:
-    _check_source(c.model)
+    check_model_source(c.model)
     return c
 
 

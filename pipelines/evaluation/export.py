@@ -10,8 +10,8 @@ from moe.checkpoint import load_model
 from moe.files import TOKENIZER_FILE
 from moe.hf import export_hf, hf_architecture
 from pipelines.core import tracking
+from pipelines.core.model_source import resolve_model
 from pipelines.evaluation.config import ExportConfig
-from pipelines.evaluation.source import resolve_model
 
 HF_ARTIFACT_PATH = "hf"
 

@@ -26,13 +26,13 @@ from moe.checkpoint import load_model
 from moe.generate import SamplingParams, generate
 from moe.model import MoETransformer
 from pipelines.core import tracking
+from pipelines.core.model_source import ModelSourceConfig, ResolvedModel, resolve_model
 from pipelines.core.tables import format_table
 from pipelines.data.ingest import read_manifest, resolve_dataset_dir
 from pipelines.data.tokenizer import file_sha256
 from pipelines.evaluation.choice import build_questions, held_out_documents, run_choice
-from pipelines.evaluation.config import EvaluateConfig, ModelSourceConfig
+from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.scoring import score_rows
-from pipelines.evaluation.source import ResolvedModel, resolve_model
 from pipelines.evaluation.texts import (
     EvaluationInputError,
     pack_documents,

@@ -9,12 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.evaluation.config import register_configs as register_evaluation_configs
-
-# conf/evaluate.yaml and conf/export.yaml start from schemas in Hydra's ConfigStore; tests that compose
-# every conf/*.yaml (tests/pipelines/test_config.py) need them registered like the others
-register_evaluation_configs()
-
 
 @pytest.fixture(scope="session")
 def dataset_root(ray_cluster, compose, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -26,10 +26,10 @@ from mlflow import MlflowClient
 
 from moe.checkpoint import export_model, load_model
 from moe.model import build_model
+from pipelines.core.model_source import ModelNotFound
 from pipelines.core.tracking import TrackingConfig, configure, register_model_dir
 from pipelines.evaluation.config import compose_evaluate_config
 from pipelines.evaluation.runner import evaluate_model
-from pipelines.evaluation.source import ModelNotFound
 from pipelines.evaluation.texts import EvaluationInputError, read_split
 from tests.conftest import REPO
 

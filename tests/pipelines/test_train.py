@@ -23,20 +23,6 @@ from pipelines.train.plan import make_plan
 STEPS_OVERRIDES = ["train.micro_batch_size=8", "train.log_every=4", "train.eval_batches=2"]
 
 
-@pytest.fixture(scope="module")
-def dataset_root(ray_cluster, compose, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real preprocessed dataset: 40 stdlib files, tiny vocabulary, through pipelines.preprocess."""
-    from pipelines.data.config import to_preprocess_config
-    from pipelines.data.pipeline import run_preprocess
-
-    root = tmp_path_factory.mktemp("train-data") / "processed"
-    cfg = to_preprocess_config(compose("preprocess", [
-        "data=tiny", f"data.output_dir={root}", "tracking.enabled=false", "runtime.progress_bars=false",
-        "data.sources=[{kind:stdlib,max_files:40}]"]))
-    run_preprocess(cfg)
-    return root
-
-
 def tiny_config(compose, tmp_path: Path, dataset_root: Path, *extra: str):
     overrides = ["model=tiny", "data=tiny", f"data.output_dir={dataset_root}",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.storage_path={tmp_path / 'runs'}",

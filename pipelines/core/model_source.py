@@ -1,7 +1,8 @@
-"""Which model an evaluation or export reads: a local directory, an MLflow run, or a registered
-version (by number, alias, or the latest), resolved to a local directory plus where it came from.
-
-Every way this can fail is a `ModelNotFound` naming what was asked, what exists, and the fix.
+"""Which model a command reads (serving, evaluation, export): a local directory, an MLflow run, or
+a registered version (by number, alias, or the latest). `ModelSourceConfig` is the typed config,
+`check_model_source` its checks, `resolve_model` turns it into a local directory plus where it
+came from. Every way resolving can fail is a `ModelNotFound` naming what was asked, what exists,
+and the fix.
 """
 
 from __future__ import annotations
@@ -12,8 +13,27 @@ from pathlib import Path
 
 from moe.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from pipelines.core import tracking
+from pipelines.core.config import check
 from pipelines.core.tracking import TrackingConfig
-from pipelines.evaluation.config import ModelSourceConfig
+
+
+@dataclass
+class ModelSourceConfig:
+    """Which model: a local directory, an MLflow run, or the registry (default: its latest version)."""
+
+    path: str | None = None  # an exported model directory (model.safetensors, config.json, tokenizer.json)
+    run_id: str | None = None  # an MLflow run that logged the model
+    registered_name: str | None = None  # registry name; null: tracking.registered_model
+    version: str | None = None  # registry version; null with alias null: the latest version
+    alias: str | None = None  # registry alias (e.g. "champion")
+
+
+def check_model_source(m: ModelSourceConfig) -> None:
+    """ConfigError unless the source names one model."""
+    given = [k for k in ("path", "run_id") if getattr(m, k)]
+    check(len(given) <= 1, f"model.path and model.run_id are both set ({m.path!r}, {m.run_id!r}); give one.")
+    check(not (m.version and m.alias), f"model.version={m.version!r} and model.alias={m.alias!r} are both set: "
+                                        "set model.version or model.alias, not both (neither: the latest version).")
 
 
 class ModelNotFound(LookupError):
