@@ -28,7 +28,7 @@ from pipelines.bench import BenchResult, Goal
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _percentile(xs: list[float], q: float) -> float:
+def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     if not xs:
         return float("nan")
@@ -102,7 +102,7 @@ def load(base: str, clients: int, requests_per_client: int, prompt: str, max_tok
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return {"requests": len(latencies), "req_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99)}
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99)}
 
 
 def parse_args(args: list[str]) -> argparse.Namespace:
