@@ -18,12 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[object]:
-    """One local Ray for the whole session (4 logical CPUs on 2 cores: tests oversubscribe lightly)."""
+    """One local Ray for the whole session (4 logical CPUs on 2 cores: tests oversubscribe lightly),
+    started the project's one way. At the end it stops Serve and Ray and makes sure no process of
+    that Ray outlives the suite (a Ray Train controller was once seen hanging in its exit)."""
+    import psutil
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    from cluster.runtime import RayOptions, start_or_connect
+
+    runtime = start_or_connect(RayOptions(num_cpus=4, env_vars={"OMP_NUM_THREADS": "1"}))
     yield ray
     try:
         from ray import serve
@@ -31,7 +34,14 @@ def ray_cluster() -> Iterator[object]:
         serve.shutdown()
     except Exception:
         pass
-    ray.shutdown()
+    ray_processes = psutil.Process().children(recursive=True)  # raylet, GCS and every worker they started
+    runtime.shutdown()
+    _, alive = psutil.wait_procs(ray_processes, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="session")
