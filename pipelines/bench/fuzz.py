@@ -40,6 +40,7 @@ class Request:
     body: bytes
     content_type: str = "application/json"
     good: bool = False
+    kind: str = "good"
 
 
 def _json(path: str, obj: object, good: bool = False) -> Request:
@@ -92,7 +93,11 @@ def make_requests(seed: int, n_good: int, n_bad: int, max_tokens: int) -> tuple[
     rng = random.Random(seed)
     good = [good_request(rng, max_tokens) for _ in range(n_good)]
     kinds = sorted(BAD_KINDS)
-    bad = [BAD_KINDS[kinds[i % len(kinds)]](rng) for i in range(n_bad)]
+    bad = []
+    for i in range(n_bad):
+        req = BAD_KINDS[kinds[i % len(kinds)]](rng)
+        req.kind = kinds[i % len(kinds)]
+        bad.append(req)
     mixed = good + bad
     rng.shuffle(mixed)
     return good, mixed
@@ -104,6 +109,7 @@ class RoundResult:
     good_latencies: list[float]
     wall_s: float
     five_xx: list[str]
+    by_kind: dict[str, list[float]]  # latency of every request by kind ("good" or a bad kind)
 
 
 def send_all(base: str, requests: list[Request], clients: int) -> RoundResult:
@@ -113,6 +119,7 @@ def send_all(base: str, requests: list[Request], clients: int) -> RoundResult:
     statuses: Counter = Counter()
     latencies: list[float] = []
     five_xx: list[str] = []
+    by_kind: dict[str, list[float]] = {}
     lock = threading.Lock()
     it = iter(requests)
 
@@ -130,6 +137,7 @@ def send_all(base: str, requests: list[Request], clients: int) -> RoundResult:
                     statuses[r.status_code] += 1
                     if r.status_code >= 500:
                         five_xx.append(f"{req.method} {req.path} -> {r.status_code}: {r.text[:160]}")
+                    by_kind.setdefault(req.kind, []).append(dt)
                     if req.good:
                         latencies.append(dt)
 
@@ -139,7 +147,7 @@ def send_all(base: str, requests: list[Request], clients: int) -> RoundResult:
         t.start()
     for t in threads:
         t.join()
-    return RoundResult(statuses, latencies, time.perf_counter() - t0, five_xx)
+    return RoundResult(statuses, latencies, time.perf_counter() - t0, five_xx, by_kind)
 
 
 def parse_args(args: list[str]) -> argparse.Namespace:
@@ -195,6 +203,15 @@ def _rows(alone: list[RoundResult], with_bad: list[RoundResult]) -> list[dict]:
     return rows
 
 
+def _kind_costs(results: list[RoundResult]) -> str:
+    pooled: dict[str, list[float]] = {}
+    for r in results:
+        for kind, xs in r.by_kind.items():
+            pooled.setdefault(kind, []).extend(xs)
+    ranked = sorted(((statistics.median(xs), kind) for kind, xs in pooled.items()), reverse=True)
+    return ", ".join(f"{kind} {1000 * t:.0f}" for t, kind in ranked)
+
+
 def run(args: list[str]) -> BenchResult:
     a = parse_args(args)
     import httpx
@@ -217,6 +234,8 @@ def run(args: list[str]) -> BenchResult:
              f"{len(BAD_KINDS)} kinds of bad request; statuses of the mixed rounds: {dict(sorted(statuses.items()))}",
              f"/health after the run: {'200' if healthy else 'FAILED'}"]
     notes += [f"5xx: {m}" for m in five_xx[:5]]
+    notes.append("where the mixed rounds' time goes (median latency by kind, ms; all kinds share the 2 cores "
+                 "with the client): " + _kind_costs(with_bad))
     if not healthy:
         five_xx.append("/health failed after the run")
     return BenchResult(name="fuzz", rows=_rows(alone, with_bad), notes=notes, goals={
