@@ -7,9 +7,11 @@ wrong: out-of-range and huge integers, NaN/Infinity, lone UTF-16 surrogates, dee
 truncated or non-UTF-8 bodies, wrong content types and methods, wrong types in a field, oversized
 arrays and bodies, unknown endpoints, bad logit_bias keys, requests beyond the context.
 
-Rounds alternate between "good alone" (only the good requests) and "mixed" (the same good requests
-with the bad ones interleaved), `--clients` concurrent clients each, so load from elsewhere on the
-machine hits both alike. Goals: zero 5xx over every request of the run, and the p99 latency of the
+Rounds alternate between "good alone" (only the good requests), "mixed" (the same good requests
+with the bad ones interleaved) and "harmless" (the same good requests with as many valid, cheap
+`GET /v1/models` in the places of the bad ones: the floor of simply sending more requests through
+one ingress on a shared machine), `--clients` concurrent clients each, so load from elsewhere on
+the machine hits all alike. Goals: zero 5xx over every request of the run, and the p99 latency of the
 good requests in the mixed rounds at most 1.2x their p99 alone (medians over the rounds). The
 server must answer /health afterwards.
 """
@@ -88,8 +90,10 @@ BAD_KINDS: dict[str, Callable[[random.Random], Request]] = {
 }
 
 
-def make_requests(seed: int, n_good: int, n_bad: int, max_tokens: int) -> tuple[list[Request], list[Request]]:
-    """(good requests, mixed requests: the same good ones with n_bad bad ones interleaved at random)."""
+def make_requests(seed: int, n_good: int, n_bad: int, max_tokens: int
+                  ) -> tuple[list[Request], list[Request], list[Request]]:
+    """(good requests; the same good ones with n_bad bad ones interleaved at random; the same good ones
+    with n_bad harmless valid requests (GET /v1/models) in the same places: the floor of "more requests")."""
     rng = random.Random(seed)
     good = [good_request(rng, max_tokens) for _ in range(n_good)]
     kinds = sorted(BAD_KINDS)
@@ -98,9 +102,12 @@ def make_requests(seed: int, n_good: int, n_bad: int, max_tokens: int) -> tuple[
         req = BAD_KINDS[kinds[i % len(kinds)]](rng)
         req.kind = kinds[i % len(kinds)]
         bad.append(req)
-    mixed = good + bad
-    rng.shuffle(mixed)
-    return good, mixed
+    order = list(range(n_good + n_bad))
+    rng.shuffle(order)
+    mixed = [(good + bad)[i] for i in order]
+    filler = [Request("GET", "/v1/models", b"", kind="harmless GET /v1/models") for _ in range(n_bad)]
+    harmless = [(good + filler)[i] for i in order]
+    return good, mixed, harmless
 
 
 @dataclass
@@ -180,19 +187,19 @@ def _deploy(model_dir: Path) -> tuple[str, object]:
     return f"http://127.0.0.1:{port}", runtime
 
 
-def _measure(base: str, a: argparse.Namespace) -> tuple[list[RoundResult], list[RoundResult]]:
-    good, mixed = make_requests(a.seed, a.good, a.bad, a.max_tokens)
+def _measure(base: str, a: argparse.Namespace) -> dict[str, list[RoundResult]]:
+    good, mixed, harmless = make_requests(a.seed, a.good, a.bad, a.max_tokens)
     send_all(base, good[:16], 2)  # warm-up: compile paths, first batches
-    alone, with_bad = [], []
+    rounds: dict[str, list[RoundResult]] = {"good alone": [], "good + bad mixed": [], "good + harmless mixed": []}
     for _ in range(a.rounds):
-        alone.append(send_all(base, good, a.clients))
-        with_bad.append(send_all(base, mixed, a.clients))
-    return alone, with_bad
+        for name, requests in zip(rounds, (good, mixed, harmless)):
+            rounds[name].append(send_all(base, requests, a.clients))
+    return rounds
 
 
-def _rows(alone: list[RoundResult], with_bad: list[RoundResult]) -> list[dict]:
+def _rows(rounds: dict[str, list[RoundResult]]) -> list[dict]:
     rows = []
-    for name, results in (("good alone", alone), ("good + bad mixed", with_bad)):
+    for name, results in rounds.items():
         for i, r in enumerate(results):
             rows.append({"round": f"{name} #{i + 1}", "requests": sum(r.statuses.values()),
                          "2xx": sum(n for s, n in r.statuses.items() if s < 300),
@@ -220,24 +227,28 @@ def run(args: list[str]) -> BenchResult:
     tmp = tempfile.TemporaryDirectory(prefix="bench_fuzz_")
     base, runtime = _deploy(make_model_dir(a.preset, Path(tmp.name)))
     try:
-        alone, with_bad = _measure(base, a)
+        rounds = _measure(base, a)
         healthy = httpx.get(f"{base}/health", timeout=60).status_code == 200
     finally:
         serve.shutdown()
         runtime.shutdown()  # only a Ray this run started
         tmp.cleanup()
-    five_xx = [m for r in alone + with_bad for m in r.five_xx]
-    p99_alone = statistics.median(percentile(r.good_latencies, 0.99) for r in alone)
-    p99_mixed = statistics.median(percentile(r.good_latencies, 0.99) for r in with_bad)
+    alone, with_bad, harmless = rounds.values()
+    every = alone + with_bad + harmless
+    five_xx = [m for r in every for m in r.five_xx]
+    p99 = {name: statistics.median(percentile(r.good_latencies, 0.99) for r in rs) for name, rs in rounds.items()}
+    p99_alone, p99_mixed, p99_harmless = p99.values()
     statuses = sum((r.statuses for r in with_bad), Counter())
-    notes = [f"{sum(sum(r.statuses.values()) for r in alone + with_bad):,} requests in all; "
+    notes = [f"{sum(sum(r.statuses.values()) for r in every):,} requests in all; "
              f"{len(BAD_KINDS)} kinds of bad request; statuses of the mixed rounds: {dict(sorted(statuses.items()))}",
              f"/health after the run: {'200' if healthy else 'FAILED'}"]
     notes += [f"5xx: {m}" for m in five_xx[:5]]
+    notes.append(f"floor: good p99 with the same number of harmless requests mixed in = {p99_harmless / p99_alone:.2f}x "
+                 f"alone; with bad ones {p99_mixed / p99_alone:.2f}x; bad vs harmless {p99_mixed / p99_harmless:.2f}x")
     notes.append("where the mixed rounds' time goes (median latency by kind, ms; all kinds share the 2 cores "
                  "with the client): " + _kind_costs(with_bad))
     if not healthy:
         five_xx.append("/health failed after the run")
-    return BenchResult(name="fuzz", rows=_rows(alone, with_bad), notes=notes, goals={
+    return BenchResult(name="fuzz", rows=_rows(rounds), notes=notes, goals={
         "count_5xx": Goal(float(len(five_xx)), 0.0, higher_is_better=False),
         "good_p99_mixed_vs_alone": Goal(p99_mixed / p99_alone, 1.2, higher_is_better=False)})
