@@ -16,8 +16,6 @@ profile asks for, `ClusterMismatchError` says within seconds what is needed and 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,16 +87,6 @@ def start_or_connect(opts: RayOptions) -> RayRuntime:
     dashboard = f"http://{url}" if url and not url.startswith("http") else url
     return RayRuntime(address=ctx.address_info.get("address", str(address)), dashboard_url=dashboard,
                       started_locally=started, resources=ray.cluster_resources())
-
-
-@contextmanager
-def ray_session(opts: RayOptions) -> Iterator[RayRuntime]:
-    """`start_or_connect`, and on exit stop Ray if this session started it."""
-    runtime = start_or_connect(opts)
-    try:
-        yield runtime
-    finally:
-        runtime.shutdown()
 
 
 def _local_hardware() -> dict[str, float]:

@@ -138,6 +138,11 @@ def _permute_heads(w: torch.Tensor, head_dim: int, inverse: bool = False) -> tor
     return w.reshape(-1, head_dim, w.shape[-1])[:, perm].reshape(w.shape)
 
 
+# our projection names -> the stock classes' (attention; dense, shared and expert feed-forward)
+_ATTN_NAMES = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
+_FFN_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+
+
 def _bias_key(arch: str) -> str:
     return "mlp.gate.e_score_correction_bias" if arch == GLM else "mlp.gate.moe_statics.e_score_correction_bias"
 
@@ -146,12 +151,12 @@ def _layer_to_hf(cfg: ModelConfig, arch: str, ours: dict[str, torch.Tensor], i: 
     p, out = f"layers.{i}.", {}
     out["input_layernorm.weight"] = ours[p + "attn_norm.weight"]
     out["post_attention_layernorm.weight"] = ours[p + "ffn_norm.weight"]
-    for a, b in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+    for a, b in _ATTN_NAMES:
         w = ours[f"{p}attn.{a}.weight"]
         out[f"self_attn.{b}.weight"] = _permute_heads(w, cfg.head_dim) if arch == GLM and a in ("wq", "wk") else w
     f = p + "ffn."
     if not cfg.is_moe_layer(i):
-        for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        for a, b in _FFN_NAMES:
             out[f"mlp.{b}.weight"] = ours[f"{f}{a}.weight"]
         return out
     m = cfg.moe
@@ -162,7 +167,7 @@ def _layer_to_hf(cfg: ModelConfig, arch: str, ours: dict[str, torch.Tensor], i: 
     out["mlp.experts.gate_up_proj"] = torch.cat([w1.transpose(1, 2), w3.transpose(1, 2)], dim=1)
     out["mlp.experts.down_proj"] = w2.transpose(1, 2)
     if m.n_shared_experts or arch == GLM:  # Glm always holds the module (zero-width without shared experts)
-        for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        for a, b in _FFN_NAMES:
             key = f"{f}shared.{a}.weight"
             shape = (cfg.d_model, 0) if a == "w2" else (0, cfg.d_model)
             out[f"mlp.shared_experts.{b}.weight"] = ours[key] if m.n_shared_experts else torch.zeros(shape)
@@ -185,11 +190,11 @@ def _layer_from_hf(cfg: ModelConfig, arch: str, hf: dict[str, torch.Tensor], i: 
     q, out = f"model.layers.{i}.", {}
     out["attn_norm.weight"] = hf[q + "input_layernorm.weight"]
     out["ffn_norm.weight"] = hf[q + "post_attention_layernorm.weight"]
-    for a, b in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+    for a, b in _ATTN_NAMES:
         w = hf[f"{q}self_attn.{b}.weight"]
         out[f"attn.{a}.weight"] = _permute_heads(w, cfg.head_dim, True) if arch == GLM and a in ("wq", "wk") else w
     if not cfg.is_moe_layer(i):
-        for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        for a, b in _FFN_NAMES:
             out[f"ffn.{a}.weight"] = hf[f"{q}mlp.{b}.weight"]
         return out
     out["ffn.router.gate.weight"] = hf[q + "mlp.gate.weight"]
@@ -200,7 +205,7 @@ def _layer_from_hf(cfg: ModelConfig, arch: str, hf: dict[str, torch.Tensor], i: 
     out["ffn.experts.w3"] = gate_up[:, h:].transpose(1, 2)
     out["ffn.experts.w2"] = hf[q + "mlp.experts.down_proj"].transpose(1, 2)
     if cfg.moe.n_shared_experts:
-        for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        for a, b in _FFN_NAMES:
             out[f"ffn.shared.{a}.weight"] = hf[f"{q}mlp.shared_experts.{b}.weight"]
     return out
 

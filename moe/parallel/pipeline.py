@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moe.config import ConfigError, ModelConfig
+from moe.loss import token_loss_sum
 from moe.model import MoETransformer
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -275,9 +274,7 @@ class Pipeline:
         return any(s.last for s in self.specs)
 
     def _loss(self, logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
-        return ce * self.loss_scale
+        return token_loss_sum(logits_BTV, targets_BT) * self.loss_scale
 
     def _stages(self, mb: int, seq: int, act_dtype: torch.dtype, logits_dtype: torch.dtype) -> list:
         """`PipelineStage`s with static shapes: torch runs no shape-inference forward/backward."""

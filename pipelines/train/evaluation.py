@@ -8,28 +8,14 @@ import contextlib
 
 import ray.train
 import torch
-import torch.nn.functional as F
 
 from cluster.profiles import torch_dtype
+from moe.loss import IGNORE_INDEX, token_loss_sum
 from moe.model import MoETransformer
-from moe.parallel.pipeline import IGNORE_INDEX, Pipeline
+from moe.parallel.pipeline import Pipeline
 from pipelines.data.ingest import ConsumedSet, iter_batches
 from pipelines.train.collectives import all_reduce_
 from pipelines.train.config import TrainConfig
-
-
-def token_loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross entropies over targets that are not IGNORE_INDEX (masked positions)."""
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
-def masked_lm_loss(logits_BTV: torch.Tensor, tokens_BT1: torch.Tensor, mask_BT1: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy over positions whose target is marked in the loss mask."""
-    targets_BT = tokens_BT1[:, 1:]
-    mask_BT = mask_BT1[:, 1:].to(logits_BTV.dtype)
-    ce_BT = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none")
-    return (ce_BT.view_as(mask_BT) * mask_BT).sum() / mask_BT.sum().clamp(min=1)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:

@@ -35,14 +35,14 @@ from cluster.profiles import torch_dtype, uses_gpu
 from moe.checkpoint import load_checkpoint, save_checkpoint
 from moe.experts import accumulate_expert_grads_in_place
 from moe.flops import measure_matmul_peak, mfu
+from moe.loss import IGNORE_INDEX, token_loss_sum
 from moe.model import build_meta_model, materialize
 from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
-from moe.parallel.pipeline import IGNORE_INDEX
 from pipelines.data.ingest import ConsumedSet, iter_batches
 from pipelines.train.collectives import all_gather_cat, all_reduce_
 from pipelines.train.config import TrainConfig, pipeline_config
-from pipelines.train.evaluation import Evaluator, autocast, token_loss_sum
+from pipelines.train.evaluation import Evaluator, autocast
 from pipelines.train.optim import build_optimizer, build_schedule
 
 

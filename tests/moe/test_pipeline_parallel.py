@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.experts import accumulate_expert_grads_in_place
+from moe.loss import IGNORE_INDEX
 from moe.model import build_meta_model, build_model, materialize
 from moe.parallel.apply import parallelize, shard_model
 from moe.parallel.mesh import ParallelDims
-from moe.parallel.pipeline import IGNORE_INDEX, PipelineConfig, rank_stages, split_stages
+from moe.parallel.pipeline import PipelineConfig, rank_stages, split_stages
 from tests.moe.distributed import spawn
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
