@@ -90,8 +90,8 @@ class Sequence:
 
     def __init__(self, prompt_ids: SequenceABC[int], params: SamplingParams, *, eos_ids: SequenceABC[int] = (),
                  detokenize: Callable[[list[int]], str] | None = None,
-                 text_check: Callable[[str], int | None] | None = None, seq_id: str | None = None,
-                 stream_text: bool = True) -> None:
+                 text_check: Callable[[str], int | None] | None = None, text_hold: int | None = 0,
+                 seq_id: str | None = None, stream_text: bool = True, record_routing: bool = False) -> None:
         if not prompt_ids:
             raise ValueError("a prompt needs at least one token.")
         self.id = seq_id or secrets.token_hex(8)
@@ -100,6 +100,7 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.detokenize = detokenize
         self.text_check = text_check
+        self.text_hold = text_hold  # trailing characters `take_text` keeps back while running; None: all
         # Decode the text after every token only when something reads it then (stop strings, the
         # text check, streaming); otherwise once, at the end.
         self.text_every_step = bool(stream_text or params.stop or text_check)
@@ -159,17 +160,19 @@ class Sequence:
                 self.finish_reason = FINISH_FILTER
 
     def take_text(self) -> str:
-        """Text not handed out yet; while running, hold back an incomplete UTF-8 character and any
-        tail that could still become a stop string."""
-        end = len(self.text)
+        """Text not handed out yet; while running, hold back an incomplete UTF-8 character, any tail
+        that could still become a stop string, and the last `text_hold` characters (the longest text
+        the text check can block, so no part of a blocked phrase is handed out before it is seen)."""
+        n_text = end = len(self.text)
         if not self.done:
+            for s in self.params.stop:
+                for n in range(min(len(s) - 1, n_text), 0, -1):
+                    if self.text[n_text - n:] == s[:n]:
+                        end = min(end, n_text - n)
+                        break
+            end = 0 if self.text_hold is None else max(0, min(end, n_text - self.text_hold))
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
-            for s in self.params.stop:
-                for n in range(min(len(s) - 1, end), 0, -1):
-                    if self.text[end - n:end] == s[:n]:
-                        end = min(end, len(self.text) - n)
-                        break
         if end <= self.emitted:
             return ""
         delta = self.text[self.emitted:end]

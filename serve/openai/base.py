@@ -204,6 +204,7 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
             for j in range(req.candidates()):
                 seqs.append(Sequence(ids, self.sampling_params(req, max_tokens, j), eos_ids=self.ctx.eos_ids,
                                      detokenize=self.tokenizer.decode, text_check=text_check,
+                                     text_hold=output.max_match_chars,
                                      seq_id=f"{request_id}-{len(seqs)}", stream_text=req.stream))
         return seqs
 
