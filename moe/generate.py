@@ -14,6 +14,10 @@ slot cache of moe/kv_cache.py.
   slots with one forward pass (right-padded), `decode()` advances every active sequence by one
   token with one forward pass; finished sequences free their slot at once, so new ones can be
   admitted between decode steps. `generate()` is the one-call version.
+- Routing inspection: a sequence made with `record_routing=True` gets, per generated token, each MoE
+  layer's chosen experts and combine weights (`Sequence.routing`, `TokenRouting`), taken from the
+  forward pass whose logits chose the token (the prompt's last position for the first token, the
+  previous token's decode step after that), recorded by the MoE layers themselves (`record_routing`).
 - Isolation: a step that raises (forward pass or sampling) is run again for each of its sequences
   alone (nothing was committed to the cache, no draw was taken), so only the sequences that fail
   alone fail (`Sequence.error`, slot freed) and the others continue exactly as they would have
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 from moe.kv_cache import KVCache
 from moe.model import MoETransformer
+from moe.moe import record_routing
 
 FINISH_STOP, FINISH_LENGTH, FINISH_FILTER = "stop", "length", "content_filter"
 
@@ -85,6 +90,14 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
+@dataclass
+class TokenRouting:
+    """Which experts each MoE layer chose for one generated token, and their combine weights."""
+
+    experts: list[list[int]]  # (moe layers, top_k)
+    weights: list[list[float]]  # (moe layers, top_k)
+
+
 class Sequence:
     """One prompt being continued: its sampling state, outputs, logprobs, text and finish reason."""
 
@@ -101,6 +114,8 @@ class Sequence:
         self.detokenize = detokenize
         self.text_check = text_check
         self.text_hold = text_hold  # trailing characters `take_text` keeps back while running; None: all
+        self.record_routing = record_routing
+        self.routing: list[TokenRouting] = []  # one per output token, when record_routing
         # Decode the text after every token only when something reads it then (stop strings, the
         # text check, streaming); otherwise once, at the end.
         self.text_every_step = bool(stream_text or params.stop or text_check)
@@ -336,7 +351,7 @@ class BatchDecoder:
         for b, s in enumerate(seqs):
             tokens_BT[b, :lens[b]] = torch.tensor(s.prompt_ids)
         self.cache.begin(slots, max(lens))
-        logits_BTV = self.model(tokens_BT.to(self.device), kv_cache=self.cache)
+        logits_BTV, routing_B = self._forward(seqs, tokens_BT, [n - 1 for n in lens])
         prompt_lps = {}
         for b, s in enumerate(seqs):
             if s.params.prompt_logprobs is not None:
@@ -351,16 +366,33 @@ class BatchDecoder:
         for b, lps in prompt_lps.items():
             seqs[b].prompt_logprobs = lps
         if sampled is not None:
-            self._append([seqs[b] for b in live], *sampled)
+            self._append([seqs[b] for b in live], *sampled, [routing_B[b] for b in live])
 
     def _decode_step(self, seqs: list[Sequence]) -> None:
         slots = [s.slot for s in seqs]
-        tokens_B1 = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        tokens_B1 = torch.tensor([[s.output_ids[-1]] for s in seqs])
         self.cache.begin(slots, 1)
-        logits_BV = self.model(tokens_B1, kv_cache=self.cache)[:, 0]
-        sampled = self._sample(seqs, logits_BV)
+        logits_B1V, routing_B = self._forward(seqs, tokens_B1, [0] * len(seqs))
+        sampled = self._sample(seqs, logits_B1V[:, 0])
         self.cache.commit(slots, [1] * len(slots))
-        self._append(seqs, *sampled)
+        self._append(seqs, *sampled, routing_B)
+
+    def _forward(self, seqs: list[Sequence], tokens_BT: torch.Tensor, pos_B: list[int]
+                 ) -> tuple[torch.Tensor, list[TokenRouting | None]]:
+        """Logits (B, T, V) over the cache, and for each sequence that records routing the experts and
+        weights every MoE layer used at its position `pos_B[b]` (the one whose logits choose its token)."""
+        tokens_BT = tokens_BT.to(self.device)
+        if not any(s.record_routing for s in seqs):
+            return self.model(tokens_BT, kv_cache=self.cache), [None] * len(seqs)
+        with record_routing(self.model.moe_layers()) as records:
+            logits_BTV = self.model(tokens_BT, kv_cache=self.cache)
+        T = tokens_BT.shape[1]
+        rows = torch.tensor([b * T + t for b, t in enumerate(pos_B)])
+        layers = [(idx_TK.cpu()[rows].tolist(), w_TK.float().cpu()[rows].tolist())
+                  for (idx_TK, w_TK), in records.values()]  # one forward: one record per layer
+        routing_B = [TokenRouting([ids[b] for ids, _ in layers], [ws[b] for _, ws in layers])
+                     if s.record_routing else None for b, s in enumerate(seqs)]
+        return logits_BTV, routing_B
 
     def _sample(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         next_B = sample_tokens(logits_BV, seqs).tolist()
@@ -369,23 +401,27 @@ class BatchDecoder:
             logp_BV = F.log_softmax(logits_BV.float(), -1).cpu()
         return next_B, logp_BV
 
-    def _append(self, seqs: list[Sequence], next_B: list[int], logp_BV: torch.Tensor | None) -> None:
+    def _append(self, seqs: list[Sequence], next_B: list[int], logp_BV: torch.Tensor | None,
+                routing_B: list[TokenRouting | None]) -> None:
         for b, s in enumerate(seqs):
             try:
                 lp = None
                 if logp_BV is not None and s.params.logprobs is not None:
                     lp = _logprob_entries(logp_BV[b], next_B[b], s.params.logprobs)
                 s.append(next_B[b], lp, self.max_len)
+                if routing_B[b] is not None and len(s.routing) < len(s.output_ids):
+                    s.routing.append(routing_B[b])
             except Exception as err:  # this sequence's detokenizer or text check: it alone fails
                 s.fail(err)
 
 
 def generate(model: MoETransformer, prompts: SequenceABC[SequenceABC[int]], params: SamplingParams | None = None,
-             *, eos_ids: SequenceABC[int] = (), detokenize: Callable[[list[int]], str] | None = None
-             ) -> list[Sequence]:
+             *, eos_ids: SequenceABC[int] = (), detokenize: Callable[[list[int]], str] | None = None,
+             record_routing: bool = False) -> list[Sequence]:
     """Decode all prompts together (one batch, KV cache) until each finishes; returns the sequences."""
     params = (params or SamplingParams()).validate()
-    seqs = [Sequence(p, params, eos_ids=eos_ids, detokenize=detokenize) for p in prompts]
+    seqs = [Sequence(p, params, eos_ids=eos_ids, detokenize=detokenize, record_routing=record_routing)
+            for p in prompts]
     decoder = BatchDecoder(model, max(1, len(seqs)))
     decoder.prefill(seqs)
     while decoder.active:

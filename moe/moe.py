@@ -17,11 +17,16 @@ Seams for parallelism (moe/parallel sets them; the layer itself never communicat
   batch, so one process on the global batch and any parallel layout drop exactly the same tokens.
 - `experts.dispatch`, called by `experts.gather_combine(x_TD, token_N, counts_E, weight_N)`:
   expert parallelism installs its token exchange there.
+
+Routing inspection (opt-in, for serving): while `routing_record` is a list, every forward appends
+the (T, K) expert ids and combine weights it used, detached, in token order (`record_routing`
+turns it on for every MoE layer of a model for the length of a `with` block).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -70,11 +75,14 @@ class MoE(nn.Module):
         self.gather_counts: CountsGather | None = None
         self.last_aux_loss = torch.zeros(())
         self.last_z_loss = torch.zeros(())
+        self.routing_record: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see the module docstring
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         route = self.router(x_TD)
+        if self.routing_record is not None:
+            self.routing_record.append((route.topk_idx_TK.detach(), route.topk_weight_TK.detach()))
         y_TD, counts_E = self.dispatch_combine(x_TD, route.topk_idx_TK, route.topk_weight_TK)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -158,3 +166,17 @@ class MoE(nn.Module):
         self.tokens_per_expert.zero_()
         self.dropped_tokens.zero_()
         self.routed_tokens.zero_()
+
+
+@contextmanager
+def record_routing(layers: dict[str, MoE]) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Within the block, each layer's forwards append their (expert ids (T, K), combine weights (T, K))
+    to the list under its layer id; recording stops when the block ends."""
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in layers}
+    for name, layer in layers.items():
+        layer.routing_record = records[name]
+    try:
+        yield records
+    finally:
+        for layer in layers.values():
+            layer.routing_record = None
