@@ -43,6 +43,7 @@ class EngineConfig:
     max_n: int = 16  # largest `n` (choices per prompt)
     eos_token: str | None = "<|endoftext|>"  # ends generation when the tokenizer knows it
     log_interval_s: float = 10.0  # engine stats (batch size, queue, tokens/s) to the replica log
+    expert_load_interval_s: float = 1.0  # how often per-layer expert load goes to the Ray metrics
 
 
 @dataclass
@@ -157,6 +158,7 @@ def validate_serve_config(c: ServeConfig) -> ServeConfig:
     check(e.max_prefill_tokens >= 1, f"engine.max_prefill_tokens={e.max_prefill_tokens} must be >= 1.")
     check(e.default_max_tokens >= 1, f"engine.default_max_tokens={e.default_max_tokens} must be >= 1.")
     check(e.max_n >= 1, f"engine.max_n={e.max_n} must be >= 1.")
+    check(e.expert_load_interval_s > 0, f"engine.expert_load_interval_s={e.expert_load_interval_s} must be > 0.")
     check(d.max_ongoing_requests >= 1, f"deployment.max_ongoing_requests={d.max_ongoing_requests} must be >= 1.")
     check(d.max_queued_requests == -1 or d.max_queued_requests >= 0,
            f"deployment.max_queued_requests={d.max_queued_requests} must be >= 0, or -1 for no limit.")

@@ -96,7 +96,7 @@ class MoEModelServer:
 
         from moe.generate import BatchDecoder
         from serve.engine import Engine
-        from serve.metrics import EngineMetrics
+        from serve.metrics import EngineMetrics, ExpertLoadMetrics
         from serve.openai.base import ServingContext, ServingTokenizer
         from serve.openai.chat import OpenAIServingChat
         from serve.openai.completions import OpenAIServingCompletion
@@ -112,11 +112,14 @@ class MoEModelServer:
         eos_ids = tuple(i for i in [tokenizer.token_to_id(eos) if eos else None] if i is not None)
         self.name = served_model_name(cfg)
         self.metrics = EngineMetrics(self.name)
-        self.engine = Engine(BatchDecoder(model, cfg.engine.max_batch_size), cfg.engine, self.metrics)
+        self.expert_load = ExpertLoadMetrics(self.name)
+        self.engine = Engine(BatchDecoder(model, cfg.engine.max_batch_size), cfg.engine, self.metrics,
+                             self.expert_load)
         ctx = ServingContext(
             models=OpenAIServingModels(self.name, model.cfg.max_seq_len),
             tokenizer=ServingTokenizer(tokenizer, model.cfg.vocab_size), engine=self.engine,
-            engine_cfg=cfg.engine, chat_template=cfg.chat, safety=SafetyPolicy(cfg.safety), eos_ids=eos_ids)
+            engine_cfg=cfg.engine, chat_template=cfg.chat, safety=SafetyPolicy(cfg.safety), eos_ids=eos_ids,
+            moe_layers=tuple(int(name) for name in model.moe_layers()))
         self.serving_models = ctx.models
         self.serving_completion = OpenAIServingCompletion(ctx)
         self.serving_chat = OpenAIServingChat(ctx)
@@ -131,7 +134,8 @@ class MoEModelServer:
     async def stats(self) -> dict[str, Any]:
         return {"replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
                 "max_batch_size": self.cfg.engine.max_batch_size, "waiting": len(self.engine.waiting),
-                "active": len(self.engine.decoder.active), "steps": self.engine.steps, **self.metrics.snapshot()}
+                "active": len(self.engine.decoder.active), "steps": self.engine.steps, **self.metrics.snapshot(),
+                **self.expert_load.snapshot()}
 
     # ---- one method per endpoint --------------------------------------------------------------
     async def models(self) -> ModelList:

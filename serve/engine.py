@@ -7,7 +7,9 @@ between decode steps and finished ones leave at once. When the batch is empty it
 `batch_wait_timeout_s` for more arrivals before a prefill (dynamic batching). Forward passes run
 in a worker thread so the replica's event loop keeps answering health checks and new requests.
 After each step every touched sequence gets a `SeqEvent` (new tokens, logprobs, text delta,
-finish reason, or the error of a sequence that failed) on its request's queue. A failing step
+finish reason, routing when asked, or the error of a sequence that failed) on its request's queue.
+Every `expert_load_interval_s`, and when the batch drains, the MoE layers' dispatch counters go to
+`ExpertLoadMetrics`. A failing step
 fails only the sequences that fail alone (BatchDecoder isolates them); the others of the batch go
 on as they would have alone.
 """
@@ -22,9 +24,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from moe.generate import BatchDecoder, Sequence, TokenLogprob
+from moe.generate import BatchDecoder, Sequence, TokenLogprob, TokenRouting
 from serve.config import EngineConfig
-from serve.metrics import EngineMetrics
+from serve.metrics import EngineMetrics, ExpertLoadMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,6 +48,7 @@ class SeqEvent:
     finish_reason: str | None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+    routing: list[TokenRouting] = field(default_factory=list)  # the new tokens' (Sequence.record_routing)
 
 
 @dataclass
@@ -57,10 +60,13 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, decoder: BatchDecoder, cfg: EngineConfig, metrics: EngineMetrics) -> None:
+    def __init__(self, decoder: BatchDecoder, cfg: EngineConfig, metrics: EngineMetrics,
+                 expert_load: ExpertLoadMetrics | None = None) -> None:
         self.decoder = decoder
         self.cfg = cfg
         self.metrics = metrics
+        self.expert_load = expert_load
+        self._last_load = time.monotonic()
         self.waiting: deque[Sequence] = deque()
         self._owner: dict[str, tuple[_Request, int]] = {}
         self._aborted: set[str] = set()
@@ -141,6 +147,7 @@ class Engine:
             if self.decoder.active:
                 await self._step(loop, "decode", None)
             self._maybe_log()
+            self._maybe_publish_load(force=not self.decoder.active)  # and whenever the batch drains
 
     def _take_admissions(self) -> list[Sequence]:
         """Waiting sequences for the next prefill: up to the free slots, and (padded) prompt tokens up
@@ -196,7 +203,15 @@ class Engine:
         req.queue.put_nowait(SeqEvent(
             index=i, token_ids=new_ids, logprobs=s.logprobs[start:] if s.logprobs else [],
             text=s.take_text() if s.detokenize is not None else "", finish_reason=s.finish_reason,
-            prompt_logprobs=prompt_lp, error=error))
+            prompt_logprobs=prompt_lp, error=error, routing=s.routing[start:]))
+
+    def _maybe_publish_load(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.expert_load is None or (not force and now - self._last_load < self.cfg.expert_load_interval_s):
+            return
+        self._last_load = now
+        self.expert_load.observe({name: [int(n) for n in m.take_load().tolist()]
+                                  for name, m in self.decoder.model.moe_layers().items()})
 
     def _maybe_log(self) -> None:
         now = time.monotonic()

@@ -102,3 +102,33 @@ class RequestMetrics:
         if completion_tokens:
             self.completion_tokens.inc(completion_tokens, tags={"endpoint": endpoint})
         self.counts[f"{endpoint} {status}"] += 1
+
+
+class ExpertLoadMetrics:
+    """Per MoE layer, the share of its routed assignments each expert took (the layers' own dispatch
+    counters, `MoE.take_load`), published every `engine.expert_load_interval_s`: a gauge with `layer`
+    and `expert` labels (both bounded by the model's shape), 1/experts for each when balanced."""
+
+    def __init__(self, model_name: str) -> None:
+        self.ratio = metrics.Gauge(
+            "moe_serve_expert_load_ratio", description="Share of a MoE layer's routed token assignments that "
+            "went to each expert in the last interval (1/n_experts each when balanced).",
+            tag_keys=("model", "layer", "expert"))
+        self.ratio.set_default_tags({"model": model_name})
+        self.last: dict[str, list[float]] = {}  # layer -> share per expert, as last published
+        self.totals: dict[str, list[int]] = {}  # layer -> assignments per expert since the replica started
+
+    def observe(self, loads: dict[str, list[int]]) -> None:
+        for layer, load in loads.items():
+            total = sum(load)
+            if not total:
+                continue
+            shares = [n / total for n in load]
+            for e, share in enumerate(shares):
+                self.ratio.set(share, tags={"layer": layer, "expert": str(e)})
+            self.last[layer] = shares
+            prev = self.totals.get(layer, [0] * len(load))
+            self.totals[layer] = [a + b for a, b in zip(prev, load)]
+
+    def snapshot(self) -> dict:
+        return {"expert_load_ratio": self.last, "expert_assignments": self.totals}

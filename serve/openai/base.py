@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from tokenizers import Tokenizer
 
-from moe.generate import Sequence
+from moe.generate import Sequence, TokenRouting
 from serve.config import ChatTemplateConfig, EngineConfig
 from serve.engine import Engine, EngineOverloaded, SeqEvent
 from serve.openai.models import OpenAIServingModels
 from serve.openai.protocol import APIError, ChatMessage, SamplingRequest
-from serve.openai.responses import UsageInfo
+from serve.openai.responses import ChoiceRouting, TokenRoute, UsageInfo
 from serve.safety import SafetyPolicy
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class ServingContext:
     chat_template: ChatTemplateConfig
     safety: SafetyPolicy
     eos_ids: tuple[int, ...]
+    moe_layers: tuple[int, ...] = ()  # the model's MoE layer ids (routing inspection names them)
 
 
 def render_chat(messages: list[ChatMessage], tpl: ChatTemplateConfig, add_generation_prompt: bool = True) -> str:
@@ -205,7 +206,8 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
                 seqs.append(Sequence(ids, self.sampling_params(req, max_tokens, j), eos_ids=self.ctx.eos_ids,
                                      detokenize=self.tokenizer.decode, text_check=text_check,
                                      text_hold=output.max_match_chars,
-                                     seq_id=f"{request_id}-{len(seqs)}", stream_text=req.stream))
+                                     seq_id=f"{request_id}-{len(seqs)}", stream_text=req.stream,
+                                     record_routing=req.return_routing))
         return seqs
 
     # ---- running ------------------------------------------------------------------------------
@@ -229,6 +231,12 @@ class OpenAIServingGeneration(OpenAIServing, ABC, Generic[RequestT, ResponseT, C
                 yield event
         except EngineOverloaded as err:
             raise APIError(503, str(err), type_="server_overloaded", code="overloaded") from err
+
+    def routing(self, token_ids: list[int], routing: list[TokenRouting]) -> ChoiceRouting:
+        """The `return_routing` extension of a choice (or of a stream chunk's new tokens)."""
+        return ChoiceRouting(layers=list(self.ctx.moe_layers), tokens=[
+            TokenRoute(token=self.tokenizer.token_str(t), token_id=t, experts=r.experts, weights=r.weights)
+            for t, r in zip(token_ids, routing)])
 
     def usage(self, prep: Prepared) -> UsageInfo:
         prompt = sum(len(x) for x in prep.prompts)

@@ -1,7 +1,7 @@
 """POST /v1/chat/completions (vLLM's `OpenAIServingChat`): messages rendered with the chat
 template (conf/serve.yaml `chat.*`, whose stops join the request's), the rest of the context as
 the default length, chat logprobs (token, logprob, bytes, top_logprobs), one response or a stream
-that opens each choice with the assistant role and may end with usage."""
+that opens each choice with the assistant role and may end with usage; the `return_routing` extension."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class OpenAIServingChat(
             ChatCompletionResponseChoice(
                 index=i, message=AssistantMessage(content=s.text),
                 logprobs=self._logprobs(s.logprobs) if s.params.logprobs is not None else None,
-                finish_reason=s.finish_reason)
+                finish_reason=s.finish_reason,
+                routing=self.routing(s.output_ids, s.routing) if req.return_routing else None)
             for i, s in enumerate(prep.seqs)]
         return ChatCompletionResponse(id=prep.request_id, created=prep.created, model=self.model_name,
                                       choices=choices, usage=self.usage(prep))
@@ -63,11 +64,13 @@ class OpenAIServingChat(
                 index=i, delta=DeltaMessage(role="assistant", content=""), logprobs=None, finish_reason=None))
         async for ev in self.events(prep):
             wants_logprobs = prep.seqs[ev.index].params.logprobs is not None
-            if not ev.text and ev.finish_reason is None and not wants_logprobs:
+            routing = self.routing(ev.token_ids, ev.routing) if req.return_routing else None
+            if not ev.text and ev.finish_reason is None and not wants_logprobs and not (routing and routing.tokens):
                 continue
             yield chunk(ChatCompletionResponseStreamChoice(
                 index=ev.index, delta=DeltaMessage(content=ev.text or None),
-                logprobs=self._logprobs(ev.logprobs) if wants_logprobs else None, finish_reason=ev.finish_reason))
+                logprobs=self._logprobs(ev.logprobs) if wants_logprobs else None, finish_reason=ev.finish_reason,
+                routing=routing))
         self.log_done(prep)
         if req.include_usage():
             yield chunk(None, usage=self.usage(prep))

@@ -1,7 +1,7 @@
 """POST /v1/completions (vLLM's `OpenAIServingCompletion`): prompts as a string, strings, token
 ids or lists of token ids; `n` choices per prompt (with `best_of`, the n of best_of candidates
 with the highest sum of token logprobs); `echo` (the prompt text, and with `logprobs` the prompt
-tokens scored); legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset); one response
+tokens scored); the `return_routing` extension; legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset); one response
 or a stream of chunks (the last with usage when asked)."""
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ class OpenAIServingCompletion(
                 pids = prep.prompts[prompt_i] if req.echo else []
                 plps = (s.prompt_logprobs or [None] * len(pids)) if req.echo else []
                 lp = self._logprobs(plps, pids, s.logprobs, offset0=0)
+            routing = self.routing(s.output_ids, s.routing) if req.return_routing else None
             choices.append(CompletionResponseChoice(index=i, text=prefix + s.text, logprobs=lp,
-                                                    finish_reason=s.finish_reason))
+                                                    finish_reason=s.finish_reason, routing=routing))
         return CompletionResponse(id=prep.request_id, created=prep.created, model=self.model_name,
                                   choices=choices, usage=self.usage(prep))
 
@@ -96,10 +97,11 @@ class OpenAIServingCompletion(
                 lp = self._logprobs(prompt_lps, prompt_ids, ev.logprobs, offsets[i])
                 if lp.tokens:
                     offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
-            if not text and lp is None and ev.finish_reason is None:
+            routing = self.routing(ev.token_ids, ev.routing) if req.return_routing else None
+            if not text and lp is None and ev.finish_reason is None and not (routing and routing.tokens):
                 continue
             yield chunk([CompletionResponseStreamChoice(index=i, text=text, logprobs=lp,
-                                                        finish_reason=ev.finish_reason)])
+                                                        finish_reason=ev.finish_reason, routing=routing)])
         self.log_done(prep)
         if req.include_usage():
             yield chunk([], usage=self.usage(prep))

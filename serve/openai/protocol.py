@@ -214,6 +214,7 @@ class SamplingRequest(_Base):
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_TOKEN_LIST)] | None = None  # vLLM extension
     seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: StrictBool = False  # vLLM extension
+    return_routing: StrictBool = False  # extension: per generated token, each MoE layer's experts and weights
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None

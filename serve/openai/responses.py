@@ -4,27 +4,60 @@ The model replica builds these and hands them to the ingress, which sends `model
 JSON. Their fields, order and nulls are the wire format: `None` stays `null` (a choice's
 `logprobs`, a chunk's `finish_reason`, `token_strs`), except where OpenAI omits the key: a stream
 chunk's `usage` (present only on the last chunk when `stream_options.include_usage`) and a chat
-delta's unset `role`/`content`. `StreamStart` is the replica's first stream item: the request was
+delta's unset `role`/`content`, and a choice's `routing` (present only when the request set the
+`return_routing` extension, so without it a response is exactly OpenAI's). `StreamStart` is the
+replica's first stream item: the request was
 accepted, so the ingress may answer 200 and open the event stream.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 
-class _DropsNoneUsage(BaseModel):
-    """A stream chunk: `usage` appears only when set."""
+class _OmitsNone(BaseModel):
+    """A model whose `omit_when_none` keys appear only when set."""
+
+    omit_when_none: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
+        for key in self.omit_when_none:
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
+
+
+class _DropsNoneUsage(_OmitsNone):
+    """A stream chunk: `usage` appears only when set."""
+
+    omit_when_none = ("usage",)
+
+
+class TokenRoute(BaseModel):
+    """One generated token and, per MoE layer (`ChoiceRouting.layers`), the experts chosen and their weights."""
+
+    token: str
+    token_id: int
+    experts: list[list[int]]  # (moe layers, top_k)
+    weights: list[list[float]]  # (moe layers, top_k) combine weights
+
+
+class ChoiceRouting(BaseModel):
+    """The `return_routing` extension: the MoE layer ids, then one entry per generated token."""
+
+    layers: list[int]
+    tokens: list[TokenRoute]
+
+
+class _Routed(_OmitsNone):
+    """A choice: `routing` appears only when the request asked for it."""
+
+    omit_when_none = ("routing",)
 
 
 class UsageInfo(BaseModel):
@@ -43,11 +76,12 @@ class CompletionLogProbs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionResponseChoice(BaseModel):
+class CompletionResponseChoice(_Routed):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
+    routing: ChoiceRouting | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -59,11 +93,12 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class CompletionResponseStreamChoice(BaseModel):
+class CompletionResponseStreamChoice(_Routed):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
+    routing: ChoiceRouting | None = None
 
 
 class CompletionStreamResponse(_DropsNoneUsage):
@@ -95,11 +130,12 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatCompletionResponseChoice(BaseModel):
+class ChatCompletionResponseChoice(_Routed):
     index: int
     message: AssistantMessage
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
+    routing: ChoiceRouting | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -122,11 +158,12 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatCompletionResponseStreamChoice(BaseModel):
+class ChatCompletionResponseStreamChoice(_Routed):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
+    routing: ChoiceRouting | None = None
 
 
 class ChatCompletionStreamResponse(_DropsNoneUsage):

@@ -141,6 +141,7 @@ def server(ray_cluster, tiny_models: TinyModels, tmp_path_factory: pytest.TempPa
               "deployment.health_check_period_s=2", "engine.log_interval_s=2", "model.num_threads=1"]
     main_cfg = load_config(common + [
         "model.registered_name=tiny-moe", "engine.max_batch_size=8", "engine.batch_wait_timeout_s=0.02",
+        "engine.expert_load_interval_s=0.05",
         "deployment.autoscaling.min_replicas=1", "deployment.autoscaling.max_replicas=1",
         "deployment.max_ongoing_requests=64", "deployment.max_queued_requests=64",
         f"ingress.api_key_env={MAIN_KEY_ENV}",
