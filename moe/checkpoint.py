@@ -14,7 +14,9 @@ written by rank 0.
 
 The exported model (`export_model`, `load_model`) is a self-contained directory with
 `model.safetensors`, `config.json` (the `ModelConfig`) and, when given, the tokenizer file. This
-is what MLflow registers and what serving loads.
+is what MLflow registers and what serving loads. A quantized model (moe/quant.py) exports its
+int8/fp8 weights and scales as they are, with `"quantization": {"method", "fp8_block"}` in
+config.json; `load_model` rebuilds it quantized.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from moe.config import ModelConfig, MoEConfig
 from moe.experts import GroupedExperts
 from moe.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from moe.model import MoETransformer, build_model
+from moe.quant import QuantConfig, config_dict, quant_config_from_dict, quantize_model
 
 DCP_DIR = "dcp"
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -131,20 +134,29 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 
 def export_model(model: MoETransformer, out_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
-    """Write weights (fp32 contiguous copies, persistent buffers included), config and tokenizer."""
+    """Write weights (fp32 contiguous copies, persistent buffers included; quantized weights and their
+    scales as they are), config and tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    quant = config_dict(model)
+    state = {k: v.detach().to("cpu", torch.float32 if quant is None or v.dtype.is_floating_point and
+                                  v.element_size() > 1 else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(model_config_to_dict(model.cfg), indent=2))
+    config = model_config_to_dict(model.cfg)
+    if quant is not None:
+        config["quantization"] = quant
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
     return out
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-               ) -> MoETransformer:
-    """Rebuild an exported model; a missing file names which one and what writes it."""
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               quantization: QuantConfig | None = None) -> MoETransformer:
+    """Rebuild an exported model; a missing file names which one and what writes it. `quantization`
+    quantizes a full-precision export at load time (a quantized export loads as it was saved; its
+    kernel choice may be given)."""
     d = Path(model_dir)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not (d / name).is_file():
@@ -152,7 +164,17 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
                 f"{d / name} not found: {d} is not an exported model directory "
                 "(pipelines.train writes one per run and logs it to MLflow)."
             )
-    cfg = model_config_from_dict(json.loads((d / CONFIG_FILE).read_text()))
+    config = json.loads((d / CONFIG_FILE).read_text())
+    saved = config.pop("quantization", None)
+    cfg = model_config_from_dict(config)
     model = build_model(cfg, device=device, dtype=torch.float32, seed=None)
+    want = quantization or QuantConfig()
+    if saved is not None:
+        if want.method not in ("none", saved["method"]):
+            raise ValueError(f"{d} holds {saved['method']} weights; quantization={want.method!r} cannot apply to "
+                             "them: load the full-precision export, or leave quantization unset.")
+        quantize_model(model, quant_config_from_dict(saved, want.kernel))  # the structure; the weights follow
     model.load_state_dict(load_file(str(d / WEIGHTS_FILE), device=str(device)), strict=True)
+    if saved is None:
+        quantize_model(model, want)  # from the fp32 weights
     return model.to(dtype).eval()

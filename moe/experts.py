@@ -220,7 +220,7 @@ class _PerExpertSwiGLU(torch.autograd.Function):
         w_N1 = w_N.to(x.dtype).reshape(-1, 1)
         a_NH, b_NH = x.new_empty(n_rows, hidden), x.new_empty(n_rows, hidden)
         out = x.new_empty(n_rows, d_out) if token_N is None else x.new_zeros(x.shape[0], d_out)
-        slices = _expert_slices(counts)
+        slices = expert_slices(counts)
         for e, lo, hi in slices:
             x_n = x[lo:hi] if token_N is None else x[token_N[lo:hi]]
             a_n, b_n = a_NH[lo:hi], b_NH[lo:hi]
@@ -279,6 +279,13 @@ class _PerExpertSwiGLU(torch.autograd.Function):
         return dx, None, dw_N, dw1, dw3, dw2, None, None
 
 
+def swiglu_experts(x_TD: torch.Tensor, token_N: torch.Tensor | None, counts_E: torch.Tensor, weight_N: torch.Tensor,
+                   w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The per-expert kernel on given (experts x in x out) weights: what `local_gather_combine` computes
+    with the module's own (moe/quant.py runs it on dequantized weights, so both paths agree bit for bit)."""
+    return _PerExpertSwiGLU.apply(x_TD, token_N, weight_N, w1, w3, w2, counts_E.tolist(), False)
+
+
 def accumulate_expert_grads_in_place(model: nn.Module) -> None:
     """Turns on in-place gradient accumulation for every `GroupedExperts` in `model` (module docstring);
     the caller then clears gradients with `zero_grad(set_to_none=False)`."""
@@ -305,7 +312,7 @@ def _empty_grad_like(w: torch.Tensor, slices: list[tuple[int, int, int]]) -> tor
     return grad
 
 
-def _expert_slices(counts: list[int]) -> list[tuple[int, int, int]]:
+def expert_slices(counts: list[int]) -> list[tuple[int, int, int]]:
     """(expert, first row, end row) of every expert that received rows."""
     slices, start = [], 0
     for e, n in enumerate(counts):

@@ -131,7 +131,7 @@ def _half_split_perm(head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
-def _permute_heads(w: torch.Tensor, head_dim: int, inverse: bool = False) -> torch.Tensor:
+def permute_heads(w: torch.Tensor, head_dim: int, inverse: bool = False) -> torch.Tensor:
     perm = _half_split_perm(head_dim)
     if inverse:
         perm = torch.argsort(perm)
@@ -139,8 +139,8 @@ def _permute_heads(w: torch.Tensor, head_dim: int, inverse: bool = False) -> tor
 
 
 # our projection names -> the stock classes' (attention; dense, shared and expert feed-forward)
-_ATTN_NAMES = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
-_FFN_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+ATTN_NAMES = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
+FFN_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
 
 
 def _bias_key(arch: str) -> str:
@@ -151,12 +151,12 @@ def _layer_to_hf(cfg: ModelConfig, arch: str, ours: dict[str, torch.Tensor], i: 
     p, out = f"layers.{i}.", {}
     out["input_layernorm.weight"] = ours[p + "attn_norm.weight"]
     out["post_attention_layernorm.weight"] = ours[p + "ffn_norm.weight"]
-    for a, b in _ATTN_NAMES:
+    for a, b in ATTN_NAMES:
         w = ours[f"{p}attn.{a}.weight"]
-        out[f"self_attn.{b}.weight"] = _permute_heads(w, cfg.head_dim) if arch == GLM and a in ("wq", "wk") else w
+        out[f"self_attn.{b}.weight"] = permute_heads(w, cfg.head_dim) if arch == GLM and a in ("wq", "wk") else w
     f = p + "ffn."
     if not cfg.is_moe_layer(i):
-        for a, b in _FFN_NAMES:
+        for a, b in FFN_NAMES:
             out[f"mlp.{b}.weight"] = ours[f"{f}{a}.weight"]
         return out
     m = cfg.moe
@@ -167,7 +167,7 @@ def _layer_to_hf(cfg: ModelConfig, arch: str, ours: dict[str, torch.Tensor], i: 
     out["mlp.experts.gate_up_proj"] = torch.cat([w1.transpose(1, 2), w3.transpose(1, 2)], dim=1)
     out["mlp.experts.down_proj"] = w2.transpose(1, 2)
     if m.n_shared_experts or arch == GLM:  # Glm always holds the module (zero-width without shared experts)
-        for a, b in _FFN_NAMES:
+        for a, b in FFN_NAMES:
             key = f"{f}shared.{a}.weight"
             shape = (cfg.d_model, 0) if a == "w2" else (0, cfg.d_model)
             out[f"mlp.shared_experts.{b}.weight"] = ours[key] if m.n_shared_experts else torch.zeros(shape)
@@ -190,11 +190,11 @@ def _layer_from_hf(cfg: ModelConfig, arch: str, hf: dict[str, torch.Tensor], i: 
     q, out = f"model.layers.{i}.", {}
     out["attn_norm.weight"] = hf[q + "input_layernorm.weight"]
     out["ffn_norm.weight"] = hf[q + "post_attention_layernorm.weight"]
-    for a, b in _ATTN_NAMES:
+    for a, b in ATTN_NAMES:
         w = hf[f"{q}self_attn.{b}.weight"]
-        out[f"attn.{a}.weight"] = _permute_heads(w, cfg.head_dim, True) if arch == GLM and a in ("wq", "wk") else w
+        out[f"attn.{a}.weight"] = permute_heads(w, cfg.head_dim, True) if arch == GLM and a in ("wq", "wk") else w
     if not cfg.is_moe_layer(i):
-        for a, b in _FFN_NAMES:
+        for a, b in FFN_NAMES:
             out[f"ffn.{a}.weight"] = hf[f"{q}mlp.{b}.weight"]
         return out
     out["ffn.router.gate.weight"] = hf[q + "mlp.gate.weight"]
@@ -205,7 +205,7 @@ def _layer_from_hf(cfg: ModelConfig, arch: str, hf: dict[str, torch.Tensor], i: 
     out["ffn.experts.w3"] = gate_up[:, h:].transpose(1, 2)
     out["ffn.experts.w2"] = hf[q + "mlp.experts.down_proj"].transpose(1, 2)
     if cfg.moe.n_shared_experts:
-        for a, b in _FFN_NAMES:
+        for a, b in FFN_NAMES:
             out[f"ffn.shared.{a}.weight"] = hf[f"{q}mlp.shared_experts.{b}.weight"]
     return out
 
