@@ -64,7 +64,8 @@ class QuantConfig:
         if self.kernel not in KERNELS:
             raise ValueError(f"{prefix}.quant_kernel={self.kernel!r}: use one of {', '.join(KERNELS)}.")
         if self.kernel == "int8_mm" and self.method != "int8" or self.kernel == "scaled_mm" and self.method != "fp8":
-            raise ValueError(f"{prefix}.quant_kernel={self.kernel!r} does not run {self.method} weights.")
+            raise ValueError(f"{prefix}.quant_kernel={self.kernel!r} does not run {self.method} weights: use auto, "
+                             "dequant, or the kernel of the method (int8: int8_mm, fp8: scaled_mm).")
         return self
 
 

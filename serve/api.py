@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -102,6 +103,14 @@ ALL_BUSY = "all model replicas are busy"
 QUEUE_FULL = "all model replicas are busy and their queue is full"
 
 
+REPLICA_GONE = (RayActorError, ActorUnavailableError)  # the model replica died or cannot be reached
+
+
+def replica_gone(err: BaseException) -> APIError:
+    return APIError(503, f"The model replica handling this request stopped ({type(err).__name__}); retry.",
+                    "server_overloaded", code="replica_unavailable")
+
+
 def overloaded(what: str) -> APIError:
     return APIError(503, f"The server is overloaded ({what}); retry after a short wait.",
                     "server_overloaded", code="overloaded")
@@ -155,14 +164,39 @@ class OpenAIIngress:
 
     @staticmethod
     async def _call(method: DeploymentHandle, *args: Any, busy: str = QUEUE_FULL) -> Any:
-        """One replica method's response; its `ErrorResponse` is raised, backpressure is a 503."""
-        try:
-            out = await method.remote(*args)
-        except BackPressureError as err:
-            raise overloaded(busy) from err
+        """One replica method's response; its `ErrorResponse` is raised, backpressure is a 503. A request
+        whose replica died is sent once more (to a live replica: nothing of it was kept), then is a 503."""
+        for attempt in (1, 2):
+            try:
+                out = await method.remote(*args)
+                break
+            except BackPressureError as err:
+                raise overloaded(busy) from err
+            except REPLICA_GONE as err:
+                if attempt == 2:
+                    raise replica_gone(err) from err
+                logger.warning("model replica gone (%s); sending the request again", type(err).__name__)
         if isinstance(out, ErrorResponse):
             raise APIError.from_response(out)
         return out
+
+    @staticmethod
+    async def _open_stream(stream: DeploymentHandle, req: Any) -> tuple[Any, Any]:
+        """The replica's stream and its first item; retried once if the replica died before it began."""
+        for attempt in (1, 2):
+            gen = stream.options(stream=True).remote(req)
+            try:
+                return gen, await gen.__anext__()
+            except BackPressureError as err:
+                raise overloaded(QUEUE_FULL) from err
+            except StopAsyncIteration as err:
+                raise APIError(500, "the model replica ended the stream without a response", "server_error") from err
+            except REPLICA_GONE as err:
+                if attempt == 2:
+                    raise replica_gone(err) from err
+                logger.warning("model replica gone (%s) before the stream began; opening it again",
+                               type(err).__name__)
+        raise AssertionError("unreachable")
 
     async def _endpoint(self, name: str, request: Request, fn) -> Response:
         """Run one route: API key, per-key limits (held until a stream ends), errors -> OpenAI JSON,
@@ -208,28 +242,26 @@ class OpenAIIngress:
         wants_usage = req.include_usage()
         req.stream_options = StreamOptions(include_usage=True)
         t0 = time.perf_counter()
-        gen = stream.options(stream=True).remote(req)
-        try:
-            first = await gen.__anext__()
-        except BackPressureError as err:
-            raise overloaded(QUEUE_FULL) from err
-        except StopAsyncIteration as err:
-            raise APIError(500, "the model replica ended the stream without a response", "server_error") from err
+        gen, first = await self._open_stream(stream, req)
         if isinstance(first, ErrorResponse):
             raise APIError.from_response(first)
 
         async def sse() -> AsyncIterator[str]:
             status = 200
             try:
-                async for chunk in gen:
-                    if getattr(chunk, "usage", None) is not None and not chunk.choices:
-                        charge(chunk.usage)
-                        if not wants_usage:
-                            continue
-                    yield f"data: {json.dumps(chunk.model_dump())}\n\n"
-                    if isinstance(chunk, ErrorResponse):
-                        status = chunk.status
-                        break
+                try:
+                    async for chunk in gen:
+                        if getattr(chunk, "usage", None) is not None and not chunk.choices:
+                            charge(chunk.usage)
+                            if not wants_usage:
+                                continue
+                        yield f"data: {json.dumps(chunk.model_dump())}\n\n"
+                        if isinstance(chunk, ErrorResponse):
+                            status = chunk.status
+                            break
+                except REPLICA_GONE as err:  # the replica died mid-stream: the stream ends with a 503 event
+                    status = 503
+                    yield f"data: {json.dumps(replica_gone(err).response().model_dump())}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
                 gen.cancel()

@@ -39,7 +39,8 @@ def build_app(cfg: ServeConfig) -> Application:
         scaling = {"autoscaling_config": {
             "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
             "initial_replicas": a.initial_replicas, "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}}
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s, "metrics_interval_s": a.metrics_interval_s}}
     model = MoEModelServer.options(
         **scaling, max_ongoing_requests=d.max_ongoing_requests, max_queued_requests=d.max_queued_requests,
         health_check_period_s=d.health_check_period_s, health_check_timeout_s=d.health_check_timeout_s,

@@ -15,15 +15,15 @@ from omegaconf import DictConfig
 
 from moe.config import ConfigError
 from pipelines.core.config import check, compose_config, to_dataclass
-from pipelines.core.model_source import ModelSourceConfig, check_model_source
+from pipelines.core.model_source import QuantizedModelSourceConfig, check_model_source, check_quantization
 from pipelines.core.tracking import TrackingConfig
 from serve.limits import KeyLimits, load_api_keys
 
 
 @dataclass
-class ServedModelConfig(ModelSourceConfig):
+class ServedModelConfig(QuantizedModelSourceConfig):
     """Which model to serve (`ModelSourceConfig`: a directory, a run, or the registry, default its latest
-    version) and how the replica runs it."""
+    version; `model.quantization=int8|fp8` at load time) and how the replica runs it."""
 
     served_name: str | None = None  # the `model` id clients send; null: the registry name or directory name
     device: str = "cpu"  # cpu | cuda
@@ -48,12 +48,19 @@ class EngineConfig:
 
 @dataclass
 class AutoscalingConfig:
+    """Ray Serve request-based autoscaling of the model replicas: every `metrics_interval_s` each
+    replica reports its ongoing requests; the controller averages them over `look_back_period_s`,
+    wants ceil(total / target_ongoing_requests) replicas (within min/max), and acts once that wish has
+    held for `upscale_delay_s` (more) or `downscale_delay_s` (fewer)."""
+
     min_replicas: int = 1
     max_replicas: int = 2
     initial_replicas: int | None = None
-    target_ongoing_requests: float = 16.0
+    target_ongoing_requests: float = 16.0  # ongoing requests per replica the controller aims at
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 60.0
+    look_back_period_s: float = 30.0  # the averaging window of the ongoing-request counts
+    metrics_interval_s: float = 10.0  # how often replicas report them
 
 
 @dataclass
@@ -170,11 +177,16 @@ def validate_serve_config(c: ServeConfig) -> ServeConfig:
                f"({a.max_replicas}) and max_replicas >= 1.")
         check(a.target_ongoing_requests > 0,
                f"deployment.autoscaling.target_ongoing_requests={a.target_ongoing_requests} must be > 0.")
+        for key in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s"):
+            check(getattr(a, key) >= 0 if key.endswith("delay_s") else getattr(a, key) > 0,
+                  f"deployment.autoscaling.{key}={getattr(a, key)} must be "
+                  f"{'>= 0' if key.endswith('delay_s') else '> 0'} (seconds).")
     check(m.device in ("cpu", "cuda"), f"model.device={m.device!r}: use cpu or cuda.")
     check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: use float32 or bfloat16.")
     check(m.device == "cpu" or d.num_gpus > 0,
            "model.device=cuda needs deployment.num_gpus > 0 so Ray gives the replica a GPU.")
     check_model_source(m)
+    check_quantization(m)
     for side in ("input", "output"):
         for i, pattern in enumerate(getattr(c.safety, side).regexes):
             try:

@@ -85,7 +85,8 @@ def _load(cfg: ServeConfig) -> tuple[MoETransformer, Tokenizer, Path]:
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path} not found: the model directory needs the tokenizer "
                                 "(moe.checkpoint.export_model(..., tokenizer_path=...) writes it).")
-    model = load_model(model_dir, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype])
+    model = load_model(model_dir, device=cfg.model.device, dtype=DTYPES[cfg.model.dtype],
+                       quantization=cfg.model.quant_config())
     return model, Tokenizer.from_file(str(tok_path)), model_dir
 
 
@@ -124,9 +125,10 @@ class MoEModelServer:
         self.serving_completion = OpenAIServingCompletion(ctx)
         self.serving_chat = OpenAIServingChat(ctx)
         self.serving_tokenization = OpenAIServingTokenization(ctx)
-        logger.info("MoE replica ready: %s from %s (%s, %s, %d threads, max_batch_size=%d, context=%d)",
-                    self.name, model_dir, cfg.model.device, cfg.model.dtype, threads, cfg.engine.max_batch_size,
-                    model.cfg.max_seq_len)
+        quant = getattr(model, "quantization", None)
+        logger.info("MoE replica ready: %s from %s (%s, %s, weights %s, %d threads, max_batch_size=%d, context=%d)",
+                    self.name, model_dir, cfg.model.device, cfg.model.dtype, quant.method if quant else "full",
+                    threads, cfg.engine.max_batch_size, model.cfg.max_seq_len)
 
     async def check_health(self) -> None:
         self.engine.check_health()

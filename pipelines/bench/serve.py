@@ -1,5 +1,6 @@
 """`python -m pipelines.bench serve`: throughput and latency of the Serve app over real HTTP, with
-batching on (engine.max_batch_size=32) and off (=1), at 1, 8 and 32 concurrent clients, in one run.
+batching on (engine.max_batch_size=32) and off (=1), with int8 weights (`model.quantization=int8`,
+batching on), and a transformers peer on the same weights, at 1, 8 and 32 concurrent clients, in one run.
 
 The model is an exported directory (`--model-dir`), a registered model (`--registered-name`, with
 `--tracking-uri`), or by default a freshly initialized `--preset` (conf/model/*.yaml) with a
@@ -9,6 +10,12 @@ resources and limits; only the batch size differs. Both apps are deployed side b
 concurrency level runs batched then unbatched back to back, so load from elsewhere on the machine
 hits both alike. Goal: batched throughput at 32 clients >= 4x
 the unbatched throughput at 32 clients.
+
+The peer (`--peer`, on by default): the same weights exported with `moe.hf.export_hf`, served by stock
+transformers `generate` behind a minimal HTTP loop with batching (pipelines/bench/_hf_server.py, its
+own process, the same torch threads as our replica's CPUs, the same largest batch). Goal: ours at 32
+clients >= 2x its tokens/s. The int8 rows are reported beside full precision (int8 / fp32 tokens/s per
+level in the notes).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import argparse
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -118,7 +127,91 @@ def parse_args(args: list[str]) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs for the model replica")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-gpus", type=float, default=0.0)
+    p.add_argument("--quantized", default="int8", help="rows with model.quantization=this (none: no rows)")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="rows of the transformers peer on the same weights")
     return p.parse_args(args)
+
+
+def model_dir_of(a: argparse.Namespace, tmp: Path) -> Path:
+    """The exported model every server reads."""
+    if a.model_dir:
+        return Path(a.model_dir)
+    if a.registered_name:
+        from pipelines.core.model_source import ModelSourceConfig, resolve_model
+        from pipelines.core.tracking import TrackingConfig
+
+        return resolve_model(ModelSourceConfig(registered_name=a.registered_name),
+                             TrackingConfig(uri=a.tracking_uri)).path
+    return make_model_dir(a.preset, tmp)
+
+
+def deploy_ours(a: argparse.Namespace, model_dir: Path, base: str) -> dict[str, tuple[str, dict]]:
+    """Our apps, side by side: label -> (URL, row fields)."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import load_config
+
+    apps = {"on": (a.batch_size, "none"), "off": (1, "none")}
+    if a.quantized != "none":
+        apps[a.quantized] = (a.batch_size, a.quantized)
+    out = {}
+    for label, (size, quant) in apps.items():
+        cfg = load_config([
+            f"model.path={model_dir}", f"app_name=bench_{label}", f"engine.max_batch_size={size}",
+            "engine.batch_wait_timeout_s=0.005", "deployment.num_replicas=1", f"deployment.num_cpus={a.num_cpus}",
+            f"deployment.num_gpus={a.num_gpus}", f"model.device={a.device}", f"model.quantization={quant}",
+            "deployment.max_ongoing_requests=256", "deployment.max_queued_requests=-1",
+            "engine.max_waiting=1024", "ingress.num_cpus=0.1"])
+        serve.run(build_app(cfg), name=f"bench_{label}", route_prefix=f"/{label}", blocking=False)
+        fields = {"server": "ours", "batching": "on" if size > 1 else "off", "max_batch": size, "weights": quant}
+        out[label] = (f"{base}/{label}", fields)
+    return out
+
+
+def start_peer(a: argparse.Namespace, model_dir: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """The transformers peer (pipelines/bench/_hf_server.py) on our weights, exported with moe.hf."""
+    import httpx
+
+    from moe.checkpoint import load_model
+    from moe.hf import export_hf
+
+    hf_dir = export_hf(load_model(model_dir), tmp / "hf", model_dir / "tokenizer.json")
+    port = free_port()
+    threads = max(1, int(a.num_cpus))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.bench._hf_server", "--model-dir", str(hf_dir),
+                             "--port", str(port), "--max-batch", str(a.batch_size), "--threads", str(threads)],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=5)
+            return proc, url
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the transformers peer server did not start") from None
+            time.sleep(1)
+
+
+def measure(targets: dict[str, tuple[str, dict]], levels: list[int], a: argparse.Namespace, prompt: str
+            ) -> list[dict]:
+    """Every target at each concurrency level, back to back (warm-up first)."""
+    for url, _ in targets.values():
+        load(url, 2, 1, prompt, a.max_tokens)
+    rows = []
+    for clients in levels:
+        n = a.requests_per_client if clients > 1 else 2 * a.requests_per_client
+        for url, fields in targets.values():
+            rows.append({**fields, "clients": clients, **load(url, clients, n, prompt, a.max_tokens)})
+    return rows
+
+
+def tokens_per_s(rows: list[dict], clients: int, **match: object) -> float:
+    return next(r["tokens_per_s"] for r in rows
+                if r["clients"] == clients and all(r.get(k) == v for k, v in match.items()))
 
 
 def run(args: list[str]) -> BenchResult:
@@ -129,53 +222,47 @@ def run(args: list[str]) -> BenchResult:
     from ray import serve
 
     from cluster.runtime import RayOptions, start_or_connect
-    from serve.app import build_app
-    from serve.config import load_config
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
-    source: list[str]
-    if a.model_dir:
-        source = [f"model.path={a.model_dir}"]
-    elif a.registered_name:
-        source = [f"model.registered_name={a.registered_name}", f"tracking.uri={a.tracking_uri}"]
-    else:
-        source = [f"model.path={make_model_dir(a.preset, Path(tmp.name))}"]
+    model_dir = model_dir_of(a, Path(tmp.name))
     runtime = start_or_connect(RayOptions(env_vars={"OMP_NUM_THREADS": "1"}, num_cpus=max(4, os.cpu_count() or 1),
                                           log_to_driver=False))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     prompt = "def parse_arguments(argv):\n    parser = argparse.ArgumentParser(description="
-    modes = {"on": a.batch_size, "off": 1}
-    rows: list[dict] = []
     notes: list[str] = []
+    peer = None
     try:
-        for mode, size in modes.items():
-            cfg = load_config(source + [
-                f"app_name=bench_{mode}", f"engine.max_batch_size={size}", "engine.batch_wait_timeout_s=0.005",
-                "deployment.num_replicas=1", f"deployment.num_cpus={a.num_cpus}",
-                f"deployment.num_gpus={a.num_gpus}", f"model.device={a.device}",
-                "deployment.max_ongoing_requests=256", "deployment.max_queued_requests=-1",
-                "engine.max_waiting=1024", "ingress.num_cpus=0.1"])
-            serve.run(build_app(cfg), name=f"bench_{mode}", route_prefix=f"/{mode}", blocking=False)
-            load(f"{base}/{mode}", 2, 1, prompt, a.max_tokens)  # warm-up
-        for clients in levels:
-            for mode, size in modes.items():
-                r = load(f"{base}/{mode}", clients,
-                         a.requests_per_client if clients > 1 else 2 * a.requests_per_client, prompt, a.max_tokens)
-                rows.append({"batching": mode, "max_batch": size, "clients": clients, **r})
-        for mode in modes:
-            stats = httpx.get(f"{base}/{mode}/stats", timeout=60).json()["model"]
-            notes.append(f"batching {mode}: mean decode batch {stats['mean_decode_batch_size']:.1f}, "
+        targets = deploy_ours(a, model_dir, base)
+        if a.peer:
+            peer, peer_url = start_peer(a, model_dir, Path(tmp.name))
+            targets["transformers"] = (peer_url, {"server": "transformers", "batching": "on",
+                                                  "max_batch": a.batch_size, "weights": "none"})
+        rows = measure(targets, levels, a, prompt)
+        for label in ("on", "off"):
+            stats = httpx.get(f"{base}/{label}/stats", timeout=60).json()["model"]
+            notes.append(f"batching {label}: mean decode batch {stats['mean_decode_batch_size']:.1f}, "
                          f"max {stats['max_decode_batch_size']}")
     finally:
+        if peer is not None:
+            peer.kill()
         serve.shutdown()
         runtime.shutdown()  # only a Ray this run started
         tmp.cleanup()
+    return result(a, levels, rows, notes)
+
+
+def result(a: argparse.Namespace, levels: list[int], rows: list[dict], notes: list[str]) -> BenchResult:
     top = max(levels)
-    on = next(r for r in rows if r["batching"] == "on" and r["clients"] == top)["tokens_per_s"]
-    off = next(r for r in rows if r["batching"] == "off" and r["clients"] == top)["tokens_per_s"]
+    ours = {c: tokens_per_s(rows, c, server="ours", batching="on", weights="none") for c in levels}
+    goals = {f"batched_vs_unbatched_throughput_at_{top}_clients":
+             Goal(ours[top] / tokens_per_s(rows, top, server="ours", batching="off"), 4.0)}
+    if a.peer:
+        goals[f"ours_vs_transformers_tokens_per_s_at_{top}_clients"] = Goal(
+            ours[top] / tokens_per_s(rows, top, server="transformers"), 2.0)
+    if a.quantized != "none":
+        notes.append(f"{a.quantized} / full-precision tokens/s: " + ", ".join(
+            f"{c} clients {tokens_per_s(rows, c, weights=a.quantized) / ours[c]:.2f}" for c in levels))
     notes.append(f"{a.max_tokens} generated tokens per request; throughput = completion tokens / wall time")
-    return BenchResult(
-        name="serve", rows=rows, notes=notes,
-        goals={f"batched_vs_unbatched_throughput_at_{top}_clients": Goal(on / off, 4.0)})
+    return BenchResult(name="serve", rows=rows, notes=notes, goals=goals)

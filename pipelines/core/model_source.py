@@ -11,7 +11,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe.config import ConfigError
 from moe.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from moe.quant import QuantConfig
 from pipelines.core import tracking
 from pipelines.core.config import check
 from pipelines.core.tracking import TrackingConfig
@@ -34,6 +36,25 @@ def check_model_source(m: ModelSourceConfig) -> None:
     check(len(given) <= 1, f"model.path and model.run_id are both set ({m.path!r}, {m.run_id!r}); give one.")
     check(not (m.version and m.alias), f"model.version={m.version!r} and model.alias={m.alias!r} are both set: "
                                         "set model.version or model.alias, not both (neither: the latest version).")
+
+
+@dataclass
+class QuantizedModelSourceConfig(ModelSourceConfig):
+    """A model source that may be quantized at load time (moe/quant.py; serving and evaluation)."""
+
+    quantization: str = "none"  # none | int8 | fp8 (a quantized export loads as saved)
+    fp8_block: int = 0  # fp8 scales: 0 one per matrix (per expert), 128: one per 128x128 block
+    quant_kernel: str = "auto"  # auto (per device) | int8_mm | scaled_mm | dequant
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.quantization, self.fp8_block, self.quant_kernel)
+
+
+def check_quantization(m: QuantizedModelSourceConfig) -> None:
+    try:
+        m.quant_config().validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 class ModelNotFound(LookupError):

@@ -12,7 +12,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from pipelines.core.config import check, compose_config, to_dataclass
-from pipelines.core.model_source import ModelSourceConfig, check_model_source
+from pipelines.core.model_source import (
+    ModelSourceConfig,
+    QuantizedModelSourceConfig,
+    check_model_source,
+    check_quantization,
+)
 from pipelines.core.tracking import TrackingConfig
 from pipelines.data.config import DataConfig
 
@@ -63,7 +68,7 @@ class ChoiceConfig:
 
 @dataclass
 class EvaluateConfig:
-    model: ModelSourceConfig = field(default_factory=ModelSourceConfig)
+    model: QuantizedModelSourceConfig = field(default_factory=QuantizedModelSourceConfig)  # model.quantization=int8
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -95,6 +100,7 @@ def register_configs() -> None:
 
 def validate_evaluate_config(c: EvaluateConfig) -> EvaluateConfig:
     check_model_source(c.model)
+    check_quantization(c.model)
     check(c.record in RECORD_MODES, f"record={c.record!r}: use one of {', '.join(RECORD_MODES)}.")
     check(len(c.compare) in (0, 2), f"compare={c.compare} needs exactly two registered versions, e.g. compare=[1,2].")
     check(not (c.compare and (c.model.path or c.model.run_id)),

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from moe.checkpoint import load_model
 from moe.generate import SamplingParams, generate
 from moe.model import MoETransformer
+from moe.quant import weight_bytes
 from pipelines.core import tracking
 from pipelines.core.model_source import ModelSourceConfig, ResolvedModel, resolve_model
 from pipelines.core.tables import format_table
@@ -132,12 +133,12 @@ def evaluate_model(cfg: EvaluateConfig, source: ModelSourceConfig | None = None)
         torch.set_num_threads(cfg.num_threads)
     resolved = resolve_model(source or cfg.model, cfg.tracking)
     inputs = check_inputs(cfg, resolved)
-    model = load_model(resolved.path).eval()
+    model = load_model(resolved.path, quantization=cfg.model.quant_config()).eval()
     tok = Tokenizer.from_file(str(resolved.tokenizer_path))
     bytes_V = token_byte_lengths(tok)
     if bytes_V.numel() < model.cfg.vocab_size:  # ids the tokenizer never produces stand for no bytes
         bytes_V = torch.cat([bytes_V, bytes_V.new_zeros(model.cfg.vocab_size - bytes_V.numel())])
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"model/weight_bytes": float(weight_bytes(model))}
     if cfg.validation.enabled:
         metrics.update(score_validation(cfg, model, inputs, bytes_V))
     metrics.update(score_files(cfg, model, tok, inputs, bytes_V))

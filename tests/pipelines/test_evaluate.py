@@ -162,3 +162,25 @@ def test_export_entry_point_writes_and_logs_the_transformers_directory(trained_t
     missing = _cli("pipelines.export", f"tracking.uri={trained_tiny.tracking_uri}",
                    "model.registered_name=tiny-eval", "model.version=9")
     assert missing.returncode == 1 and "model.version=9: 'tiny-eval' has no such version" in missing.stderr
+
+
+def test_quantized_weights_cost_little_perplexity_and_agree_on_the_top_token(trained_tiny) -> None:
+    """`model.quantization=int8|fp8` at load time, measured by the evaluation itself: fewer weight bytes,
+    validation perplexity within 1% (int8) and 2% (fp8) of full precision, and the same top-1 token on the
+    validation sample almost everywhere (the `small` model's figures are in the README)."""
+    from moe.quant import QuantConfig
+
+    base = ["model.version=1", "record=none", "choice.enabled=false", "samples.prompts=[]"]
+    results = {q: evaluate_model(compose_evaluate_config(eval_overrides(trained_tiny, *base,
+                                                                        f"model.quantization={q}"))).metrics
+               for q in ("none", "int8", "fp8")}
+    for q, bound in (("int8", 0.01), ("fp8", 0.02)):
+        assert results[q]["model/weight_bytes"] < 0.6 * results["none"]["model/weight_bytes"]
+        assert abs(results[q]["val/perplexity"] / results["none"]["val/perplexity"] - 1) < bound, (q, results)
+        tokens, _ = read_split(next(trained_tiny.dataset_root.iterdir()), "val", 8)
+        with torch.no_grad():
+            full = load_model(trained_tiny.model_dir)(tokens).argmax(-1)
+            quant = load_model(trained_tiny.model_dir, quantization=QuantConfig(q))(tokens).argmax(-1)
+        assert (full == quant).float().mean() > 0.97, q
+    with pytest.raises(Exception, match="model.quantization='int4'"):
+        compose_evaluate_config(eval_overrides(trained_tiny, "model.quantization=int4"))
