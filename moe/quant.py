@@ -12,7 +12,8 @@ routed experts. The embedding, the norms, the router (its gate and expert bias) 
 in full precision. Quantized weights are stored (out x in), the layout the kernels and vLLM read.
 
 Kernels (`kernel`, chosen per device by `auto`, or forced):
-- `int8_mm`: `torch._weight_int8pack_mm` (activations stay in full precision; CPU and CUDA),
+- `int8_mm`: `torch._weight_int8pack_mm` (activations stay in full precision), where it runs on the
+  device (probed once; else `dequant`),
 - `scaled_mm`: `torch._scaled_mm` on fp8 activations (a dynamic per-tensor scale) and fp8 weights
   with their scale; `auto` picks it on CUDA devices of compute capability >= 8.9 for per-matrix scales,
 - `dequant`: the weight dequantized (q * s) and the full-precision kernel; the reference the others
@@ -30,6 +31,7 @@ dynamic, weight_block_size} in config.json.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +110,23 @@ def _expand(scale: torch.Tensor, b: int, shape: torch.Size) -> torch.Tensor:
 
 
 # ---- matmuls ---------------------------------------------------------------------------------
+@functools.cache
+def int8_mm_runs(device: str) -> bool:
+    """Whether `torch._weight_int8pack_mm` runs on `device` (probed once with a tiny product)."""
+    try:
+        w = torch.ones(16, 32, dtype=torch.int8, device=device)
+        torch._weight_int8pack_mm(torch.ones(2, 32, device=device), w, torch.ones(16, device=device))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def resolve_kernel(cfg: QuantConfig, device: torch.device, dims: tuple[int, ...]) -> str:
     """The kernel a quantized weight on `device` runs (see the module docstring)."""
     if cfg.kernel != "auto":
         return cfg.kernel
     if cfg.method == "int8":
-        return "int8_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequant"
+        return "int8_mm" if int8_mm_runs(str(device)) else "dequant"
     cuda_fp8 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
     if cuda_fp8 and not cfg.fp8_block and all(d % 16 == 0 for d in dims) and hasattr(torch, "_scaled_mm"):
         return "scaled_mm"
