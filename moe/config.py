@@ -1,4 +1,5 @@
-"""Model configuration: `MoEConfig` and `ModelConfig` dataclasses, their validation, and named presets.
+"""Model configuration: `MoEConfig` and `ModelConfig` dataclasses, their validation, and named presets;
+`QuantConfig`, how moe/quant.py quantizes a built model (here so configs read it without torch).
 
 These plain dataclasses are what `moe/` receives. The named presets live in `conf/model/*.yaml`
 (tiny, small, deepseek_moe_16b, moe_67b), typed by these same dataclasses; entry points fill them
@@ -127,3 +128,28 @@ def expert_capacity(n_tokens: int, cfg: MoEConfig) -> int | None:
     if cfg.capacity_factor <= 0:
         return None
     return max(1, math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_routed_experts))
+
+
+QUANT_METHODS = ("none", "int8", "fp8")
+QUANT_KERNELS = ("auto", "int8_mm", "scaled_mm", "dequant")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How moe/quant.py quantizes a model: the method, the fp8 scale granularity and the kernel."""
+
+    method: str = "none"  # none | int8 | fp8
+    fp8_block: int = 0  # fp8 scales: 0 one per matrix (per expert), else one per (block x block) tile
+    kernel: str = "auto"  # auto | int8_mm | scaled_mm | dequant
+
+    def validate(self, prefix: str = "model") -> QuantConfig:
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"{prefix}.quantization={self.method!r}: use one of {', '.join(QUANT_METHODS)}.")
+        if self.fp8_block < 0:
+            raise ValueError(f"{prefix}.fp8_block={self.fp8_block} must be 0 (per matrix) or a tile size like 128.")
+        if self.kernel not in QUANT_KERNELS:
+            raise ValueError(f"{prefix}.quant_kernel={self.kernel!r}: use one of {', '.join(QUANT_KERNELS)}.")
+        if self.kernel == "int8_mm" and self.method != "int8" or self.kernel == "scaled_mm" and self.method != "fp8":
+            raise ValueError(f"{prefix}.quant_kernel={self.kernel!r} does not run {self.method} weights: use auto, "
+                             "dequant, or the kernel of the method (int8: int8_mm, fp8: scaled_mm).")
+        return self

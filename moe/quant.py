@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,34 +40,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from moe.config import QuantConfig
 from moe.experts import GroupedExperts, expert_slices, swiglu_experts
 from moe.layers import SwiGLU
 from moe.model import MoETransformer
 
-METHODS = ("none", "int8", "fp8")
-KERNELS = ("auto", "int8_mm", "scaled_mm", "dequant")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 INT8_MAX = 127.0
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    method: str = "none"  # none | int8 | fp8
-    fp8_block: int = 0  # fp8 scales: 0 one per matrix (per expert), else one per (block x block) tile
-    kernel: str = "auto"  # auto | int8_mm | scaled_mm | dequant
-
-    def validate(self, prefix: str = "model") -> QuantConfig:
-        if self.method not in METHODS:
-            raise ValueError(f"{prefix}.quantization={self.method!r}: use one of {', '.join(METHODS)}.")
-        if self.fp8_block < 0:
-            raise ValueError(f"{prefix}.fp8_block={self.fp8_block} must be 0 (per matrix) or a tile size like 128.")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"{prefix}.quant_kernel={self.kernel!r}: use one of {', '.join(KERNELS)}.")
-        if self.kernel == "int8_mm" and self.method != "int8" or self.kernel == "scaled_mm" and self.method != "fp8":
-            raise ValueError(f"{prefix}.quant_kernel={self.kernel!r} does not run {self.method} weights: use auto, "
-                             "dequant, or the kernel of the method (int8: int8_mm, fp8: scaled_mm).")
-        return self
 
 
 # ---- quantize / dequantize tensors (..., out, in) ----------------------------------------------

@@ -11,9 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe.config import ConfigError
+from moe.config import ConfigError, QuantConfig
 from moe.files import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-from moe.quant import QuantConfig
 from pipelines.core import tracking
 from pipelines.core.config import check
 from pipelines.core.tracking import TrackingConfig
