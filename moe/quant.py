@@ -13,7 +13,8 @@ in full precision. Quantized weights are stored (out x in), the layout the kerne
 
 Kernels (`kernel`, chosen per device by `auto`, or forced):
 - `int8_mm`: `torch._weight_int8pack_mm` (activations stay in full precision), where it runs on the
-  device (probed once; else `dequant`),
+  device (probed once) and, on CPU, for bf16/fp16 activations only (with fp32 activations the CPU
+  kernel was 10-40x slower than dequantizing and an fp32 GEMM; `auto` then dequantizes),
 - `scaled_mm`: `torch._scaled_mm` on fp8 activations (a dynamic per-tensor scale) and fp8 weights
   with their scale; `auto` picks it on CUDA devices of compute capability >= 8.9 for per-matrix scales,
 - `dequant`: the weight dequantized (q * s) and the full-precision kernel; the reference the others
@@ -100,12 +101,13 @@ def int8_mm_runs(device: str) -> bool:
     return True
 
 
-def resolve_kernel(cfg: QuantConfig, device: torch.device, dims: tuple[int, ...]) -> str:
-    """The kernel a quantized weight on `device` runs (see the module docstring)."""
+def resolve_kernel(cfg: QuantConfig, device: torch.device, dims: tuple[int, ...], dtype: torch.dtype) -> str:
+    """The kernel a quantized weight on `device` runs with `dtype` activations (the module docstring)."""
     if cfg.kernel != "auto":
         return cfg.kernel
-    if cfg.method == "int8":
-        return "int8_mm" if int8_mm_runs(str(device)) else "dequant"
+    if cfg.method == "int8":  # on CPU the int8 kernel is made for 16-bit activations (fp32: 10-40x slower)
+        fast = device.type != "cpu" or dtype in (torch.bfloat16, torch.float16)
+        return "int8_mm" if fast and int8_mm_runs(str(device)) else "dequant"
     cuda_fp8 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
     if cuda_fp8 and not cfg.fp8_block and all(d % 16 == 0 for d in dims) and hasattr(torch, "_scaled_mm"):
         return "scaled_mm"
@@ -136,6 +138,7 @@ class KeepsQuantized(nn.Module):
         probe = fn(torch.zeros((), dtype=self.dtype))
         self.dtype = probe.dtype
         self._buffers = {n: (b if b is None else b.to(probe.device)) for n, b in saved.items()}
+        self.kernel = resolve_kernel(self.cfg, probe.device, self.dims, self.dtype)
         return self
 
 
@@ -148,8 +151,8 @@ class QuantLinear(KeepsQuantized):
         q, scale = quantize_tensor(linear.weight, cfg.method, cfg.fp8_block)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        self.dtype = linear.weight.dtype
-        self.kernel = resolve_kernel(cfg, linear.weight.device, (self.in_features, self.out_features))
+        self.dtype, self.dims = linear.weight.dtype, (self.in_features, self.out_features)
+        self.kernel = resolve_kernel(cfg, linear.weight.device, self.dims, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_matmul(x.reshape(-1, self.in_features), self.qweight, self.scale, self.kernel, self.cfg.fp8_block)
@@ -175,7 +178,8 @@ class QuantExperts(KeepsQuantized):
             q, scale = quantize_tensor(getattr(experts, name).transpose(1, 2), cfg.method, cfg.fp8_block)
             self.register_buffer(f"q{name}", q)
             self.register_buffer(f"s{name[1]}", scale)
-        self.kernel = resolve_kernel(cfg, experts.w1.device, (self.d_model, self.hidden))
+        self.dims = (self.d_model, self.hidden)
+        self.kernel = resolve_kernel(cfg, experts.w1.device, self.dims, self.dtype)
 
     def weight(self, name: str) -> torch.Tensor:
         """The dequantized (E, in, out) weight `w1`, `w3` or `w2`, in the layout `GroupedExperts` holds."""

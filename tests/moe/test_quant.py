@@ -101,6 +101,8 @@ def test_what_stays_in_full_precision_and_the_export_round_trip(tmp_path):
         assert torch.equal(back(TOKENS), q(TOKENS))
     bf16 = load_model(tmp_path / "int8", dtype=torch.bfloat16)  # activations bf16, weights stay int8 + fp32 scales
     assert bf16.layers["1"].ffn.experts.qw1.dtype == torch.int8 and bf16.layers["1"].ffn.experts.s1.dtype == torch.float32
+    # auto: the CPU int8 kernel for 16-bit activations, dequantizing for fp32 ones
+    assert bf16.layers["1"].ffn.experts.kernel == "int8_mm" and back.layers["1"].ffn.experts.kernel == "dequant"
     export_model(full, tmp_path / "full")
     at_load = load_model(tmp_path / "full", quantization=QuantConfig("int8"))  # model.quantization at load time
     with torch.no_grad():
