@@ -112,6 +112,7 @@ def main() -> None:
     args = a.parse_args()
     torch.set_num_threads(args.threads)
     batcher = Batcher(args.model_dir, args.max_batch, args.wait_ms / 1000)
+    ThreadingHTTPServer.request_queue_size = 1024  # the default backlog of 5 resets connections under 32 clients
     ThreadingHTTPServer(("127.0.0.1", args.port), handler(batcher)).serve_forever()
 
 

@@ -92,7 +92,12 @@ def load(base: str, clients: int, requests_per_client: int, prompt: str, max_tok
                 body = {"prompt": f"{prompt} # {i}.{j}", "max_tokens": max_tokens, "temperature": 0.8,
                         "seed": i * 1000 + j, "ignore_eos": True}
                 t0 = time.perf_counter()
-                r = c.post("/v1/completions", json=body)
+                try:
+                    r = c.post("/v1/completions", json=body)
+                except httpx.HTTPError as err:  # a reset connection is a failed request, not a lost thread
+                    with lock:
+                        errors.append(f"{type(err).__name__}: {err}")
+                    continue
                 dt = time.perf_counter() - t0
                 with lock:
                     if r.status_code != 200:
