@@ -127,8 +127,9 @@ def ensure_ray(rt: RuntimeConfig) -> None:
     start_or_connect(ray_options(rt))
 
 
-def _configure_data_context(cfg: PreprocessConfig) -> None:
+def configure_data_context(cfg: PreprocessConfig) -> None:
     import ray.data
+    from ray.data.context import ShuffleStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same shards, byte for byte
@@ -136,6 +137,10 @@ def _configure_data_context(cfg: PreprocessConfig) -> None:
     # back (measured: phase A ran about one task at a time on 2 cores with them).
     ctx.op_resource_reservation_enabled = False
     ctx.enable_progress_bars = cfg.runtime.progress_bars
+    # Dedup and the train shuffle group rows by key. The hash-based strategies start aggregator
+    # actors (measured: 24-48 s for a 20,000-row groupby on 2 cores against 1.4-1.6 s); the
+    # sort-based one runs as tasks on the warm workers.
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 
 def build_docs(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path) -> None:
@@ -239,7 +244,7 @@ def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
     import ray
 
     check_cluster_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
-    _configure_data_context(cfg)
+    configure_data_context(cfg)
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
