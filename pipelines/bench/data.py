@@ -251,7 +251,10 @@ _WORD_RE = re.compile(r"\w+")
 
 def edited_copy(text: str, copy: int) -> str:
     """Copy number `copy` of a document: every 4th word gets the copy number appended, so every
-    5-word shingle changes and dedup keeps each copy (same length and tokenization cost, about)."""
+    5-word shingle changes and dedup keeps each copy (same length and tokenization cost, about).
+    Copy 0 is the document itself."""
+    if copy == 0:
+        return text
     n = itertools.count()
     return _WORD_RE.sub(lambda m: m.group(0) + str(copy) if next(n) % 4 == 0 else m.group(0), text)
 
@@ -337,7 +340,11 @@ def _scale_rows(runs: list[ScaleRun]) -> tuple[list[dict], dict[str, Goal], list
     rows = [{"stage": f"scale x{r.copies}", "plain_s": r.plain_s, "ray_s": r.ray_s, "tokens": r.tokens,
              "ray_driver_peak_rss_MB": r.ray_rss / 2**20, "load_1min": r.load} for r in runs]
     dt = b.tokens - a.tokens
-    ray_rate, plain_rate = dt / (b.ray_s - a.ray_s), dt / (b.plain_s - a.plain_s)
+
+    def rate(ta: float, tb: float) -> float:  # noise can make the larger run no slower: no rate then
+        return dt / (tb - ta) if tb > ta and dt > 0 else float("nan")
+
+    ray_rate, plain_rate = rate(a.ray_s, b.ray_s), rate(a.plain_s, b.plain_s)
     rows.append({"stage": f"scale marginal tokens/s (x1 -> x{b.copies})", "plain_s": plain_rate, "ray_s": ray_rate})
     rows.append({"stage": "scale fixed cost per run (s)", "plain_s": a.plain_s - a.tokens / plain_rate,
                  "ray_s": a.ray_s - a.tokens / ray_rate})
