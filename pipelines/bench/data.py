@@ -130,7 +130,6 @@ def ray_build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: li
     tokenizer in place of phase C (training one); -> (the manifest, digest of the dedup decision)."""
     corpus = stage_corpus(cfg, files, missing, work)
     digest = dropped_digest(load_dropped(str(corpus.dropped_dir)))  # not a driver step of the pipeline
-    load_dropped.cache_clear()
     writers = write_dataset(cfg, corpus, tokenizer, work)
     return build_manifest(cfg, corpus.facts, writers, fingerprints, "bench", "bench", tokenizer), digest
 

@@ -165,11 +165,16 @@ def run_dedup(staging: list[str], cfg: DedupConfig, work: Path) -> Path:
     return dropped
 
 
-@lru_cache(maxsize=4)
 def load_dropped(dropped_dir: str) -> dict[str, str]:
-    """uid -> exact_duplicate | near_duplicate, read once per process (workers of the later phases)."""
-    files = sorted(Path(dropped_dir).glob("*.parquet"))
+    """uid -> exact_duplicate | near_duplicate, read once per process (workers of the later phases)
+    for each version of the directory (its files' names, sizes and mtimes)."""
+    files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(dropped_dir).glob("*.parquet")))
+    return _read_dropped(files)
+
+
+@lru_cache(maxsize=4)
+def _read_dropped(files: tuple[tuple[str, int, int], ...]) -> dict[str, str]:
     if not files:
         return {}
-    t = pa.concat_tables([pq.read_table(f, schema=_DROPPED_SCHEMA) for f in files])
+    t = pa.concat_tables([pq.read_table(f, schema=_DROPPED_SCHEMA) for f, _, _ in files])
     return dict(zip(t.column("uid").to_pylist(), t.column("reason").to_pylist()))
