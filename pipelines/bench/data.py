@@ -41,7 +41,14 @@ from pipelines.data.config import PreprocessConfig, SourceConfig, compose_prepro
 from pipelines.data.dedup_cluster import load_dropped
 from pipelines.data.filters import filter_batch
 from pipelines.data.pack import TokenizePack
-from pipelines.data.pipeline import build_docs, build_manifest, ensure_ray, stage_corpus, write_dataset
+from pipelines.data.pipeline import (
+    build_docs,
+    build_manifest,
+    configure_data_context,
+    ensure_ray,
+    stage_corpus,
+    write_dataset,
+)
 from pipelines.data.shards import shard_name, write_shard_file
 from pipelines.data.split import SPLITS, split_batch
 from pipelines.data.tokenizer import train_tokenizer
@@ -405,6 +412,7 @@ def _measure(cfg: PreprocessConfig, files: list[sources.InputFile], missing: lis
         tok = _shared_tokenizer(cfg, files, work / TOKENIZER_FILE)
         capacity = parallel_capacity()
         ensure_ray(cfg.runtime)  # cluster start is not part of either side
+        configure_data_context(cfg)  # as `preprocess` runs it: ordered output, task-based shuffles
         _warm_up(cfg, files, fingerprints, tok, work / "warm")
         scale = _measure_scale(cfg, files, tok, work / "scale", ns.scale) if ns.scale else []
         shutil.rmtree(work / "scale", ignore_errors=True)

@@ -84,9 +84,12 @@ def tally(staging: list[str], dropped_dir: str, val_fraction: float, weights: li
     ds = ray.data.from_arrow([pa.table({"path": staging[i:i + 8]}) for i in range(0, len(staging), 8)])
     ds = ds.map_batches(count_files, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"dropped_dir": dropped_dir, "val_fraction": val_fraction, "weights": weights})
+    per_file: list[tuple[str, int, int, int] | None] = [None] * len(staging)  # in staging order, however they came
+    index = {p: i for i, p in enumerate(staging)}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for path, raw in zip(batch.column("path").to_pylist(), batch.column("counts").to_pylist()):
             c = json.loads(raw)
+            per_file[index[path]] = (path, c["rows"], c["kept"], c["kept_bytes"])
             t.reasons.update(c["reasons"])
             for src, counts in c["per_source"].items():
                 t.per_source[int(src)].update(counts)
@@ -95,6 +98,6 @@ def tally(staging: list[str], dropped_dir: str, val_fraction: float, weights: li
             for s in SPLITS:
                 t.weighted[s] += c["weighted"][s]
             t.train_bytes += c["train_bytes"]
-            t.files.append((path, c["rows"], c["kept"]))
-            t.file_bytes.append(c["kept_bytes"])
+    t.files = [(p, rows, kept) for p, rows, kept, _ in per_file]
+    t.file_bytes = [b for _, _, _, b in per_file]
     return t

@@ -159,4 +159,5 @@ def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> list[dict[st
         fn_constructor_kwargs={"plan": plan, "seq_len": cfg.data.seq_len, "eos_token": cfg.tokenizer.eos_token,
                                "pad_token": cfg.tokenizer.pad_token, "batch_docs": cfg.runtime.tokenize_batch_docs},
     )
-    return [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
+    counts = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
+    return sorted(counts, key=lambda c: c["unit"])  # in unit order whether or not Ray Data preserved it
