@@ -18,10 +18,14 @@ and the Ray phases next to the stage groups they cover.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
+import re
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,20 +37,69 @@ from moe.files import TOKENIZER_FILE
 from pipelines.bench import BenchResult, Goal
 from pipelines.data import dedup, sources
 from pipelines.data.clean import normalize_batch
-from pipelines.data.config import PreprocessConfig, compose_preprocess_config
+from pipelines.data.config import PreprocessConfig, SourceConfig, compose_preprocess_config
+from pipelines.data.dedup_cluster import load_dropped
 from pipelines.data.filters import filter_batch
 from pipelines.data.pack import TokenizePack
-from pipelines.data.pipeline import build_docs, build_manifest, ensure_ray, stage_corpus, write_dataset
-from pipelines.data.shards import SplitShardWriter
-from pipelines.data.split import split_batch
+from pipelines.data.pipeline import (
+    build_docs,
+    build_manifest,
+    configure_data_context,
+    ensure_ray,
+    stage_corpus,
+    write_dataset,
+)
+from pipelines.data.shards import shard_name, write_shard_file
+from pipelines.data.split import SPLITS, split_batch
 from pipelines.data.tokenizer import train_tokenizer
 
 TARGET = 1.6
 
 
+class PlainShardWriter:
+    """The plain loop's writer: each split's packed rows in order, a shard every `rows` sequences."""
+
+    def __init__(self, out: Path, rows: int) -> None:
+        self.out, self.rows = out, rows
+        self.pending: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+        self.written = dict.fromkeys(SPLITS, 0)
+        self.shards = dict.fromkeys(SPLITS, 0)
+        self.tokens = 0
+        for s in SPLITS:
+            (out / s).mkdir(parents=True, exist_ok=True)
+
+    def add(self, packed: pa.Table) -> None:
+        self.tokens += int(pa.compute.sum(packed.column("n_tokens")).as_py() or 0)
+        for s in SPLITS:
+            self.pending[s].append(packed.filter(pa.compute.equal(packed.column("split"), s)))
+            while sum(len(t) for t in self.pending[s]) >= self.rows:
+                self._flush(s, self.rows)
+
+    def _flush(self, s: str, n: int) -> None:
+        t = pa.concat_tables(self.pending[s]).combine_chunks()
+        write_shard_file(t.slice(0, n), self.written[s], self.out / s / shard_name(self.shards[s]))
+        self.written[s] += min(n, len(t))
+        self.shards[s] += 1
+        self.pending[s] = [t.slice(n)]
+
+    def close(self) -> int:
+        for s in SPLITS:
+            n = sum(len(t) for t in self.pending[s])
+            if n or not self.shards[s]:
+                self._flush(s, n)
+        return self.tokens
+
+
+def dropped_digest(dropped: dict[str, str]) -> str:
+    """One hash of a dedup decision (uid -> reason), to compare the two sides' kept sets."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{u}:{r}" for u, r in sorted(dropped.items())).encode()).hexdigest()
+
+
 def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer: Path, out: Path
-               ) -> tuple[int, dict[str, float]]:
-    """The same stages in one process; -> (real tokens written, seconds per stage)."""
+               ) -> tuple[int, dict[str, float], str]:
+    """The same stages in one process; -> (real tokens written, seconds per stage, dedup digest)."""
     t: dict[str, float] = defaultdict(float)
 
     def timed(stage: str, fn, *args):
@@ -67,24 +120,25 @@ def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer:
     weights = [s.weight for s in cfg.data.sources]
     kept = timed("split", split_batch, docs, set(result.dropped), cfg.data.val_fraction, weights)
     tp = TokenizePack(str(tokenizer), cfg.data.seq_len, cfg.tokenizer.eos_token, cfg.tokenizer.pad_token)
-    writer = SplitShardWriter(out, cfg.runtime.rows_per_shard)
+    writer = PlainShardWriter(out, cfg.runtime.rows_per_shard)
     b = cfg.runtime.tokenize_batch_docs
     for i in range(0, len(kept), b):
         batch = kept.slice(i, b)
         ids = timed("tokenize", tp.encode, batch.column("text").to_pylist())
         packed = timed("pack", tp.pack, ids, batch.column("split").to_pylist(), batch.column("copies").to_pylist())
         timed("write", writer.add, packed)
-    writers = timed("write", writer.close)
-    return sum(w.tokens for w in writers.values()), dict(t)
+    tokens = timed("write", writer.close)
+    return tokens, dict(t), dropped_digest(result.dropped)
 
 
 def ray_build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
-              fingerprints: list[dict], tokenizer: Path, work: Path) -> dict:
+              fingerprints: list[dict], tokenizer: Path, work: Path) -> tuple[dict, str]:
     """The Ray side: `pipelines.data.pipeline`'s phases A, B and D and its manifest, with the shared
-    tokenizer in place of phase C (training one); -> the manifest."""
+    tokenizer in place of phase C (training one); -> (the manifest, digest of the dedup decision)."""
     corpus = stage_corpus(cfg, files, missing, work)
+    digest = dropped_digest(load_dropped(str(corpus.dropped_dir)))  # not a driver step of the pipeline
     writers = write_dataset(cfg, corpus, tokenizer, work)
-    return build_manifest(cfg, corpus.facts, writers, fingerprints, "bench", "bench", tokenizer)
+    return build_manifest(cfg, corpus.facts, writers, fingerprints, "bench", "bench", tokenizer), digest
 
 
 def _spin(n: int) -> float:
@@ -177,19 +231,135 @@ def _pair(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[t
     ray_dir = work / "ray"
     ray_dir.mkdir()
     t0, m0 = time.perf_counter(), machine_cpu_seconds()
-    info = ray_build(cfg, files, missing, fingerprints, tok, ray_dir)
+    info, ray_digest = ray_build(cfg, files, missing, fingerprints, tok, ray_dir)
     ray_s, ray_machine_cpu = time.perf_counter() - t0, _delta(m0)
     shutil.rmtree(ray_dir, ignore_errors=True)
     load_ray = os.getloadavg()[0]
     t0, c0, m0 = time.perf_counter(), time.process_time(), machine_cpu_seconds()
-    plain_tokens, stages = plain_loop(cfg, files, tok, work / "plain")
+    plain_tokens, stages, plain_digest = plain_loop(cfg, files, tok, work / "plain")
     plain_s, plain_cpu, plain_machine_cpu = time.perf_counter() - t0, time.process_time() - c0, _delta(m0)
     shutil.rmtree(work / "plain", ignore_errors=True)
     ray_tokens = sum(s["tokens"] for s in info["splits"].values())
-    if plain_tokens != ray_tokens:
-        raise RuntimeError(f"the two sides disagree: plain loop wrote {plain_tokens} tokens, Ray {ray_tokens}")
+    _check_agree(plain_tokens, ray_tokens, plain_digest, ray_digest)
     return Pair(ray_tokens, ray_s, info["stage_seconds"], ray_machine_cpu, plain_s, stages, plain_cpu,
                 plain_machine_cpu, load_ray, os.getloadavg()[0])
+
+
+def _check_agree(plain_tokens: int, ray_tokens: int, plain_digest: str, ray_digest: str) -> None:
+    if plain_tokens != ray_tokens:
+        raise RuntimeError(f"the two sides disagree: plain loop wrote {plain_tokens} tokens, Ray {ray_tokens}")
+    if plain_digest != ray_digest:
+        raise RuntimeError("the two sides' dedup dropped different documents (cluster dedup vs dedup.decide)")
+
+
+_WORD_RE = re.compile(r"\w+")
+
+
+def edited_copy(text: str, copy: int) -> str:
+    """Copy number `copy` of a document: every 4th word gets the copy number appended, so every
+    5-word shingle changes and dedup keeps each copy (same length and tokenization cost, about).
+    Copy 0 is the document itself."""
+    if copy == 0:
+        return text
+    n = itertools.count()
+    return _WORD_RE.sub(lambda m: m.group(0) + str(copy) if next(n) % 4 == 0 else m.group(0), text)
+
+
+def scaled_corpus(files: list[sources.InputFile], copies: int, root: Path) -> None:
+    """`root/copy<k>/<nnnnn>.py` for k < `copies`: copy 0 is the files as they are, the others edited."""
+    for k in range(copies):
+        d = root / f"copy{k}"
+        d.mkdir(parents=True)
+        for i, f in enumerate(files):
+            raw = Path(f.path).read_bytes()
+            try:
+                data = edited_copy(raw.decode("utf-8"), k).encode("utf-8") if k else raw
+            except UnicodeDecodeError:
+                data = raw  # bad input stays bad input
+            (d / f"{i:05d}.py").write_bytes(data)
+
+
+class PeakRss:
+    """The peak resident memory of this process (the driver) while the block runs, sampled every 20 ms."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+@dataclass
+class ScaleRun:
+    """The pipeline on the corpus times `copies`: Ray (with the driver's peak RSS), then the plain loop."""
+
+    copies: int
+    tokens: int
+    ray_s: float
+    ray_rss: int
+    plain_s: float
+    load: float
+
+
+def _scale_run(cfg: PreprocessConfig, root: Path, tok: Path, work: Path) -> ScaleRun:
+    c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=[SourceConfig(kind="text", path=str(root))]))
+    files, missing = sources.resolve_sources(c.data.sources)
+    fingerprints = sources.fingerprint_files(files, missing, 1)
+    (work / "ray").mkdir()
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        info, ray_digest = ray_build(c, files, missing, fingerprints, tok, work / "ray")
+        ray_s = time.perf_counter() - t0
+    shutil.rmtree(work / "ray")
+    t0 = time.perf_counter()
+    plain_tokens, _, plain_digest = plain_loop(c, files, tok, work / "plain")
+    plain_s = time.perf_counter() - t0
+    shutil.rmtree(work / "plain")
+    ray_tokens = sum(s["tokens"] for s in info["splits"].values())
+    _check_agree(plain_tokens, ray_tokens, plain_digest, ray_digest)
+    return ScaleRun(len(list(root.glob("copy*"))) or 1, ray_tokens, ray_s, rss.peak, plain_s, os.getloadavg()[0])
+
+
+def _measure_scale(cfg: PreprocessConfig, files: list[sources.InputFile], tok: Path, work: Path, copies: int
+                   ) -> list[ScaleRun]:
+    """x1 then x`copies`, Ray before the plain loop, so nothing the loop held is in the driver's RSS."""
+    scaled_corpus(files, copies, work / "corpus")
+    x1 = _scale_run(cfg, work / "corpus" / "copy0", tok, work)
+    return [dataclasses.replace(x1, copies=1), _scale_run(cfg, work / "corpus", tok, work)]
+
+
+def _scale_rows(runs: list[ScaleRun]) -> tuple[list[dict], dict[str, Goal], list[str]]:
+    a, b = runs
+    rows = [{"stage": f"scale x{r.copies}", "plain_s": r.plain_s, "ray_s": r.ray_s, "tokens": r.tokens,
+             "ray_driver_peak_rss_MB": r.ray_rss / 2**20, "load_1min": r.load} for r in runs]
+    dt = b.tokens - a.tokens
+
+    def rate(ta: float, tb: float) -> float:  # noise can make the larger run no slower: no rate then
+        return dt / (tb - ta) if tb > ta and dt > 0 else float("nan")
+
+    ray_rate, plain_rate = rate(a.ray_s, b.ray_s), rate(a.plain_s, b.plain_s)
+    rows.append({"stage": f"scale marginal tokens/s (x1 -> x{b.copies})", "plain_s": plain_rate, "ray_s": ray_rate})
+    rows.append({"stage": "scale fixed cost per run (s)", "plain_s": a.plain_s - a.tokens / plain_rate,
+                 "ray_s": a.ray_s - a.tokens / ray_rate})
+    goals = {f"driver_peak_rss_x{b.copies}_over_x1": Goal(b.ray_rss / a.ray_rss, 1.15, higher_is_better=False),
+             "scale_marginal_tokens_per_s_vs_plain": Goal(ray_rate / plain_rate, 1.8)}
+    notes = [f"scale rows: the corpus as text files x1 and x{b.copies} (copies with every 4th word edited, so "
+             f"dedup keeps them), Ray x1, Ray x{b.copies}, then the plain loop x1 and x{b.copies}; driver peak "
+             "RSS sampled every 20 ms during each Ray run; both sides dropped the same documents in dedup"]
+    return rows, goals, notes
 
 
 def _parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -198,12 +368,17 @@ def _parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--files", type=int, default=0, help="cap the stdlib corpus (0: all files)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="Ray/plain pairs, run alternately; the goal is the median pair's speedup")
+    parser.add_argument("--scale", type=int, default=4,
+                        help="scale rows: the corpus x1 and xN (edited copies), Ray driver peak RSS and "
+                             "wall time, marginal tokens/s of both sides (0: no scale rows)")
     parser.add_argument("--subset-every", type=int, default=4,
                         help="before each pair, a pair on 1 file in N, to measure each side's fixed cost "
                              "and marginal tokens/s (0: no subset pairs)")
     ns, overrides = parser.parse_known_args(args)
     if ns.repeats < 1:
         parser.error(f"--repeats={ns.repeats} must be at least 1")
+    if ns.scale < 0 or ns.scale == 1:
+        parser.error(f"--scale={ns.scale} must be 0 (off) or at least 2")
     if ns.subset_every < 0 or ns.subset_every == 1:
         parser.error(f"--subset-every={ns.subset_every} must be 0 (off) or at least 2")
     return ns, overrides
@@ -222,20 +397,25 @@ def _warm_up(cfg: PreprocessConfig, files: list[sources.InputFile], fingerprints
     which starts all of Ray's worker processes and puts the input files in the page cache (the plain
     loop, running second, finds them there too)."""
     warm.mkdir()
-    ray_build(cfg, files[:64], [], fingerprints, tok, warm)
+    ray_build(cfg, files[:64], [], fingerprints, tok, warm)[0]
     build_docs(cfg, files, warm / "docs")
 
 
 def _measure(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
-             fingerprints: list[dict], repeats: int, subset_every: int
-             ) -> tuple[float, list[Pair], list[Scaling]]:
-    """-> (parallel capacity, the pairs, each subset pair with its full pair), all measured in one run."""
+             fingerprints: list[dict], ns: argparse.Namespace
+             ) -> tuple[float, list[Pair], list[Scaling], list[ScaleRun]]:
+    """-> (parallel capacity, the pairs, each subset pair with its full pair, the scale runs), all
+    measured in one run (the scale runs first: the driver's RSS is measured before any plain loop ran)."""
+    repeats, subset_every = ns.repeats, ns.subset_every
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
         tok = _shared_tokenizer(cfg, files, work / TOKENIZER_FILE)
         capacity = parallel_capacity()
         ensure_ray(cfg.runtime)  # cluster start is not part of either side
+        configure_data_context(cfg)  # as `preprocess` runs it: ordered output, task-based shuffles
         _warm_up(cfg, files, fingerprints, tok, work / "warm")
+        scale = _measure_scale(cfg, files, tok, work / "scale", ns.scale) if ns.scale else []
+        shutil.rmtree(work / "scale", ignore_errors=True)
         # Alternate the sides, so a change in the machine's load (it is shared) hits both.
         pairs, scalings = [], []
         for _ in range(repeats):
@@ -244,13 +424,13 @@ def _measure(cfg: PreprocessConfig, files: list[sources.InputFile], missing: lis
             pairs.append(_pair(cfg, files, missing, fingerprints, tok, work))
             if subset is not None:
                 scalings.append(Scaling(subset, pairs[-1]))
-    return capacity, pairs, scalings
+    return capacity, pairs, scalings, scale
 
 
 # Table groups: (label, the plain loop's stages, the Ray phase in the manifest's stage_seconds covering them).
-_GROUPS = [("A read..minhash", ["read", "normalize", "filter", "hash+minhash"], "read_normalize_filter_sign"),
-           ("B dedup", ["dedup"], "dedup"),
-           ("D split..write", ["split", "tokenize", "pack", "write"], "tokenize_pack_write")]
+_GROUPS = [("A read..minhash", ["read", "normalize", "filter", "hash+minhash"], ["read_normalize_filter_sign"]),
+           ("B dedup", ["dedup"], ["dedup"]),
+           ("D split..write", ["split", "tokenize", "pack", "write"], ["count", "tokenize_pack", "write_shards"])]
 
 
 def _rows(shown: Pair, shown_sc: Scaling | None) -> list[dict]:
@@ -262,7 +442,7 @@ def _rows(shown: Pair, shown_sc: Scaling | None) -> list[dict]:
             rows.append({"stage": n, "plain_s": stages.get(n, 0.0), "plain_%": 100 * stages.get(n, 0.0) / plain_s,
                          "ray_s": None})
         rows.append({"stage": f"= {label}", "plain_s": sum(stages.get(n, 0.0) for n in names), "plain_%": None,
-                     "ray_s": shown.ray_phases[phase]})
+                     "ray_s": sum(shown.ray_phases.get(p, 0.0) for p in phase)})
     rows.append({"stage": "TOTAL (wall)", "plain_s": plain_s, "plain_%": 100.0, "ray_s": shown.ray_s})
     rows.append({"stage": "tokens/s", "plain_s": shown.tokens / plain_s, "plain_%": None,
                  "ray_s": shown.tokens / shown.ray_s})
@@ -325,7 +505,7 @@ def run(args: list[str]) -> BenchResult:
     cfg = compose_preprocess_config([*([src] if src else []), "tracking.enabled=false", *overrides])
     files, missing = sources.resolve_sources(cfg.data.sources)
     fingerprints = sources.fingerprint_files(files, missing, len(cfg.data.sources))
-    capacity, pairs, scalings = _measure(cfg, files, missing, fingerprints, ns.repeats, ns.subset_every)
+    capacity, pairs, scalings, scale = _measure(cfg, files, missing, fingerprints, ns)
     speedup = statistics.median(p.speedup for p in pairs)
     shown = _median_item(pairs, key=lambda p: p.speedup)
     measured = [sc for sc in scalings if sc.measurable]
@@ -336,5 +516,9 @@ def run(args: list[str]) -> BenchResult:
              *_scaling_notes(scalings, shown_sc, ns.subset_every),
              f"the table shows pair {pairs.index(shown) + 1}; speedup (Ray tokens/s / plain tokens/s), median of "
              f"{len(pairs)} pair(s): {speedup:.2f}x"]
-    return BenchResult(name="data", rows=_rows(shown, shown_sc),
-                       goals={"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)}, notes=notes)
+    rows, goals = _rows(shown, shown_sc), {"ray_vs_plain_tokens_per_s": Goal(speedup, TARGET)}
+    if scale:
+        scale_rows, scale_goals, scale_notes = _scale_rows(scale)
+        rows, notes = rows + scale_rows, notes + scale_notes
+        goals |= scale_goals
+    return BenchResult(name="data", rows=rows, goals=goals, notes=notes)

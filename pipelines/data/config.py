@@ -81,6 +81,14 @@ class DedupConfig:
 
 
 @dataclass
+class ShuffleConfig:
+    """The train split's order in its shards: packing order, or a seeded global shuffle of its sequences."""
+
+    enabled: bool = False  # true: seq_id order is a seeded permutation of the packed sequences
+    seed: int = 0
+
+
+@dataclass
 class TokenizerConfig:
     """Byte-level BPE trained with `tokenizers` on a deterministic sample of the train split."""
 
@@ -112,6 +120,7 @@ class PreprocessConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     force: bool = False  # rebuild even if an output with the same config and inputs exists
 

@@ -1,22 +1,26 @@
-"""Deduplication: per-document keys computed in Ray Data, decisions made once over the whole corpus.
+"""Deduplication keys and the reference decision.
 
 `sign_batch` (a Ray Data stage) adds a stable `uid`, the content `hash` of the normalized text and
-a MinHash signature. `decide` then sees only those small columns of every document (never the
-text): the first document in (source, path, record) order keeps its content, exact repeats are
-dropped as `exact_duplicate`, and MinHash+LSH groups lose all but their first member as
-`near_duplicate`.
+a MinHash signature. The rule: the first document in (source, path, record) order keeps its
+content, exact repeats are dropped as `exact_duplicate`, and MinHash+LSH groups lose all but their
+first member as `near_duplicate`. Preprocessing applies it on the cluster (`dedup_cluster`);
+`decide` applies it in one process over the keys of every document and is kept as the reference:
+the tests check that both keep the same documents, and the benchmark's plain loop uses it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.data.config import DedupConfig
 from pipelines.data.minhash import near_duplicate_groups, signature
+
+if TYPE_CHECKING:  # Ray workers import this module; they need no Hydra
+    from pipelines.data.config import DedupConfig
 
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"

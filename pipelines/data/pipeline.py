@@ -1,12 +1,18 @@
 """The preprocessing plan: Ray Data stages, corpus-wide decisions, versioned output (`run_preprocess`).
 
-  A  (Ray Data, streaming)  files -> read -> normalize -> filter -> sign  -> staging Parquet (docs/)
-  B  (driver, small keys)   exact + near dedup over (uid, hash, minhash) of every kept document
-  C  (driver, streaming)    byte-level BPE trained on a hash-chosen sample of the train split
-  D  (Ray Data, streaming)  docs/ -> split + weights -> tokenize + pack (actor pool, `tokenize_phase`),
-                            streamed to the driver, which writes train/ and val/ shards with seq_id
-                            0..N-1 (`shards`); manifest last.
+  A  (Ray Data, streaming)  files -> read -> normalize -> filter -> sign  -> staging Parquet (_docs/)
+  B  (Ray Data, shuffles)   exact dedup grouped by content hash, near dedup grouped by LSH bucket,
+                            groups resolved by one task (`dedup_cluster`) -> dropped uids (_dedup/)
+     (Ray Data, per file)   counts by reason, split, source; kept documents per staging file (`tally`)
+  C  (Ray Data + driver)    workers pick a hash-chosen sample of the train split (about
+                            `tokenizer.sample_bytes`), the driver trains the byte-level BPE on it
+  D  (Ray Data actors)      split + weights -> tokenize + pack, one packed file per work unit
+                            (`tokenize_phase`); then Ray tasks write train/ and val/ shards with
+                            seq_id 0..N-1 planned from the per-unit counts (`shards`; the train
+                            split optionally shuffled); manifest last.
 
+The driver handles plans, counts and the manifest: per staging file, per work unit and per
+shard a few numbers, never a per-document list, so its memory does not grow with the corpus.
 `build_dataset` runs the phases in order through one public function each: `stage_corpus` (A, B),
 `train_corpus_tokenizer` (C), `write_dataset` (D), `build_manifest`; each phase's wall seconds go
 to the manifest's `stage_seconds`.
@@ -40,10 +46,12 @@ from moe.files import TOKENIZER_FILE
 from pipelines.data import dedup, manifest, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, RuntimeConfig
+from pipelines.data.dedup_cluster import load_dropped, run_dedup
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.minhash import lsh_params
-from pipelines.data.shards import ShardWriter, write_shards
-from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats
+from pipelines.data.shards import SplitOutput, write_in_order, write_shuffled
+from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit
+from pipelines.data.tally import SplitTally, tally
 from pipelines.data.tokenize_phase import TokenizePlan, cut_units, tokenize_and_pack, unit_count
 from pipelines.data.tokenizer import file_sha256, load_tokenizer, special_id, train_tokenizer
 
@@ -51,23 +59,10 @@ BAD_INPUT_REASONS = (sources.UNREADABLE_PATH, sources.UNREADABLE, sources.EMPTY_
                      sources.INVALID_UTF8, sources.MALFORMED_JSON, sources.NOT_AN_OBJECT, sources.MISSING_FIELD,
                      sources.FIELD_NOT_STRING, sources.RECORD_TOO_LARGE)
 QUARANTINE_FILE = "quarantine.jsonl"
-_KEY_COLUMNS = ["source", "path", "record", "reason", "uid", "hash", "minhash", "n_bytes"]
 
 
 class NoUsableInputError(RuntimeError):
     """Nothing to train on: no input files, or every record was bad or filtered away."""
-
-
-@dataclasses.dataclass
-class SplitTally:
-    """Where the documents dedup kept go: counts per split and source, and the rows phase D tokenizes."""
-
-    docs: dict[str, Counter]  # split -> source -> documents
-    weighted: dict[str, int]  # split -> documents counted with their weight repeats
-    per_source: list[Counter]  # source -> {split or dedup reason: documents}
-    train_bytes: int
-    kept_rows: list[int]  # global staging rows of the documents phase D tokenizes, in order
-    kept_bytes: list[int]  # their bytes times their repeats
 
 
 @dataclasses.dataclass
@@ -79,7 +74,7 @@ class CorpusFacts:
     good: int
     bad: dict[str, int]
     filtered: dict[str, int]
-    dedup_result: dedup.DedupResult
+    dedup_result: dedup.DedupResult  # counts only (`dropped` stays empty: the decisions are on disk)
     splits: SplitTally
     stage_seconds: dict[str, float]  # wall seconds per phase, in the order they ran
     sample_stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"documents": 0, "bytes": 0})
@@ -91,7 +86,7 @@ class StagedCorpus:
     """Phases A and B's result: the staged documents and what was decided about them, for phases C and D."""
 
     docs: Path  # staging Parquet directory (removed by `write_dataset`)
-    staging: list[tuple[str, int]]  # (staging file, rows) in global row order
+    dropped_dir: Path  # dedup's decisions: (uid, reason) of every dropped document
     missing: list[tuple[int, str]]  # (source, path) of source paths that matched nothing
     facts: CorpusFacts
 
@@ -132,8 +127,9 @@ def ensure_ray(rt: RuntimeConfig) -> None:
     start_or_connect(ray_options(rt))
 
 
-def _configure_data_context(cfg: PreprocessConfig) -> None:
+def configure_data_context(cfg: PreprocessConfig) -> None:
     import ray.data
+    from ray.data.context import ShuffleStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same shards, byte for byte
@@ -141,6 +137,10 @@ def _configure_data_context(cfg: PreprocessConfig) -> None:
     # back (measured: phase A ran about one task at a time on 2 cores with them).
     ctx.op_resource_reservation_enabled = False
     ctx.enable_progress_bars = cfg.runtime.progress_bars
+    # Dedup and the train shuffle group rows by key. The hash-based strategies start aggregator
+    # actors (measured: 24-48 s for a 20,000-row groupby on 2 cores against 1.4-1.6 s); the
+    # sort-based one runs as tasks on the warm workers.
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 
 def build_docs(cfg: PreprocessConfig, files: list[sources.InputFile], out: Path) -> None:
@@ -162,13 +162,6 @@ def _parquet_files(d: Path) -> list[Path]:
     return sorted(d.glob("*.parquet"))
 
 
-def _keys(docs: Path) -> tuple[pa.Table, list[tuple[str, int]]]:
-    """The key columns of every staged record in global row order, and (file, rows) of each staging file."""
-    files = _parquet_files(docs)
-    tables = [pq.read_table(p, columns=_KEY_COLUMNS) for p in files]
-    return pa.concat_tables(tables), [(str(p), len(t)) for p, t in zip(files, tables)]
-
-
 def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> int:
     dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
     bad = pc.field("reason").isin(list(BAD_INPUT_REASONS))
@@ -185,15 +178,32 @@ def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> i
     return n
 
 
-def tokenizer_sample(cfg: PreprocessConfig, docs: Path, dropped: set[str], train_bytes: int,
-                     stats: dict[str, int]):
-    """Phase C input: a deterministic, hash-chosen ~`sample_bytes` of train-split documents, streamed."""
-    rate = min(1.0, cfg.tokenizer.sample_bytes / max(train_bytes, 1))
-    dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
-    for batch in dataset.to_batches(columns=["uid", "hash", "reason", "text"], filter=pc.field("reason") == ""):
-        for uid, h, text in zip(*(batch.column(c).to_pylist() for c in ("uid", "hash", "text"))):
-            if uid in dropped or assign_split(h, cfg.data.val_fraction) != TRAIN or hash_unit(h, "tok") >= rate:
-                continue
+def sample_texts(batch: pa.Table, dropped_dir: str, val_fraction: float, rate: float) -> pa.Table:
+    """Ray Data UDF: staging file paths -> the texts of their train-split documents chosen for the
+    tokenizer sample (content hash below `rate`), in order."""
+    dropped = load_dropped(dropped_dir)
+    out: list[str] = []
+    for path in batch.column("path").to_pylist():
+        t = pq.read_table(path, columns=["uid", "hash", "reason", "text"], filters=[("reason", "=", "")])
+        for uid, h, text in zip(*(t.column(c).to_pylist() for c in ("uid", "hash", "text"))):
+            if uid not in dropped and assign_split(h, val_fraction) == TRAIN and hash_unit(h, "tok") < rate:
+                out.append(text)
+    return pa.table({"text": pa.array(out, pa.string())})
+
+
+def tokenizer_sample(cfg: PreprocessConfig, corpus: StagedCorpus, stats: dict[str, int]) -> Iterator[str]:
+    """Phase C input: a deterministic, hash-chosen ~`sample_bytes` of train-split documents, picked
+    on the workers and streamed to the driver in staging order."""
+    import ray.data
+
+    rate = min(1.0, cfg.tokenizer.sample_bytes / max(corpus.facts.splits.train_bytes, 1))
+    staging = [f for f, _, _ in corpus.facts.splits.files]
+    ds = ray.data.from_arrow([pa.table({"path": staging[i:i + 8]}) for i in range(0, len(staging), 8)])
+    ds = ds.map_batches(sample_texts, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"dropped_dir": str(corpus.dropped_dir), "val_fraction": cfg.data.val_fraction,
+                                   "rate": rate})
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for text in batch.column("text").to_pylist():
             stats["documents"] += 1
             stats["bytes"] += len(text)
             yield text
@@ -234,7 +244,7 @@ def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
     import ray
 
     check_cluster_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
-    _configure_data_context(cfg)
+    configure_data_context(cfg)
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
@@ -272,33 +282,38 @@ def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
 
 def stage_corpus(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
                  work: Path) -> StagedCorpus:
-    """Phases A and B: stage every record under `work`, then decide duplicates, splits and weights.
+    """Phases A and B: stage every record under `work`, decide duplicates on the cluster, then count
+    splits and weights per staging file.
 
     Raises NoUsableInputError when no record is good, or when nothing is left for the train split."""
     times: dict[str, float] = {}
     docs = work / "_docs"
     with _timed(times, "read_normalize_filter_sign"):
         build_docs(cfg, files, docs)
+    staging = [str(p) for p in _parquet_files(docs)]
     with _timed(times, "dedup"):
-        keys, staging = _keys(docs)
-        good, bad, filtered = _count_reasons(cfg, keys, missing)
-        result = dedup.decide(keys.filter(pc.equal(keys.column("reason"), "")), cfg.dedup)
-    splits = _tally_splits(cfg, keys, result.dropped)
+        dropped_dir = run_dedup(staging, cfg.dedup, work / "_dedup")
+    with _timed(times, "count"):
+        splits = tally(staging, str(dropped_dir), cfg.data.val_fraction, [s.weight for s in cfg.data.sources])
+    good, bad, filtered = _count_reasons(cfg, splits, missing)
+    dd = splits.dropped
+    result = dedup.DedupResult(dropped={}, docs_in=good, exact_dropped=dd[dedup.EXACT_DUPLICATE],
+                               near_dropped=dd[dedup.NEAR_DUPLICATE])
     if splits.weighted[TRAIN] == 0:
         raise NoUsableInputError(
             f"every document was removed as a duplicate, went to validation or has weight 0 "
             f"({describe_sources(cfg)}; dedup dropped {result.exact_dropped} exact and {result.near_dropped} "
             f"near duplicates, validation has {sum(splits.docs['val'].values())}). Add input, lower "
             "data.val_fraction or raise dedup.threshold.")
-    facts = CorpusFacts(n_read=len(keys), n_missing=len(missing), good=good, bad=bad, filtered=filtered,
-                        dedup_result=result, splits=splits, stage_seconds=times)
-    return StagedCorpus(docs=docs, staging=staging, missing=missing, facts=facts)
+    facts = CorpusFacts(n_read=sum(n for _, n, _ in splits.files), n_missing=len(missing), good=good, bad=bad,
+                        filtered=filtered, dedup_result=result, splits=splits, stage_seconds=times)
+    return StagedCorpus(docs=docs, dropped_dir=dropped_dir, missing=missing, facts=facts)
 
 
-def _count_reasons(cfg: PreprocessConfig, keys: pa.Table, missing: list[tuple[int, str]]
+def _count_reasons(cfg: PreprocessConfig, splits: SplitTally, missing: list[tuple[int, str]]
                    ) -> tuple[int, dict[str, int], dict[str, int]]:
     """-> (good records, bad input by reason, records dropped by each filter); raises when none is good."""
-    reasons = Counter(keys.column("reason").to_pylist())
+    reasons = Counter(splits.reasons)
     good = reasons.pop("", 0)
     bad = {r: reasons[r] for r in BAD_INPUT_REASONS if reasons.get(r)}
     if missing:
@@ -309,70 +324,60 @@ def _count_reasons(cfg: PreprocessConfig, keys: pa.Table, missing: list[tuple[in
     return good, bad, filtered
 
 
-def _tally_splits(cfg: PreprocessConfig, keys: pa.Table, dropped: dict[str, str]) -> SplitTally:
-    """Split and weight every good document that dedup kept, in global staging row order."""
-    weights = [s.weight for s in cfg.data.sources]
-    split_docs = {s: Counter() for s in SPLITS}
-    split_weighted = {s: 0 for s in SPLITS}
-    train_bytes = 0
-    per_source = [Counter() for _ in cfg.data.sources]
-    kept_rows: list[int] = []
-    kept_bytes: list[int] = []
-    for row, (reason, src, uid, h, nb) in enumerate(zip(*(keys.column(c).to_pylist()
-                                                          for c in ("reason", "source", "uid", "hash", "n_bytes")))):
-        if reason:
-            continue
-        if uid in dropped:
-            per_source[src][dropped[uid]] += 1
-            continue
-        s = assign_split(h, cfg.data.val_fraction)
-        c = repeats(h, weights[src], s)
-        split_docs[s][src] += 1
-        split_weighted[s] += c
-        per_source[src][s] += 1
-        train_bytes += nb if s == TRAIN else 0
-        if c:
-            kept_rows.append(row)
-            kept_bytes.append(nb * c)
-    return SplitTally(docs=split_docs, weighted=split_weighted, per_source=per_source, train_bytes=train_bytes,
-                      kept_rows=kept_rows, kept_bytes=kept_bytes)
-
-
 def train_corpus_tokenizer(cfg: PreprocessConfig, corpus: StagedCorpus, out: Path) -> None:
     """Phase C: byte-level BPE trained on a hash-chosen sample of the train split, saved to `out`."""
     facts = corpus.facts
     with _timed(facts.stage_seconds, "tokenizer_train"):
-        sample = tokenizer_sample(cfg, corpus.docs, set(facts.dedup_result.dropped), facts.splits.train_bytes,
-                                  facts.sample_stats)
-        train_tokenizer(sample, cfg.data.vocab_size, cfg.tokenizer, out)
+        train_tokenizer(tokenizer_sample(cfg, corpus, facts.sample_stats), cfg.data.vocab_size, cfg.tokenizer, out)
 
 
 def write_dataset(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, work: Path
-                  ) -> dict[str, ShardWriter]:
-    """Phase D: the kept documents, tokenized with `tokenizer` and packed, as train/ and val/ shards
-    under `work`; then the quarantine file, and the staged documents are removed."""
+                  ) -> dict[str, SplitOutput]:
+    """Phase D: the kept documents, tokenized with `tokenizer` and packed by the actor pool (one
+    file per unit), then written as train/ and val/ shards under `work` by Ray tasks; then the
+    quarantine file, and the staged documents and unit files are removed."""
     facts = corpus.facts
-    plan = _tokenize_plan(cfg, corpus, tokenizer)
-    with _timed(facts.stage_seconds, "tokenize_pack_write"):
-        writers = write_shards(tokenize_and_pack(cfg, plan), work, cfg.runtime.rows_per_shard)
+    plan = _tokenize_plan(cfg, corpus, tokenizer, work / "_units")
+    with _timed(facts.stage_seconds, "tokenize_pack"):
+        counts = tokenize_and_pack(cfg, plan)
+    with _timed(facts.stage_seconds, "write_shards"):
+        outputs = _write_splits(cfg, plan.unit_dir, counts, work)
     with _timed(facts.stage_seconds, "quarantine_cleanup"):
         if cfg.reader.quarantine:
             facts.n_quarantined = write_quarantine(corpus.docs, corpus.missing, work / QUARANTINE_FILE)
-        shutil.rmtree(corpus.docs)
-    return writers
+        for d in (corpus.docs, corpus.dropped_dir.parent, Path(plan.unit_dir)):
+            shutil.rmtree(d, ignore_errors=True)
+    return outputs
 
 
-def _tokenize_plan(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path) -> TokenizePlan:
+def _write_splits(cfg: PreprocessConfig, unit_dir: str, counts: list[dict[str, int]], work: Path
+                  ) -> dict[str, SplitOutput]:
+    """Each split's shards from the per-unit row counts (the train split shuffled when `shuffle.enabled`)."""
+    rows = cfg.runtime.rows_per_shard
+    outputs = {}
+    for split in SPLITS:
+        unit_rows = [c[f"{split}_rows"] for c in counts]
+        if split == TRAIN and cfg.shuffle.enabled:
+            outputs[split] = write_shuffled(unit_dir, split, unit_rows, rows, cfg.shuffle.seed, work / split)
+        else:
+            outputs[split] = write_in_order(unit_dir, split, unit_rows, rows, work / split)
+        expected = sum(c[f"{split}_tokens"] for c in counts)
+        if outputs[split].tokens != expected:
+            raise RuntimeError(f"{split}: the shards hold {outputs[split].tokens} tokens, the units {expected}")
+    return outputs
+
+
+def _tokenize_plan(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, unit_dir: Path) -> TokenizePlan:
     splits = corpus.facts.splits
-    rows_K, bytes_K = np.asarray(splits.kept_rows, np.int64), np.asarray(splits.kept_bytes, np.int64)
+    kept_F = np.asarray([k for _, _, k in splits.files], np.int64)
+    bytes_F = np.asarray(splits.file_bytes, np.int64)
     return TokenizePlan(
-        tokenizer_path=str(tokenizer), files=corpus.staging, dropped=set(corpus.facts.dedup_result.dropped),
-        units=cut_units(rows_K, bytes_K, unit_count(cfg, int(bytes_K.sum())), cfg.runtime.tokenize_batch_docs,
-                        corpus.facts.n_read),
-        val_fraction=cfg.data.val_fraction, weights=[s.weight for s in cfg.data.sources])
+        tokenizer_path=str(tokenizer), files=[(f, k) for f, _, k in splits.files], dropped_dir=str(corpus.dropped_dir),
+        units=cut_units(kept_F, bytes_F, unit_count(cfg, int(bytes_F.sum())), cfg.runtime.tokenize_batch_docs),
+        val_fraction=cfg.data.val_fraction, weights=[s.weight for s in cfg.data.sources], unit_dir=str(unit_dir))
 
 
-def build_manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str, ShardWriter],
+def build_manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str, SplitOutput],
                    fingerprints: list[dict], cfg_hash: str, key: str, tok_path: Path) -> dict[str, Any]:
     """The manifest of a finished build (`version` None until the output directory is named)."""
     good, result, splits = facts.good, facts.dedup_result, facts.splits
@@ -398,6 +403,7 @@ def build_manifest(cfg: PreprocessConfig, facts: CorpusFacts, writers: dict[str,
                 "shards": w.shards}
             for s, w in writers.items()
         },
+        "shuffle": {"train": cfg.shuffle.enabled, "seed": cfg.shuffle.seed},
         "inputs": [{"source": i, "kind": s.kind, "path": s.path if s.kind != "stdlib" else str(sources.stdlib_root()),
                     "field": s.field, "weight": s.weight, "max_files": s.max_files, **fingerprints[i]}
                    for i, s in enumerate(cfg.data.sources)],

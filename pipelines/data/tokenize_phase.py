@@ -1,9 +1,10 @@
 """Phase D of preprocessing: tokenize and pack kept documents in a Ray Data actor pool.
 
-The pool's input is one small row per work unit (a range of staging rows cut by bytes on packing
-boundaries); each actor reads its unit's staged documents itself, applies the dedup decisions and
-split weights from the `TokenizePlan`, and tokenizes with the tokenizer it loaded once. Output
-streams back in unit order (`tokenize_and_pack`) for the driver to write.
+The pool's input is one small row per work unit (a range of kept documents cut by bytes on
+packing boundaries); each actor reads its unit's staged documents itself, applies the dedup
+decisions and split weights, tokenizes with the tokenizer it loaded once, and writes the unit's
+packed rows to its own file (`shards.unit_file`). Only one row of counts per unit comes back to
+the driver, which plans the shards from them (`shards`).
 
 The pool starts when phases A to C are done. An earlier version started it before phase A and
 had the actors wait for the plan, to hide their start-up: on 2 cores that only moved the start-up
@@ -12,22 +13,27 @@ waiting pool half of the spare CPUs, so phase A ran one task at a time (measured
 against 4.4-4.5 s alone, whole run 17.4-17.8 s against 16.2-16.4 s sequential).
 
 Packing boundaries are every `batch_docs` kept documents in global staging order, and units are
-cut on those boundaries, so the output never depends on the number of actors or units. The
-staging files are read by path, so a multi-node cluster needs `data.output_dir` on shared storage.
+cut on those boundaries, so the output never depends on the number of actors or units. The plan
+holds per-file numbers only (kept documents and bytes of each staging file). The staging and unit
+files are read by path, so a multi-node cluster needs `data.output_dir` on shared storage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.data.dedup_cluster import load_dropped
 from pipelines.data.pack import TokenizePack
-from pipelines.data.split import split_batch
+from pipelines.data.shards import unit_file
+from pipelines.data.split import SPLITS, split_batch
 
 if TYPE_CHECKING:  # the actors import this module; they need no Hydra
     from pipelines.data.config import PreprocessConfig
@@ -44,78 +50,91 @@ _DOC_COLUMNS = ["source", "uid", "hash", "reason", "text"]
 
 @dataclass
 class TokenizePlan:
-    """What phase D needs from phases A-C. Rows are numbered over the staging files in order."""
+    """What phase D needs from phases A-C: per staging file, never per document. Kept documents
+    (good, not dropped by dedup, at least one copy) are numbered 0..K-1 over the files in order."""
 
     tokenizer_path: str
-    files: list[tuple[str, int]]  # (staging Parquet path, rows)
-    units: list[tuple[int, int]]  # [first global row, last global row + 1) of each unit
-    dropped: set[str]  # uids removed by dedup
+    files: list[tuple[str, int]]  # (staging Parquet path, kept documents in it)
+    units: list[tuple[int, int]]  # [first kept doc, last kept doc + 1) of each unit
+    dropped_dir: str  # dedup's decisions (`dedup_cluster.load_dropped`)
     val_fraction: float
     weights: list[float]
+    unit_dir: str  # where each unit's packed rows go (`shards.unit_file`)
 
 
 def unit_count(cfg: PreprocessConfig, n_bytes: int) -> int:
     return max(UNITS_PER_ACTOR * cfg.runtime.tokenize_actors, -(-n_bytes // UNIT_BYTES))
 
 
-def cut_units(kept_rows: np.ndarray, kept_bytes: np.ndarray, n_units: int, batch_docs: int,
-              total_rows: int) -> list[tuple[int, int]]:
-    """Splits the kept documents (their global staging rows, in order) into at most `n_units` row
-    ranges, each starting on a packing boundary (a multiple of `batch_docs` kept docs) and holding
-    at least one packing batch.
+def cut_units(file_kept: np.ndarray, file_bytes: np.ndarray, n_units: int, batch_docs: int) -> list[tuple[int, int]]:
+    """Splits the K kept documents (`file_kept` of them in each staging file, `file_bytes` their
+    bytes times their repeats) into at most `n_units` ranges of kept-document numbers, each
+    starting on a packing boundary (a multiple of `batch_docs`) and holding at least one batch.
 
     Units shrink toward the end (unit u ends where the cumulative bytes reach 1 - (1 - (u+1)/n)^2
     of the total): the pool takes units in order, so the last ones are small and every actor runs
-    out of work at about the same time instead of one finishing a large unit alone. Where a cut
-    would leave a unit empty (fewer batches than units, or one batch larger than a unit's share)
-    the unit is left out: an empty unit still costs the pool a round trip, and the actor that drew
-    it sat idle until the next one arrived (measured: 13 of 32 units empty on the stdlib corpus,
-    0.8 s idle per actor)."""
-    n_batches = -(-len(kept_rows) // batch_docs)
+    out of work at about the same time instead of one finishing a large unit alone. Within a file
+    the bytes count as spread evenly over its documents (the plan holds per-file numbers only).
+    Where a cut would leave a unit empty (fewer batches than units, or one batch larger than a
+    unit's share) the unit is left out: an empty unit still costs the pool a round trip, and the
+    actor that drew it sat idle until the next one arrived (measured: 13 of 32 units empty on the
+    stdlib corpus, 0.8 s idle per actor)."""
+    kept = int(np.sum(file_kept))
+    n_batches = -(-kept // batch_docs)
     if not n_batches:
         return []
-    batch_bytes = np.add.reduceat(kept_bytes, np.arange(0, len(kept_rows), batch_docs))
-    cum = np.cumsum(batch_bytes)
-    # First batch of each unit: where the cumulative bytes cross the unit's start fraction.
-    fractions = [1 - (1 - u / n_units) ** 2 for u in range(1, n_units)]
-    starts = sorted({0, *(int(np.searchsorted(cum, cum[-1] * f, side="right")) for f in fractions)} - {n_batches})
-    bounds = [*starts, n_batches]
-    return [(int(kept_rows[b0 * batch_docs]), int(kept_rows[b1 * batch_docs]) if b1 < n_batches else total_rows)
-            for b0, b1 in zip(bounds, bounds[1:])]
+    doc_end = np.cumsum(file_kept, dtype=np.float64)
+    byte_end = np.cumsum(file_bytes, dtype=np.float64)
+    starts = {0}
+    for u in range(1, n_units):
+        target = byte_end[-1] * (1 - (1 - u / n_units) ** 2)
+        f = int(np.searchsorted(byte_end, target, side="right"))  # the file whose bytes cross the target
+        if f >= len(file_kept):
+            continue
+        doc0, byte0 = doc_end[f] - file_kept[f], byte_end[f] - file_bytes[f]
+        doc = doc0 + (file_kept[f] * (target - byte0) / file_bytes[f] if file_bytes[f] else 0)
+        starts.add(int(doc // batch_docs))
+    bounds = [*sorted(starts - {n_batches}), n_batches]
+    return [(b0 * batch_docs, min(b1 * batch_docs, kept)) for b0, b1 in zip(bounds, bounds[1:])]
 
 
 class TokenizeUnits:
-    """Ray Data callable class: a unit index -> split + weights -> tokenize + pack, as packed tables.
+    """Ray Data callable class: a unit index -> split + weights -> tokenize + pack -> the unit's
+    packed file; -> one row of counts per unit (rows and tokens per split).
 
-    The actor reads its unit's staging rows itself, so the pool gets one small input per unit and
-    every actor is busy. The tokenizer is loaded once per actor.
+    The actor reads its unit's staged documents itself, so the pool gets one small input per unit
+    and every actor is busy. The tokenizer and the dedup decisions are loaded once per actor.
     """
 
     def __init__(self, plan: TokenizePlan, seq_len: int, eos_token: str, pad_token: str, batch_docs: int) -> None:
         self.plan, self.batch_docs = plan, batch_docs
         self.tp = TokenizePack(plan.tokenizer_path, seq_len, eos_token, pad_token)
-        self.starts = np.cumsum([0] + [n for _, n in plan.files], dtype=np.int64)  # first row of each file, total
+        self.dropped = load_dropped(plan.dropped_dir)
+        self.starts = np.cumsum([0] + [n for _, n in plan.files], dtype=np.int64)  # first kept doc of each file
 
-    def _read(self, first: int, last: int) -> pa.Table | None:
-        parts = []
-        for i, (path, _) in enumerate(self.plan.files):
+    def _read(self, first: int, last: int) -> pa.Table:
+        """Kept documents first..last-1 (columns text, split, copies)."""
+        plan, parts = self.plan, []
+        for i, (path, _) in enumerate(plan.files):
             lo, hi = max(first, int(self.starts[i])), min(last, int(self.starts[i + 1]))
             if lo < hi:
-                t = pq.read_table(path, columns=_DOC_COLUMNS)
-                parts.append(t.slice(lo - int(self.starts[i]), hi - lo))
-        return pa.concat_tables(parts) if parts else None
+                docs = split_batch(pq.read_table(path, columns=_DOC_COLUMNS), self.dropped, plan.val_fraction,
+                                   plan.weights)
+                parts.append(docs.slice(lo - int(self.starts[i]), hi - lo))
+        return pa.concat_tables(parts)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        plan = self.plan
         for unit in batch.column("unit").to_pylist():
-            table = self._read(*plan.units[unit])
-            if table is None:
-                continue
-            docs = split_batch(table, plan.dropped, plan.val_fraction, plan.weights)
-            for i in range(0, len(docs), self.batch_docs):
-                packed = self.tp(docs.slice(i, self.batch_docs))
-                if len(packed):
-                    yield packed
+            docs = self._read(*self.plan.units[unit])
+            packed = [self.tp(docs.slice(i, self.batch_docs)) for i in range(0, len(docs), self.batch_docs)]
+            table = pa.concat_tables(packed)
+            pq.write_table(table, unit_file(self.plan.unit_dir, unit))
+            counts: dict[str, list] = {"unit": [unit]}
+            for split in SPLITS:
+                part = table.filter(pc.equal(table.column("split"), split))
+                counts[f"{split}_rows"] = [len(part)]
+                counts[f"{split}_tokens"] = [int(pc.sum(part.column("n_tokens")).as_py() or 0)]
+            yield pa.table(counts)
 
 
 def pool_size(cfg: PreprocessConfig, plan: TokenizePlan) -> int:
@@ -124,12 +143,14 @@ def pool_size(cfg: PreprocessConfig, plan: TokenizePlan) -> int:
     return min(cfg.runtime.tokenize_actors, len(plan.units))
 
 
-def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> Iterator[pa.Table]:
-    """Packed tables (columns of `TokenizePack`) of every unit, in unit order, from the actor pool."""
+def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> list[dict[str, int]]:
+    """Every unit tokenized, packed and written by the actor pool; -> per unit, in unit order, its
+    rows and tokens per split (`<split>_rows`, `<split>_tokens`)."""
     import ray.data
 
     if not plan.units:
-        return iter(())
+        return []
+    Path(plan.unit_dir).mkdir(parents=True, exist_ok=True)
     ds = ray.data.from_arrow([pa.table({"unit": [u]}) for u in range(len(plan.units))])
     ds = ds.map_batches(
         TokenizeUnits, batch_format="pyarrow", batch_size=1,
@@ -138,4 +159,5 @@ def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> Iterator[pa.
         fn_constructor_kwargs={"plan": plan, "seq_len": cfg.data.seq_len, "eos_token": cfg.tokenizer.eos_token,
                                "pad_token": cfg.tokenizer.pad_token, "batch_docs": cfg.runtime.tokenize_batch_docs},
     )
-    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    counts = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
+    return sorted(counts, key=lambda c: c["unit"])  # in unit order whether or not Ray Data preserved it

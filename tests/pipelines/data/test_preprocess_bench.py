@@ -1,17 +1,26 @@
-"""`python -m pipelines.bench data` on a few real files: both sides agree, the table and goal are complete;
-the subset pairs' split of each side's time into fixed cost and marginal rate."""
+"""`python -m pipelines.bench data` on a few real files: both sides agree (tokens and the documents
+dedup dropped), the table, the scale rows and the goals are complete; the subset pairs' split of
+each side's time into fixed cost and marginal rate."""
 
 from __future__ import annotations
 
+import sysconfig
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from pipelines.bench.data import Pair, Scaling, run
+from pipelines.bench.data import Pair, Scaling, edited_copy, run
 from pipelines.core.tables import format_table
+from pipelines.data.minhash import signature
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def test_data_benchmark_runs_both_sides_on_the_same_input(ray_cluster) -> None:
     # Two alternating pairs; raises if the two sides' token counts differ.
-    result = run(["--files", "12", "--repeats", "2", "data=tiny", "runtime.progress_bars=false"])
+    result = run(["--files", "12", "--repeats", "2", "--subset-every", "0", "--scale", "2", "data=tiny",
+                  "runtime.progress_bars=false"])
     stages = [r["stage"] for r in result.rows]
     for s in ("read", "normalize", "filter", "hash+minhash", "dedup", "split", "tokenize", "pack", "write",
               "TOTAL (wall)", "tokens/s"):
@@ -26,13 +35,25 @@ def test_data_benchmark_runs_both_sides_on_the_same_input(ray_cluster) -> None:
     assert tps["ray_s"] / tps["plain_s"] == pytest.approx(max(pairs), abs=0.006)  # the table: upper-middle pair
     assert "12 files" in " ".join(result.notes)
     assert "tokens/s" in format_table(result.rows)
-    # A subset pair (1 file in 4: 3 of the 12) before each full pair.
-    subset_notes = [n for n in result.notes if n.startswith("subset pair ")]
-    assert len(subset_notes) == 2 and all("1 file in 4" in n for n in subset_notes)
-    # Rows for the marginal rate only where a subset pair gave one (noise on 12 files may not), and then named.
-    has_rate = any("tokens/s, plain" in n for n in subset_notes)
-    assert ("marginal tokens/s" in stages) == has_rate == ("fixed cost per run (s)" in stages)
-    assert has_rate == any(n.startswith("the marginal rows show subset pair ") for n in result.notes)
+    # No subset pairs asked for (--subset-every 0): no marginal rows from them.
+    assert not [n for n in result.notes if n.startswith("subset pair ")]
+    assert "marginal tokens/s" not in stages and "fixed cost per run (s)" not in stages
+    # Scale rows: the 12 files x1 and x2 (edited copies kept by dedup: twice the tokens, about).
+    x1, x2 = (next(r for r in result.rows if r["stage"] == f"scale x{k}") for k in (1, 2))
+    assert 1.8 < x2["tokens"] / x1["tokens"] < 2.3
+    assert x1["ray_driver_peak_rss_MB"] > 0 and x2["ray_driver_peak_rss_MB"] > 0
+    rss = result.goals["driver_peak_rss_x2_over_x1"]
+    assert rss.target == 1.15 and not rss.higher_is_better
+    assert rss.value == pytest.approx(x2["ray_driver_peak_rss_MB"] / x1["ray_driver_peak_rss_MB"])
+    assert result.goals["scale_marginal_tokens_per_s_vs_plain"].target == 1.8
+
+
+def test_edited_copies_are_not_near_duplicates() -> None:
+    text = (STDLIB / "shlex.py").read_text()
+    a, b = edited_copy(text, 1), edited_copy(text, 2)
+    assert edited_copy(text, 0) == text and len(a) - len(text) < len(text) // 20
+    sigs = [signature(t, 128, 5, 1) for t in (text, a, b)]
+    assert max(np.mean(sigs[0] == sigs[1]), np.mean(sigs[1] == sigs[2])) < 0.2
 
 
 def _pair(tokens: int, ray_s: float, plain_s: float) -> Pair:

@@ -63,6 +63,10 @@ def test_rerun_reuses_and_force_rebuilds_identically(tiny_dataset: Path, tiny_cf
     assert a["key"] == b["key"] and a["tokenizer_sha256"] == b["tokenizer_sha256"]
     for split in ("train", "val"):
         assert _split_table(tiny_dataset, split).equals(_split_table(rebuilt, split))  # deterministic output
+        files = sorted(p.name for p in (tiny_dataset / split).glob("*.parquet"))
+        assert files == sorted(p.name for p in (rebuilt / split).glob("*.parquet"))
+        for name in files:  # written by workers, byte for byte the same
+            assert (tiny_dataset / split / name).read_bytes() == (rebuilt / split / name).read_bytes()
     root = Path(tiny_cfg.data.output_dir)
     assert [p.name for _, _, p in list_versions(root)] == [tiny_dataset.name, rebuilt.name]
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]

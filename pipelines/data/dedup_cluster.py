@@ -1,0 +1,180 @@
+"""Exact and near-duplicate removal as Ray Data operations (phase B), with no per-document state on the driver.
+
+  exact  staged keys of good documents -> group by content `hash` -> in each group the first
+         document in (source, path, record) order survives, the others are `exact_duplicate`;
+         every good document is written to `keys/` with its decision (column `dup`).
+  near   survivors with a full MinHash -> one row per LSH band (bucket = band index + the band's
+         values) -> group by bucket -> in each bucket the first document in (source, path,
+         record) order is compared with every other member; a pair at or above `threshold` is
+         an edge (written to `edges/`).
+  resolve  one Ray task unions the edges; in each connected group every document but the first
+         in (source, path, record) order is `near_duplicate`.
+
+The dropped documents (uid, reason) end up under `dropped/`, which the later phases load on the
+workers (`load_dropped`). The result equals `dedup.decide` (the driver-side reference, which keeps
+everything in one process): the same first-in-order rule, the same candidates (a document and the
+first member of each band bucket it falls in) and the same similarity test, so the same groups
+(tested on the fixtures and the default corpus). What stays on one machine: the resolve task holds
+the edges (near-duplicate pairs, about 100 bytes each), never the documents.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE
+from pipelines.data.minhash import lsh_params
+
+if TYPE_CHECKING:  # Ray workers import this module; they need no Hydra
+    from pipelines.data.config import DedupConfig
+
+ORDER = [("source", "ascending"), ("path", "ascending"), ("record", "ascending")]
+KEY_COLUMNS = ["source", "path", "record", "reason", "uid", "hash", "minhash"]
+DROPPED_DIR = "dropped"
+_EDGE_SCHEMA = pa.schema([("a_source", pa.int32()), ("a_path", pa.string()), ("a_record", pa.int64()),
+                          ("a_uid", pa.string()), ("b_source", pa.int32()), ("b_path", pa.string()),
+                          ("b_record", pa.int64()), ("b_uid", pa.string())])
+_DROPPED_SCHEMA = pa.schema([("uid", pa.string()), ("reason", pa.string())])
+
+
+def good_keys(batch: pa.Table) -> pa.Table:
+    """The key columns of the records that passed reading and the filters."""
+    return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason"])
+
+
+def mark_exact(group: pa.Table) -> pa.Table:
+    """One content-hash group -> the same rows with `dup`: "" for the first in order, else exact_duplicate."""
+    group = group.sort_by(ORDER)
+    dup = [""] + [EXACT_DUPLICATE] * (len(group) - 1)
+    return group.append_column("dup", pa.array(dup, pa.string()))
+
+
+def no_exact(batch: pa.Table) -> pa.Table:
+    """Exact dedup off: every good document survives it."""
+    return batch.append_column("dup", pa.array([""] * len(batch), pa.string()))
+
+
+def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table:
+    """Survivors with a full signature -> one row per (document, band): `bucket` names band and values."""
+    batch = batch.filter(pc.and_(pc.equal(batch.column("dup"), ""),
+                                 pc.equal(pc.list_value_length(batch.column("minhash")), num_perm)))
+    n = len(batch)
+    sig_ND = batch.column("minhash").combine_chunks().flatten().to_numpy().reshape(n, num_perm)
+    keys = [f"{b}:{sig_ND[i, b * rows:(b + 1) * rows].tobytes().hex()}" for i in range(n) for b in range(bands)]
+    take = pa.array(np.repeat(np.arange(n), bands), pa.int64())
+    out = batch.select(["source", "path", "record", "uid", "minhash"]).take(take)
+    return out.append_column("bucket", pa.array(keys, pa.string()))
+
+
+def bucket_edges(group: pa.Table, threshold: float, num_perm: int) -> pa.Table:
+    """One LSH bucket -> edges (first member in order, other member) whose signatures agree on
+    at least `threshold` of their entries."""
+    if len(group) < 2:
+        return _EDGE_SCHEMA.empty_table()
+    group = group.sort_by(ORDER)
+    sig_ND = group.column("minhash").combine_chunks().flatten().to_numpy().reshape(len(group), num_perm)
+    sim_N = (sig_ND[1:] == sig_ND[0]).mean(axis=1)
+    others = np.flatnonzero(sim_N >= threshold) + 1
+    if not len(others):
+        return _EDGE_SCHEMA.empty_table()
+    first = group.take(pa.array(np.zeros(len(others), np.int64)))
+    rest = group.take(pa.array(others, pa.int64()))
+    cols = [first.column(c) for c in ("source", "path", "record", "uid")]
+    cols += [rest.column(c) for c in ("source", "path", "record", "uid")]
+    return pa.table(cols, schema=_EDGE_SCHEMA)
+
+
+def resolve_edges(edges: pa.Table) -> pa.Table:
+    """Union the edges; in each connected group all but the first document in order are near duplicates."""
+    if not len(edges):
+        return _DROPPED_SCHEMA.empty_table()
+    order: dict[str, tuple] = {}
+    parent: dict[str, str] = {}
+    cols = {c: edges.column(c).to_pylist() for c in edges.column_names}
+    for side in ("a", "b"):
+        for s, p, r, u in zip(*(cols[f"{side}_{c}"] for c in ("source", "path", "record", "uid"))):
+            order[u] = (s, p.encode(), r)  # UTF-8 bytes: the order pyarrow's sort uses
+            parent[u] = u
+
+    def find(u: str) -> str:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for a, b in zip(cols["a_uid"], cols["b_uid"]):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            first, second = (ra, rb) if order[ra] < order[rb] else (rb, ra)
+            parent[second] = first
+    near = sorted(u for u in parent if find(u) != u)
+    return pa.table({"uid": near, "reason": [NEAR_DUPLICATE] * len(near)}, schema=_DROPPED_SCHEMA)
+
+
+def _resolve_task(edge_dir: str, out: str) -> int:
+    files = sorted(Path(edge_dir).glob("*.parquet"))
+    edges = pa.concat_tables([pq.read_table(f, schema=_EDGE_SCHEMA) for f in files]) if files else \
+        _EDGE_SCHEMA.empty_table()
+    near = resolve_edges(edges)
+    pq.write_table(near, out)
+    return len(near)
+
+
+def exact_dropped(batch: pa.Table) -> pa.Table:
+    """Marked keys -> (uid, reason) of the exact duplicates among them."""
+    batch = batch.filter(pc.equal(batch.column("dup"), EXACT_DUPLICATE))
+    return pa.table([batch.column("uid"), batch.column("dup")], schema=_DROPPED_SCHEMA)
+
+
+def run_dedup(staging: list[str], cfg: DedupConfig, work: Path) -> Path:
+    """Phase B over the staging Parquet files, into `work` (keys/, edges/, dropped/); -> dropped/."""
+    import ray
+    import ray.data
+
+    dropped = work / DROPPED_DIR
+    dropped.mkdir(parents=True, exist_ok=True)
+    if not (cfg.exact or cfg.near):
+        return dropped
+    keys = ray.data.read_parquet(staging, columns=KEY_COLUMNS).map_batches(good_keys, batch_format="pyarrow",
+                                                                          batch_size=None)
+    if cfg.exact:
+        keys = keys.groupby("hash").map_groups(mark_exact, batch_format="pyarrow")
+    else:
+        keys = keys.map_batches(no_exact, batch_format="pyarrow", batch_size=None)
+    keys.write_parquet(str(work / "keys"))
+    if not list((work / "keys").glob("*.parquet")):  # no good document: nothing to decide
+        return dropped
+    marked = ray.data.read_parquet(str(work / "keys"))
+    if cfg.exact:
+        marked.map_batches(exact_dropped, batch_format="pyarrow", batch_size=None).write_parquet(str(dropped))
+    if cfg.near:
+        bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+        (marked.map_batches(band_rows, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"num_perm": cfg.num_perm, "bands": bands, "rows": rows})
+         .groupby("bucket").map_groups(bucket_edges, batch_format="pyarrow",
+                                       fn_kwargs={"threshold": cfg.threshold, "num_perm": cfg.num_perm})
+         .write_parquet(str(work / "edges")))
+        ray.get(ray.remote(_resolve_task).remote(str(work / "edges"), str(dropped / "near.parquet")))
+    return dropped
+
+
+def load_dropped(dropped_dir: str) -> dict[str, str]:
+    """uid -> exact_duplicate | near_duplicate, read once per process (workers of the later phases)
+    for each version of the directory (its files' names, sizes and mtimes)."""
+    files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(dropped_dir).glob("*.parquet")))
+    return _read_dropped(files)
+
+
+@lru_cache(maxsize=4)
+def _read_dropped(files: tuple[tuple[str, int, int], ...]) -> dict[str, str]:
+    if not files:
+        return {}
+    t = pa.concat_tables([pq.read_table(f, schema=_DROPPED_SCHEMA) for f, _, _ in files])
+    return dict(zip(t.column("uid").to_pylist(), t.column("reason").to_pylist()))
