@@ -2,12 +2,23 @@
 
 `TrainProgress` is a Ray Train `UserCallback`: it runs in the train controller (on the head node),
 receives every `ray.train.report`, prints one progress line per report (forwarded to the driver's
-console), logs rank 0's scalar metrics to the MLflow run by global step and sets Ray metrics
-(gauges) that the dashboard's metrics view shows.
+console), sets Ray metrics (gauges: `moe_train_*`, the world size and restarts among them) that the
+dashboard's metrics view shows, and keeps the MLflow record of the run as one trajectory:
+
+- rank 0's scalar metrics are held back until a checkpoint covers their step (a report carrying
+  `checkpoint/step`), then logged by step. A report of step s drops every held-back step >= s: those
+  belong to a trajectory that a failure abandoned and the restart redoes. So each step appears once,
+  from the trajectory that survived.
+- every restart becomes an event (`restart_event`, an artifact `events/restart-NNN.json` and the
+  metrics `restart/*`): its cause (the workers' exception, a cluster resize, or `train.resume`), the
+  world size before and after, the step it resumed from and the seconds from the failure (or the
+  last report before a resize, or the resumed process's start) to the next completed step. A damaged
+  checkpoint that was skipped is logged as a warning event and the tag `warning.checkpoint_fallback`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -42,35 +53,81 @@ def scalar_metrics(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if isinstance(v, int | float) and k != "step"}
 
 
+def restart_event(m: dict[str, Any], cause: str, since: float, now: float, world_before: int) -> dict[str, Any]:
+    """The record of one restart from the first report after it (`restart/*` keys, see the worker)."""
+    return {"cause": cause, "world_size_before": int(m.get("restart/world_size_before") or world_before),
+            "world_size_after": int(m["world_size"]), "resumed_from_step": int(m["restart/resumed_from"]),
+            "first_step_after": int(m["step"]), "seconds_to_next_step": round(now - since, 3),
+            "skipped_checkpoints": list(m.get("restart/skipped_checkpoints") or [])}
+
+
 class TrainProgress(UserCallback):
-    def __init__(self, tracking_uri: str | None, run_id: str | None, total_steps: int) -> None:
+    def __init__(self, tracking_uri: str | None, run_id: str | None, total_steps: int,
+                 resume_cause: str | None = None) -> None:
         self.tracking_uri, self.run_id, self.total_steps = tracking_uri, run_id, total_steps
         self._client: MlflowClient | None = None
         self._gauges: dict[str, Any] = {}
+        self._pending: dict[int, dict[str, float]] = {}  # step -> metrics not yet covered by a checkpoint
+        self._cause, self._since = resume_cause, time.time()  # what interrupted training, and when
+        self._world, self._last_report = 0, time.time()
+        self.events: list[dict[str, Any]] = []
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        if self._cause is None or not self._cause.startswith("worker failure"):
+            ranks = ", ".join(f"rank {r}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                              for r, e in sorted(worker_exceptions.items()))
+            self._cause, self._since = f"worker failure ({ranks})", time.time()
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if not metrics or "step" not in metrics[0]:
             return
-        m = metrics[0]
+        m, now = metrics[0], time.time()
         print(progress_line(m, self.total_steps), flush=True)
-        scalars = scalar_metrics(m)
-        self._log_mlflow(int(m["step"]), scalars)
+        if "restart/resumed_from" in m:
+            cause = self._cause or f"resize: the cluster can host {m['world_size']} workers"
+            since = self._since if self._cause else self._last_report
+            self._log_event(restart_event(m, cause, since, now, self._world))
+            self._cause = None
+        step, scalars = int(m["step"]), scalar_metrics(m)
+        self._pending = {s: v for s, v in self._pending.items() if s < step}
+        self._pending[step] = scalars
+        if "checkpoint/step" in m:
+            self._flush(int(m["checkpoint/step"]))
         self._set_gauges(scalars)
+        self._world, self._last_report = int(m.get("world_size", self._world)), now
+
+    def _mlflow(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _flush(self, upto: int) -> None:
+        for step in sorted(s for s in self._pending if s <= upto):
+            self._log_mlflow(step, self._pending.pop(step))
+
+    def _log_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        print(f"[train] restart: {json.dumps(event)}", flush=True)
+        if not self.run_id:
+            return
+        n = len(self._mlflow().list_artifacts(self.run_id, "events"))
+        self._mlflow().log_text(self.run_id, json.dumps(event, indent=1), f"events/restart-{n:03d}.json")
+        if event["skipped_checkpoints"]:
+            self._mlflow().set_tag(self.run_id, "warning.checkpoint_fallback", "; ".join(event["skipped_checkpoints"]))
 
     def _log_mlflow(self, step: int, scalars: dict[str, float]) -> None:
         if not self.run_id:
             return
-        if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in scalars.items() if math.isfinite(v)]
         for i in range(0, len(batch), 500):
-            self._client.log_batch(self.run_id, metrics=batch[i:i + 500])
+            self._mlflow().log_batch(self.run_id, metrics=batch[i:i + 500])
 
     def _set_gauges(self, scalars: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
 
-        for key in ("train/loss", "val/loss", "perf/tokens_per_s", "perf/mfu", "train/lr", "train/grad_norm"):
+        for key in ("train/loss", "val/loss", "perf/tokens_per_s", "perf/mfu", "train/lr", "train/grad_norm",
+                    "world_size", "train/restarts"):
             if key not in scalars:
                 continue
             name = "moe_train_" + key.replace("/", "_")
