@@ -58,6 +58,7 @@ def restart_event(m: dict[str, Any], cause: str, since: float, now: float, world
     return {"cause": cause, "world_size_before": int(m.get("restart/world_size_before") or world_before),
             "world_size_after": int(m["world_size"]), "resumed_from_step": int(m["restart/resumed_from"]),
             "first_step_after": int(m["step"]), "seconds_to_next_step": round(now - since, 3),
+            "interrupted_at": since, "next_step_at": now,
             "skipped_checkpoints": list(m.get("restart/skipped_checkpoints") or [])}
 
 
