@@ -80,7 +80,7 @@ class TrainLoopConfig:
     shuffle_window: int = 8  # Parquet row groups shuffled together; the order is a function of seed and epoch
     log_every: int = 10
     eval_every: int = 50
-    eval_batches: int = 4  # per worker; the validation set is the first eval_batches * workers batches
+    eval_batches: int = 4  # global batches of validation sequences (the same sample at every world size)
     checkpoint_every: int = 50
     seed: int = 0
     dry_run: bool = False

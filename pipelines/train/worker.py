@@ -139,7 +139,7 @@ class Trainer:
         peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops else measure_matmul_peak()
         self.peak_total = float(all_reduce_(torch.tensor([peak], dtype=torch.float64))[0])
         if len(self.state.rng) == self.world:  # same size: every rank continues its own random stream
-            torch.set_rng_state(self.state.rng[self.rank])
+            torch.set_rng_state(self.state.rng[self.rank].to(torch.uint8).contiguous().clone())
         self.model.train()
 
     def _resume(self) -> TrainerState | None:
@@ -279,7 +279,7 @@ class Trainer:
         self.state.expert_load, self.state.moe_layers = self.load_matrix.tolist(), list(self.moe_names)
         self.state.world_size = self.world
         rng = all_gather_cat(torch.get_rng_state().unsqueeze(0).to(self.device)).cpu()
-        self.state.rng = list(rng.unbind(0))
+        self.state.rng = [t.clone() for t in rng.unbind(0)]  # own storage each: saved and restored alone
         tmp = self.store.prepare(self.state.step) if self.rank == 0 else self.store.staging(self.state.step)
         if dist.is_initialized():
             dist.barrier()
