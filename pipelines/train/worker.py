@@ -13,8 +13,8 @@
     evaluate    the validation loss (collective; under pp through the schedule's forward-only path)
     save        an atomic, checksummed checkpoint (moe.checkpoint.CheckpointStore) of model,
                 optimizer, schedule, every rank's RNG state and the sample ledger
-`fit` runs them: setup, then steps until `train.steps`, logging every `log_every` (and at the first
-step after a resume), evaluating every `eval_every`, saving every `checkpoint_every` and at the end.
+`fit` runs them: setup, then steps until `train.steps`, logging every `log_every` (the first step
+after a resume also reports when it completed and what happened), evaluating every `eval_every`, saving every `checkpoint_every` and at the end.
 The data position is the step: step s trains the s-th global batch of the order that seed and epoch
 define (pipelines/data/ingest.py), at every world size. A restart (a killed worker, a lost or
 returned node, `train.resume`) resumes from the latest good checkpoint with its world size's layout;
@@ -304,7 +304,11 @@ class Trainer:
             stats = self.train_step(self.next_batches())
             window.add(stats)
             last = state.step == t.steps
-            if not (state.step % t.log_every == 0 or last or self.restart_info):
+            if not (state.step % t.log_every == 0 or last):
+                if self.restart_info:  # the first step after a resume: when it completed, and what happened
+                    ray.train.report({"step": state.step, "world_size": self.world, "train/restarts": state.restarts,
+                                      **self.restart_info})
+                    self.restart_info = None
                 continue
             eta = (t.steps - state.step) * (time.perf_counter() - run_start) / max(1, state.step - start_step)
             metrics = {**self.log(window, stats, eta), **(self.restart_info or {})}
