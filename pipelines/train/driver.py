@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow import MlflowClient
 from ray.train import FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tokenizers import Tokenizer
@@ -40,7 +41,7 @@ from pipelines.core import tracking
 from pipelines.data.ingest import read_manifest, resolve_dataset_dir
 from pipelines.train.config import TrainConfig, global_batch_size
 from pipelines.train.plan import TrainingPlan
-from pipelines.train.progress import TrainProgress
+from pipelines.train.progress import TrainProgress, sync_metrics
 from pipelines.train.report import expert_load_heatmap, loss_curves
 from pipelines.train.worker import LEDGER_FILE, train_loop_per_worker
 
@@ -206,7 +207,8 @@ def make_trainer(cfg: TrainConfig, ds: Dataset, run: TrackedRun) -> TorchTrainer
         run_config=RunConfig(
             name=name, storage_path=str(Path(cfg.train.storage_path).resolve()),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[TrainProgress(run.tracking_uri, run.run_id, cfg.train.steps, run.resume_cause)],
+            callbacks=[TrainProgress(run.tracking_uri, run.run_id, cfg.train.steps, run.checkpoint_dir,
+                                     run.resume_cause)],
         ),
     )
 
@@ -303,6 +305,8 @@ def run_training(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan) -> Tr
             runtime.shutdown()  # the rest runs in this process
             model_dir = export(cfg, checkpoint, ds, run.checkpoint_dir.parent / "model")
             final = read_extra(checkpoint)["trainer"]
+            if run.run_id:  # the rows the last reports may not have delivered
+                sync_metrics(MlflowClient(tracking_uri=run.tracking_uri), run.run_id, checkpoint)
             version, initial_val, final_val = register(cfg, run, final, model_dir, checkpoint) if run.run_id \
                 else (None, math.nan, math.nan)
     finally:

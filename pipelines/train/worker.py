@@ -26,6 +26,7 @@ at the same size the result is bitwise that of an uninterrupted run. All ranks c
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from pipelines.train.collectives import all_gather_cat, all_reduce_, broadcast_o
 from pipelines.train.config import TrainConfig, layout_at, pipeline_config
 from pipelines.train.evaluation import Evaluator, autocast
 from pipelines.train.optim import build_optimizer, build_schedule
+from pipelines.train.progress import METRICS_FILE, scalar_metrics
 
 LEDGER_FILE = "ledger.npy"
 log = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class Trainer:
         self.device = ray.train.torch.get_device() if uses_gpu(cfg.cluster) else torch.device("cpu")
         self.evaluator = Evaluator(cfg, self.device, n_val_sequences, dataset_dir)
         self.restart_info: dict[str, Any] | None = None  # reported with the first step after a resume
+        self.history: list[dict[str, Any]] = []  # the reported metric rows of this trajectory (checkpointed)
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -161,6 +164,7 @@ class Trainer:
         self.sched.load_state_dict(extra["scheduler"])
         state = TrainerState(**extra["trainer"])
         self.ledger = SampleLedger.load(path / LEDGER_FILE)
+        self.history = json.loads((path / METRICS_FILE).read_text())
         self.restart_info = {"restart/resumed_from": state.step, "restart/world_size_before": state.world_size,
                              "restart/skipped_checkpoints": skipped}
         state.restarts += 1
@@ -289,15 +293,24 @@ class Trainer:
             dist.barrier()
         if self.rank == 0:
             self.ledger.save(tmp / LEDGER_FILE)
+            (tmp / METRICS_FILE).write_text(json.dumps(self.history))
             self.store.commit(self.state.step)
+
+    def _report(self, metrics: dict[str, Any], save: bool = False) -> None:
+        """Keep the row in this trajectory's history, checkpoint if asked (the row included), report."""
+        self.history.append({"step": metrics["step"], **scalar_metrics(metrics)})
+        if save:
+            self.save()
+            metrics["checkpoint/step"] = self.state.step
+        ray.train.report(metrics)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:
         self.setup()
         t, state = self.cfg.train, self.state
         if state.step == 0:  # the starting point of the validation curve
-            ray.train.report({"step": 0, "val/loss": self.evaluate(), "world_size": self.world,
-                              **(self.restart_info or {})})
+            self._report({"step": 0, "val/loss": self.evaluate(), "world_size": self.world,
+                          **(self.restart_info or {})})
             self.restart_info = None
         window, run_start, start_step = MetricsWindow(), time.perf_counter(), state.step
         while state.step < t.steps:
@@ -306,8 +319,8 @@ class Trainer:
             last = state.step == t.steps
             if not (state.step % t.log_every == 0 or last):
                 if self.restart_info:  # the first step after a resume: when it completed, and what happened
-                    ray.train.report({"step": state.step, "world_size": self.world, "train/restarts": state.restarts,
-                                      **self.restart_info})
+                    self._report({"step": state.step, "world_size": self.world, "train/restarts": state.restarts,
+                                  **self.restart_info})
                     self.restart_info = None
                 continue
             eta = (t.steps - state.step) * (time.perf_counter() - run_start) / max(1, state.step - start_step)
@@ -318,10 +331,7 @@ class Trainer:
             if last:
                 metrics["expert_load"] = self.load_matrix.tolist()
                 metrics["moe_layers"] = self.moe_names
-            if state.step % t.checkpoint_every == 0 or last:
-                self.save()
-                metrics["checkpoint/step"] = state.step
-            ray.train.report(metrics)
+            self._report(metrics, save=state.step % t.checkpoint_every == 0 or last)
             window = MetricsWindow()
         if self.rank == 0:
             print(f"[train] done: {state.step} steps, {state.tokens_seen:,} tokens", flush=True)
