@@ -24,6 +24,9 @@ from tests.pipelines.elastic_scenario import STEPS
 # batch, a skipped or repeated step or a lost optimizer state moves it by 1e-2..1 at this size.
 LOSS_TOLERANCE = 2e-3
 
+# one scenario process runs four trainings and three restarts: more than the suite's per-test default
+pytestmark = pytest.mark.timeout(1800)
+
 
 @pytest.fixture(scope="module")
 def scenario(dataset_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
