@@ -220,12 +220,16 @@ def _compose_preprocess(data_dir: Path) -> Any:
 
 
 def _cluster() -> tuple[Any, list[Any]]:
+    import ray._common.utils
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address  # Ray's helper processes must not pick another local cluster
+    # Cluster registers itself as this machine's current Ray, which a bare ray.init() in any other process
+    # would join; unregister it (connections here use its address explicitly)
+    ray._common.utils.reset_ray_address()
     return cluster, nodes
 
 

@@ -174,6 +174,7 @@ def main(work: Path, dataset_root: Path) -> None:
         os.environ[key] = value
     os.environ.pop("RAY_ADDRESS", None)
     import ray
+    import ray._common.utils
     from ray.cluster_utils import Cluster
 
     from cluster.runtime import RayOptions, start_or_connect
@@ -182,6 +183,9 @@ def main(work: Path, dataset_root: Path) -> None:
     nodes = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address  # Ray's helper processes must not pick another local cluster
+    # Cluster registers itself as this machine's current Ray, which a bare ray.init() in any other process
+    # would join; unregister it (connections here use its address explicitly)
+    ray._common.utils.reset_ray_address()
     start_or_connect(RayOptions(address=cluster.address, env_vars={"OMP_NUM_THREADS": "1"}))
     results: dict[str, Any] = {}
     try:
