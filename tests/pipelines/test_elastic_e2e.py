@@ -17,12 +17,13 @@ from tests.conftest import REPO
 from tests.pipelines.elastic_scenario import STEPS
 
 # 2 -> 1 -> 2 changes the reduction order (two ranks' gradients all-reduced vs two micro-batches
-# accumulated on one rank): fp32 sums of the same terms in another order differ by a few ulp
-# (~1e-7 relative) per step, and training amplifies that a little over the steps that follow. The
-# global batch, data, learning-rate schedule and every integer count (expert loads) are the same, so
-# the loss of every step stays within LOSS_TOLERANCE (nats) of the uninterrupted run's; a wrong
-# batch, a skipped or repeated step or a lost optimizer state moves it by 1e-2..1 at this size.
-LOSS_TOLERANCE = 2e-3
+# accumulated on one rank): fp32 sums of the same terms in another order differ by a few ulp (~1e-7
+# relative) per step; AdamW's normalized updates and top-k routing decisions that flip near a tie
+# amplify that over the following steps. The global batch, data, schedule and integer counts are the
+# same. Measured worst difference of a logged loss (mean of 4 steps) over 60 steps: 6.9e-3 nats. A
+# wrong, skipped or repeated batch moves a 4-step mean by the spread of single-step losses / 4
+# (0.1-0.3 / 4 here), so 1.5e-2 (about 2x the measured worst) still catches it.
+LOSS_TOLERANCE = 1.5e-2
 
 # one scenario process runs four trainings and three restarts: more than the suite's per-test default
 pytestmark = pytest.mark.timeout(1800)
