@@ -29,7 +29,15 @@ class ClusterConfig:
     vendor: str = "cpu"  # cpu | nvidia | amd
     address: str | None = None  # None: start a local Ray (unless RAY_ADDRESS is set); "auto" or ray://...
     num_workers: int = 2
-    min_workers: int | None = None  # set for elastic training: ScalingConfig(num_workers=(min, max))
+    # Elastic training: with min_workers set, Ray Train runs ScalingConfig(num_workers=(min_workers,
+    # num_workers)). When a node is lost the group restarts with as many workers as the cluster can
+    # host (at least min_workers) from the latest checkpoint; every resize_check_interval_s it checks
+    # for returned capacity and grows back (a full restart). Example: num_workers=8, min_workers=4 on
+    # two 4-GPU nodes: one node dies -> training continues on 4 workers; it comes back -> 8 again.
+    min_workers: int | None = None
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker
+    resize_check_interval_s: float = 60.0  # ScalingConfig(elastic_resize_monitor_interval_s)
+    worker_start_timeout_s: float = 60.0  # how long a (re)start waits for its workers' resources
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     accelerator_type: str | None = None  # Ray accelerator type, e.g. A100, H100, AMD-Instinct-MI300X

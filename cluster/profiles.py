@@ -51,6 +51,7 @@ def worker_resources(cluster: ClusterConfig) -> dict[str, float]:
         res["GPU"] = cluster.gpus_per_worker
     if cluster.accelerator_type:
         res[f"accelerator_type:{cluster.accelerator_type}"] = 0.001
+    res.update(cluster.worker_resources)  # custom per-worker resources, e.g. one training slot per node
     return res
 
 

@@ -10,7 +10,14 @@ expert (`<param>.expert<e>`), so a checkpoint written with any EP degree or numb
 loads into any other: each rank reads exactly its local experts. Which experts a rank holds is
 read from the placement expert parallelism declares on each module (`GroupedExperts.shard`).
 Scalars that are the same on every rank (step, epoch, data position, schedule) go in a small file
-written by rank 0.
+written by rank 0 and read back with `torch.load(weights_only=True)`: loading a checkpoint never
+unpickles arbitrary objects.
+
+`CheckpointStore` keeps a run's checkpoints under one root as `step_<NNNNNNNN>/`: every rank writes
+into `.tmp-step_<N>/`, then rank 0 writes `manifest.json` (size and SHA-256 of every file) and
+renames the directory, which is the commit: a worker killed mid-save leaves only a `.tmp-` directory
+that nothing loads. `latest_valid` verifies the manifest of the newest checkpoint and falls back to
+the previous one (with the reason) when it is missing or damaged; the last `keep` are kept.
 
 The exported model (`export_model`, `load_model`) is a self-contained directory with
 `model.safetensors`, `config.json` (the `ModelConfig`) and, when given, the tokenizer file. This
@@ -22,8 +29,11 @@ config.json; `load_model` rebuilds it quantized.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +119,120 @@ def load_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, directory
     dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
     model_sd, optim_sd = from_global_layout(state, offsets)
     set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIM_OPTIONS)
-    return torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
+    return read_extra(directory)
+
+
+def read_extra(directory: Path) -> dict[str, Any]:
+    """Rank 0's `extra` of a checkpoint: tensors and plain containers only (`weights_only=True`)."""
+    return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)
+
+
+MANIFEST_FILE = "manifest.json"
+STEP_PREFIX = "step_"
+STAGING_PREFIX = ".tmp-"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class CheckpointStore:
+    """A run's committed checkpoints `root/step_<N>/` (module docstring). Rank 0 commits and prunes;
+    every rank writes into `staging(step)` between the caller's barriers."""
+
+    root: Path
+    keep: int = 3
+
+    def staging(self, step: int) -> Path:
+        return self.root / f"{STAGING_PREFIX}{STEP_PREFIX}{step:08d}"
+
+    def committed(self) -> list[Path]:
+        """Committed checkpoints, newest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)),
+                      key=lambda p: int(p.name[len(STEP_PREFIX):]), reverse=True)
+
+    def prepare(self, step: int) -> Path:
+        """Rank 0, before the ranks write: an empty staging directory (a stale one from a killed save removed)."""
+        tmp = self.staging(step)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int) -> Path:
+        """Rank 0, after every rank wrote: manifest with checksums, atomic rename, prune to `keep`."""
+        tmp, final = self.staging(step), self.root / f"{STEP_PREFIX}{step:08d}"
+        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+        manifest = tmp / MANIFEST_FILE
+        with open(manifest, "w") as f:
+            json.dump({"step": step, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again after a restart: the new one replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        for old in self.committed()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def clean_staging(self) -> None:
+        """Rank 0 at start: remove what saves killed midway left behind."""
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(STAGING_PREFIX):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def verify(directory: Path) -> str | None:
+        """None when every file the manifest lists is there with its size and checksum; else what is wrong."""
+        manifest = directory / MANIFEST_FILE
+        if not manifest.is_file():
+            return f"{directory.name}: no {MANIFEST_FILE}"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError) as err:
+            return f"{directory.name}: unreadable {MANIFEST_FILE} ({err})"
+        for name, meta in files.items():
+            path = directory / name
+            if not path.is_file():
+                return f"{directory.name}: {name} is missing"
+            if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+                return f"{directory.name}: {name} does not match its checksum"
+        return None
+
+    def latest_valid(self) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint that verifies, and why each newer one was skipped."""
+        skipped = []
+        for path in self.committed():
+            problem = self.verify(path)
+            if problem is None:
+                return path, skipped
+            skipped.append(problem)
+        return None, skipped
+
+
+def checkpoint_step(directory: Path) -> int:
+    return int(directory.name[len(STEP_PREFIX):])
 
 
 def load_full_model(cfg: ModelConfig, directory: Path) -> MoETransformer:

@@ -25,3 +25,12 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return torch.cat(out)
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s (picklable) `obj` on every rank."""
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

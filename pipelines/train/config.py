@@ -17,6 +17,7 @@ from moe.parallel.pipeline import PipelineConfig
 from pipelines.core.config import check, compose_config, to_dataclass
 from pipelines.core.tracking import TrackingConfig
 from pipelines.data.config import DataConfig
+from pipelines.train.layout import Degrees, Layout, check_elastic_range, default_global_batch, layout_for
 
 
 @dataclass
@@ -52,18 +53,40 @@ def pipeline_config(p: ParallelConfig) -> PipelineConfig:
                           virtual_stages=p.pp_virtual_stages, timeout_s=p.pp_timeout_s)
 
 
+def degrees(p: ParallelConfig) -> Degrees:
+    return Degrees(dp=p.dp, ep=p.ep, pp=p.pp)
+
+
+def global_batch_size(c: TrainConfig) -> int:
+    """`train.global_batch_size`, or one micro-batch per data-parallel rank at `cluster.num_workers`."""
+    return c.train.global_batch_size or default_global_batch(
+        degrees(c.parallel), c.model.moe.n_routed_experts, c.model.n_layers, pipeline_config(c.parallel),
+        c.train.micro_batch_size, c.cluster.num_workers)
+
+
+def layout_at(c: TrainConfig, world: int) -> Layout:
+    """The parallel layout and accumulation of `world` workers (pipelines/train/layout.py)."""
+    return layout_for(world, degrees(c.parallel), c.model.moe.n_routed_experts, c.model.n_layers,
+                      pipeline_config(c.parallel), c.train.micro_batch_size, global_batch_size(c),
+                      c.cluster.num_workers)
+
+
 @dataclass
 class TrainLoopConfig:
     steps: int = 200
-    micro_batch_size: int = 16  # sequences per data-parallel rank (a whole pipeline under pp) per step
-    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (0: stream order)
+    micro_batch_size: int = 16  # sequences per data-parallel rank (a whole pipeline under pp) per micro-step
+    global_batch_size: int | None = None  # sequences per optimizer step at every world size (None: micro x dp*ep
+    # at cluster.num_workers); fewer data-parallel ranks make it up with gradient accumulation (layout.py)
+    shuffle_window: int = 8  # Parquet row groups shuffled together; the order is a function of seed and epoch
     log_every: int = 10
     eval_every: int = 50
-    eval_batches: int = 4  # per worker; the validation set is the first eval_batches * workers batches
+    eval_batches: int = 4  # global batches of validation sequences (the same sample at every world size)
     checkpoint_every: int = 50
     seed: int = 0
     dry_run: bool = False
     max_failures: int = 2
+    keep_checkpoints: int = 3  # the last K committed checkpoints are kept (older ones deleted)
+    resume: str | None = None  # "latest" or an MLflow run id: continue that run from its latest good checkpoint
     storage_path: str = "outputs/ray_results"
     num_threads: int = 0  # torch intra-op threads per worker; 0: cpus_per_worker
 
@@ -131,7 +154,24 @@ def validate_train_config(c: TrainConfig) -> TrainConfig:
            f"model.moe.n_routed_experts={c.model.moe.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
            "choose an ep that divides the number of experts.")
     _validate_pipeline(c)
+    _validate_elastic(c)
     return c
+
+
+def _validate_elastic(c: TrainConfig) -> None:
+    """Every world size in [min_workers, num_workers] has a layout that makes up the global batch."""
+    t, cl = c.train, c.cluster
+    check(t.global_batch_size is None or t.global_batch_size > 0,
+          f"train.global_batch_size={t.global_batch_size} must be positive (or null for micro x data ranks).")
+    check(t.shuffle_window > 0, f"train.shuffle_window={t.shuffle_window} must be >= 1 (row groups).")
+    check(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1.")
+    check(cl.resize_check_interval_s >= 0,
+          f"cluster.resize_check_interval_s={cl.resize_check_interval_s} must be >= 0 (seconds).")
+    check(cl.worker_start_timeout_s > 0,
+          f"cluster.worker_start_timeout_s={cl.worker_start_timeout_s} must be positive (seconds).")
+    check_elastic_range(cl.min_workers or cl.num_workers, cl.num_workers, degrees(c.parallel),
+                        c.model.moe.n_routed_experts, c.model.n_layers, pipeline_config(c.parallel),
+                        t.micro_batch_size, global_batch_size(c))
 
 
 def _validate_pipeline(c: TrainConfig) -> None:

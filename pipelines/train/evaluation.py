@@ -5,17 +5,17 @@ parallelism through the schedule's forward-only path)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
-import ray.train
 import torch
 
 from cluster.profiles import torch_dtype
 from moe.loss import IGNORE_INDEX, token_loss_sum
 from moe.model import MoETransformer
 from moe.parallel.pipeline import Pipeline
-from pipelines.data.ingest import ConsumedSet, iter_batches
+from pipelines.data.ingest import SplitReader, index_split
 from pipelines.train.collectives import all_reduce_
-from pipelines.train.config import TrainConfig
+from pipelines.train.config import TrainConfig, global_batch_size
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -28,22 +28,20 @@ class Evaluator:
     """Mean validation loss over a fixed sample of the validation split, read once and kept, so every
     point of the validation curve measures the same sequences. The sample takes evenly spaced
     seq_ids across the whole split (not its first rows, which may all come from one document),
-    dealt out to the ranks by seq_id."""
+    `train.eval_batches` global batches of them whatever the world size, dealt out to the ranks by seq_id."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, n_val_sequences: int) -> None:
-        self.cfg, self.device, self.n_val_sequences = cfg, device, n_val_sequences
+    def __init__(self, cfg: TrainConfig, device: torch.device, n_val_sequences: int, dataset_dir: Path) -> None:
+        self.cfg, self.device, self.n_val_sequences, self.dataset_dir = cfg, device, n_val_sequences, dataset_dir
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def _load(self, data_rank: int, n_data: int) -> list[dict[str, torch.Tensor]]:
-        b = self.cfg.train.micro_batch_size
+        b, g = self.cfg.train.micro_batch_size, global_batch_size(self.cfg)  # g: a multiple of n_data * b
         # whole batches on every data rank: under expert (and pipeline) parallelism each forward is a collective
-        n_sample = min(self.n_val_sequences, self.cfg.train.eval_batches * n_data * b) // (n_data * b) * (n_data * b)
+        n_sample = min(self.n_val_sequences, self.cfg.train.eval_batches * g) // (n_data * b) * (n_data * b)
         chosen = torch.linspace(0, self.n_val_sequences - 1, n_sample).round().long().unique()
-        keep = torch.zeros(self.n_val_sequences, dtype=torch.bool)
-        keep[chosen[data_rank::n_data]] = True  # by seq_id, so the shares never depend on read order
-        skip = ConsumedSet(self.n_val_sequences)  # everything outside this rank's share counts as "consumed"
-        skip.add(torch.nonzero(~keep).flatten())
-        return list(iter_batches(ray.train.get_dataset_shard("val"), b, skip))
+        mine = chosen[data_rank::n_data].numpy()  # by seq_id, so the shares never depend on read order
+        reader = SplitReader(index_split(self.dataset_dir, "val"))
+        return [reader.read(mine[i:i + b]) for i in range(0, len(mine) - b + 1, b)]
 
     @torch.no_grad()
     def __call__(self, model: MoETransformer, data_rank: int, n_data: int, pipeline: Pipeline | None = None

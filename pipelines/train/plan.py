@@ -17,7 +17,7 @@ from moe.model import build_meta_model
 from moe.parallel.apply import shard_model
 from moe.parallel.mesh import ParallelDims
 from moe.parallel.pipeline import PipelineConfig, split_stages
-from pipelines.train.config import TrainConfig, pipeline_config
+from pipelines.train.config import TrainConfig, global_batch_size, layout_at, pipeline_config
 
 GIB = 1024 ** 3
 MASTER_BYTES = 4  # parameters and gradients are fp32 (bf16 profiles compute under autocast)
@@ -99,10 +99,12 @@ def make_plan(cfg: TrainConfig) -> TrainingPlan:
     dims = ParallelDims.from_degrees(cl.num_workers, cfg.parallel.dp, cfg.parallel.ep, cfg.parallel.pp,
                                      cfg.model.moe.n_routed_experts)
     counts = param_counts(cfg.model)
-    workers = f"{cl.num_workers}" if cl.min_workers is None else f"{cl.min_workers}..{cl.num_workers} (elastic)"
+    workers = f"{cl.num_workers}" if cl.min_workers is None else f"{cl.min_workers}..{cl.num_workers} (elastic: " + \
+        ", ".join(f"{w} -> dp={d.dp} ep={d.ep} pp={d.pp} x{a} accumulation" for w in range(cl.min_workers, cl.num_workers + 1)
+                  for d, a in [(layout_at(cfg, w).dims, layout_at(cfg, w).accumulation)]) + ")"
     res = f" x ({cl.cpus_per_worker:g} CPU" + (f", {cl.gpus_per_worker:g} GPU {cl.accelerator_type or ''}".rstrip()
                                               if cl.gpus_per_worker else "") + ")"
-    global_batch = cfg.train.micro_batch_size * dims.data_ranks  # dp x ep ranks read their own; a pipeline shares
+    global_batch = global_batch_size(cfg)  # the same at every world size (gradient accumulation, layout.py)
     pipeline = pipeline_config(cfg.parallel)
     stages = split_stages(cfg.model, pipeline.n_stages(dims.pp)) if dims.pp > 1 else []
     pipeline_line = (f"; {pipeline.schedule}, {pipeline.microbatches} microbatches, stages (layers) "

@@ -2,19 +2,36 @@
 
 `TrainProgress` is a Ray Train `UserCallback`: it runs in the train controller (on the head node),
 receives every `ray.train.report`, prints one progress line per report (forwarded to the driver's
-console), logs rank 0's scalar metrics to the MLflow run by global step and sets Ray metrics
-(gauges) that the dashboard's metrics view shows.
+console), sets Ray metrics (gauges: `moe_train_*`, the world size and restarts among them) that the
+dashboard's metrics view shows, and keeps the MLflow record of the run as one trajectory:
+
+- rank 0's scalar metrics reach MLflow from the checkpoints, not from the reports: every checkpoint
+  carries the metric rows of its trajectory (`metrics.json`), and `sync_metrics` logs the rows above
+  the run's mark (tag `metrics.logged_through`) when a report says a checkpoint was committed, when
+  a restart resumed from one, and (the driver) at the end. A step trained after the last checkpoint
+  and redone after a restart is therefore logged once, from the trajectory that survived, even when
+  a failure swallows reports that Ray Train had not yet delivered.
+- every restart becomes an event (`restart_event`, an artifact `events/restart-NNN.json` and the
+  metrics `restart/*`): its cause (the workers' exception; a resize, which is how Ray Train's elastic
+  policy also handles a node lost between two health checks; or `train.resume`), the
+  world size before and after, the step it resumed from and the seconds from the failure (or the
+  last report before a resize, or the resumed process's start) to the next completed step. A damaged
+  checkpoint that was skipped is logged as a warning event and the tag `warning.checkpoint_fallback`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from ray.train import UserCallback
+
+from moe.checkpoint import STEP_PREFIX
 
 
 def format_eta(seconds: float) -> str:
@@ -42,35 +59,97 @@ def scalar_metrics(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if isinstance(v, int | float) and k != "step"}
 
 
+METRICS_FILE = "metrics.json"  # in each checkpoint: the metric rows of its trajectory, by step
+MARK_TAG = "metrics.logged_through"
+
+
+def sync_metrics(client: MlflowClient, run_id: str, checkpoint: Path) -> None:
+    """Log the checkpoint's metric rows above the run's mark, then move the mark (idempotent)."""
+    rows = json.loads((checkpoint / METRICS_FILE).read_text())
+    done = int(client.get_run(run_id).data.tags.get(MARK_TAG, -1))
+    new = [r for r in rows if r["step"] > done]
+    if not new:
+        return
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, int(r["step"])) for r in new for k, v in scalar_metrics(r).items() if math.isfinite(v)]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i:i + 500])
+    client.set_tag(run_id, MARK_TAG, str(max(int(r["step"]) for r in new)))
+
+
+def restart_event(m: dict[str, Any], cause: str, since: float, now: float, world_before: int) -> dict[str, Any]:
+    """The record of one restart from the first report after it (`restart/*` keys, see the worker)."""
+    return {"cause": cause, "world_size_before": int(m.get("restart/world_size_before") or world_before),
+            "world_size_after": int(m["world_size"]), "resumed_from_step": int(m["restart/resumed_from"]),
+            "first_step_after": int(m["step"]), "seconds_to_next_step": round(now - since, 3),
+            "interrupted_at": since, "next_step_at": now,
+            "skipped_checkpoints": list(m.get("restart/skipped_checkpoints") or [])}
+
+
 class TrainProgress(UserCallback):
-    def __init__(self, tracking_uri: str | None, run_id: str | None, total_steps: int) -> None:
+    def __init__(self, tracking_uri: str | None, run_id: str | None, total_steps: int, checkpoint_dir: Path,
+                 resume_cause: str | None = None) -> None:
         self.tracking_uri, self.run_id, self.total_steps = tracking_uri, run_id, total_steps
+        self.checkpoint_dir = checkpoint_dir
         self._client: MlflowClient | None = None
         self._gauges: dict[str, Any] = {}
+        self._cause, self._since = resume_cause, time.time()  # what interrupted training, and when
+        self._world, self._last_report = 0, time.time()
+        self.events: list[dict[str, Any]] = []
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        if self._cause is None or not self._cause.startswith("worker failure"):
+            ranks = ", ".join(f"rank {r}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                              for r, e in sorted(worker_exceptions.items()))
+            self._cause, self._since = f"worker failure ({ranks})", time.time()
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if not metrics or "step" not in metrics[0]:
             return
-        m = metrics[0]
+        m, now = metrics[0], time.time()
         print(progress_line(m, self.total_steps), flush=True)
+        if "restart/resumed_from" in m:
+            cause = self._cause or ("resize: the cluster " + ("lost capacity" if m["world_size"] < self._world
+                                                               else "has capacity again")
+                                    + f", it can host {m['world_size']} workers (was {self._world})")
+            since = self._since if self._cause else self._last_report
+            self._log_event(restart_event(m, cause, since, now, self._world))
+            self._cause = None
+        for key in ("restart/resumed_from", "checkpoint/step"):
+            if m.get(key):
+                self._sync(int(m[key]))
         scalars = scalar_metrics(m)
-        self._log_mlflow(int(m["step"]), scalars)
         self._set_gauges(scalars)
+        self._world, self._last_report = int(m.get("world_size", self._world)), now
 
-    def _log_mlflow(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.run_id:
-            return
+    def _mlflow(self) -> MlflowClient:
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in scalars.items() if math.isfinite(v)]
-        for i in range(0, len(batch), 500):
-            self._client.log_batch(self.run_id, metrics=batch[i:i + 500])
+        return self._client
+
+    def _sync(self, step: int) -> None:
+        if not self.run_id:
+            return
+        try:
+            sync_metrics(self._mlflow(), self.run_id, self.checkpoint_dir / f"{STEP_PREFIX}{step:08d}")
+        except FileNotFoundError:  # already replaced by a newer checkpoint: that one's sync covers it
+            pass
+
+    def _log_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        print(f"[train] restart: {json.dumps(event)}", flush=True)
+        if not self.run_id:
+            return
+        n = len(self._mlflow().list_artifacts(self.run_id, "events"))
+        self._mlflow().log_text(self.run_id, json.dumps(event, indent=1), f"events/restart-{n:03d}.json")
+        if event["skipped_checkpoints"]:
+            self._mlflow().set_tag(self.run_id, "warning.checkpoint_fallback", "; ".join(event["skipped_checkpoints"]))
 
     def _set_gauges(self, scalars: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
 
-        for key in ("train/loss", "val/loss", "perf/tokens_per_s", "perf/mfu", "train/lr", "train/grad_norm"):
+        for key in ("train/loss", "val/loss", "perf/tokens_per_s", "perf/mfu", "train/lr", "train/grad_norm",
+                    "world_size", "train/restarts"):
             if key not in scalars:
                 continue
             name = "moe_train_" + key.replace("/", "_")
