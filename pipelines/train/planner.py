@@ -129,6 +129,17 @@ class Estimate:
 
 
 # ---- memory ---------------------------------------------------------------------------------------
+_STAGES: dict[tuple[str, int, int], list[list[StageSpec]]] = {}  # memo: (repr(model config), pp, v) -> per pp rank
+
+
+def stages_by_rank(cfg: ModelConfig, pp: int, virtual_stages: int = 1) -> list[list[StageSpec]]:
+    """The stages each pipeline rank holds (moe/parallel/pipeline.py's split), memoized for parallel=auto."""
+    key = (repr(cfg), pp, virtual_stages)
+    if key not in _STAGES:
+        _STAGES[key] = [rank_stages(cfg, pp, r, virtual_stages) for r in range(pp)]
+    return _STAGES[key]
+
+
 def _layer_params(cfg: ModelConfig, layer: int, tp: int, ep: int) -> tuple[int, int]:
     """(parameters, of which routed experts) of one layer on one rank."""
     d, m = cfg.d_model, cfg.moe
@@ -197,8 +208,7 @@ def memory(workload: Workload, layout: Layout, cluster: ClusterConfig) -> Memory
     """Per-device bytes of the rank that holds the most (see the module docstring)."""
     cfg, act = workload.model, ACT_BYTES[cluster.dtype]
     best: Memory | None = None
-    for pp_rank in range(layout.pp):
-        stages = rank_stages(cfg, layout.pp, pp_rank, layout.virtual_stages)
+    for stages in stages_by_rank(cfg, layout.pp, layout.virtual_stages):
         n, routed = stage_params(cfg, stages, layout.tp, layout.ep)
         elements = _stage_activation_elements(cfg, stages, layout, workload.recompute, cluster.device)
         activations = elements * tokens_in_flight(layout, workload) * act
@@ -240,7 +250,8 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str) ->
     return 2.0 * (counts.active - counts.embedding - head) + 4.0 * cfg.n_layers * d * seq_len
 
 
-def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float) -> StepTime:
+def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float, mem: Memory
+              ) -> StepTime:
     cfg, act = workload.model, ACT_BYTES[cluster.dtype]
     tokens = workload.micro_batch_size * workload.seq_len  # per data-parallel rank (pipeline)
     flops = tokens * (flops_per_token(cfg, workload.seq_len)
@@ -259,7 +270,6 @@ def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_f
     n_data = layout.dp * layout.ep
     dp = 0.0
     if n_data > 1:
-        mem = memory(workload, layout, cluster)
         grad_bytes = mem.grads * (1 - mem.routed_expert_fraction)  # experts reduce over dp only
         dp = 2 * (n_data - 1) / n_data * grad_bytes / _bandwidth(cluster, layout.tp * layout.ep * layout.dp)
         if layout.dp > 1:
@@ -278,8 +288,9 @@ def estimate(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_fl
     peak = peak_flops if peak_flops is not None else cluster.peak_tflops * 1e12
     capacity = int(cluster.gpu_memory_gb * GIB * USABLE_FRACTION)
     tokens = workload.micro_batch_size * workload.seq_len * layout.dp * layout.ep
-    return Estimate(layout, memory(workload, layout, cluster),
-                    step_time(workload, layout, cluster, peak) if peak > 0 else None, capacity, tokens)
+    mem = memory(workload, layout, cluster)
+    return Estimate(layout, mem, step_time(workload, layout, cluster, peak, mem) if peak > 0 else None, capacity,
+                    tokens)
 
 
 def fix_for(est: Estimate, workload: Workload) -> str:
@@ -370,11 +381,12 @@ def choose_layout(workload: Workload, cluster: ClusterConfig, world: int, base: 
     if not fitting:
         smallest = min(ests, key=lambda e: e.memory.peak)
         term, size = smallest.largest_term()
+        fix = ("add workers (cluster.num_workers)" if term in ("parameters", "gradients", "optimizer states")
+               else fix_for(smallest, workload) + ", or add workers (cluster.num_workers)")
         raise ConfigError(
             f"parallel=auto: no layout of {world} devices fits {workload.model.name} on {cluster.name} "
             f"({smallest.capacity / GIB:.1f} GiB usable); the smallest, {smallest.layout.describe()}, needs "
-            f"{smallest.memory.peak / GIB:.1f} GiB, largest term {term} ({size / GIB:.1f} GiB): add workers "
-            f"(cluster.num_workers), set train.activation_checkpointing=full or lower train.micro_batch_size.")
+            f"{smallest.memory.peak / GIB:.1f} GiB, largest term {term} ({size / GIB:.1f} GiB): {fix}.")
     best = fitting[0]
     why = [f"auto           {best.layout.describe()}: {len(fitting)} of {len(ests)} layouts of {world} devices fit"]
     if best.time:
