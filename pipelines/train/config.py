@@ -138,6 +138,9 @@ def validate_train_config(c: TrainConfig) -> TrainConfig:
     for key, value in (("parallel.ep", p.ep), ("parallel.pp", p.pp), ("parallel.tp", p.tp)):
         check(value >= 1, f"{key}={value} must be >= 1.")
     check_tensor_parallel(c.model, p.tp)
+    check(t.micro_batch_size % (p.tp * p.pp) == 0,
+          f"train.micro_batch_size={t.micro_batch_size} is not divisible by parallel.tp*parallel.pp={p.tp * p.pp}: "
+          f"the ranks of a pipeline's tp groups each read a share of its batch; choose a multiple of {p.tp * p.pp}.")
     check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1, or -1 for 'the rest of the world'.")
     check(c.model.moe.n_routed_experts % p.ep == 0,
            f"model.moe.n_routed_experts={c.model.moe.n_routed_experts} is not divisible by parallel.ep={p.ep}; "

@@ -108,10 +108,11 @@ class Trainer:
         torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.cluster.cpus_per_worker)))
         torch.manual_seed(cfg.train.seed + self.rank)
         dims = ParallelDims.from_degrees(self.world, cfg.parallel.dp, cfg.parallel.ep, cfg.parallel.pp,
-                                         cfg.model.moe.n_routed_experts)
+                                         cfg.model.moe.n_routed_experts, tp=cfg.parallel.tp)
         self.dims, self.data_rank = dims, dims.data_rank(self.rank)  # a pipeline's ranks share one data rank
         self.model = build_meta_model(cfg.model)
-        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel))
+        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel),
+                                activation_checkpointing=cfg.train.activation_checkpointing)
         materialize(self.model, self.device, seed=cfg.train.seed)
         accumulate_expert_grads_in_place(self.model)  # gradients stay allocated across steps (zero_grad below)
         self.opt = build_optimizer(self.model, cfg.optim)
@@ -146,7 +147,7 @@ class Trainer:
         t = self.cfg.train
         self.consumed = consumed
         seed = t.seed + 1000 * self.state.epoch + self.rank
-        per_rank = t.micro_batch_size // self.dims.pp  # a pipeline's ranks each read their share of its batch
+        per_rank = t.micro_batch_size // (self.dims.pp * self.dims.tp)  # pipeline and tp ranks: a share each
         self.batches: Iterator[dict[str, torch.Tensor]] = iter(
             iter_batches(self.shard, per_rank, consumed, t.shuffle_buffer, seed))
 
@@ -161,10 +162,11 @@ class Trainer:
                 break
             self.state.epoch += 1
             self._start_epoch(ConsumedSet(self.n_train_sequences))
-        group = self.plan.mesh.pp_group
-        if group is not None:
+        for group, size in ((self.plan.mesh.tp_group, self.dims.tp), (self.plan.mesh.pp_group, self.dims.pp)):
+            if group is None:  # tp, then pp: every rank of a pipeline's tp groups ends with the same batch
+                continue
             for key in ("tokens", "loss_mask"):
-                parts = [torch.empty_like(batch[key]) for _ in range(self.dims.pp)]
+                parts = [torch.empty_like(batch[key]) for _ in range(size)]
                 dist.all_gather(parts, batch[key], group=group)
                 batch[key] = torch.cat(parts)
         return batch
@@ -184,7 +186,7 @@ class Trainer:
         count = count.clamp(min=1)
         ce_sum = self._forward_backward(tokens[:, :-1], targets, float(n_data / count))
         loss = all_reduce_(torch.zeros(1, dtype=torch.float64) if ce_sum is None
-                           else (ce_sum.detach().double().cpu() / count.cpu()).reshape(1))
+                           else (ce_sum.detach().double().cpu() / count.cpu() / self.dims.tp).reshape(1))
         self.plan.sync_gradients()
         grad_norm = self.plan.clip_grad_norm_(self.cfg.optim.grad_clip)
         self.opt.step()
