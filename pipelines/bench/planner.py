@@ -3,10 +3,10 @@
 For several layouts and two model sizes, real training steps (meta build -> parallelize -> materialize,
 forward, backward, gradient sync, AdamW step, gradients kept allocated as the trainer keeps them)
 run in spawned gloo processes on this CPU, one thread each. Measured per configuration:
-- peak memory: the largest rank's peak resident set growth from just before the model is
-  materialized to the end of the run (`ru_maxrss` minus the RSS at that point; large allocations are
-  forced to mmap, `MALLOC_MMAP_THRESHOLD_`, so freed memory returns to the OS and the RSS peak
-  tracks the live peak);
+- peak memory: the largest rank's peak resident set growth over the run (`ru_maxrss` minus the RSS
+  just before the model is built), after a warm-up run of the same layout on a model of 1/8 the
+  width has touched the runtime's own pages and buffers; large allocations are forced to mmap
+  (`MALLOC_MMAP_THRESHOLD_`), so freed memory returns to the OS and the RSS peak tracks the live peak;
 - step time: the median over timed steps of the slowest rank.
 Next to them stand the planner's predictions (pipelines/train/planner.py) for the same configuration
 on the local CPU profile, with the two numbers the planner cannot know on a CPU measured in the same
@@ -73,22 +73,19 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _rank(rank: int, world: int, init_file: str, spec: dict, out: mp.Queue) -> None:
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg: ModelConfig = spec["cfg"]
-    dims = ParallelDims.from_degrees(world, spec["dp"], spec["ep"], 1, cfg.moe.n_routed_experts, tp=spec["tp"])
+def _build(cfg: ModelConfig, dims: ParallelDims, recompute: str) -> tuple[torch.nn.Module, object, object]:
     model = build_meta_model(cfg)
-    plan = parallelize(model, dims, device_type="cpu", activation_checkpointing=spec["recompute"])
-    base = _rss()
+    plan = parallelize(model, dims, device_type="cpu", activation_checkpointing=recompute)
     materialize(model, "cpu", seed=0)
     accumulate_expert_grads_in_place(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(dims.data_rank(rank))
-    tokens = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"] + 1), generator=gen)
+    return model, plan, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def _steps(model: torch.nn.Module, plan: object, opt: torch.optim.Optimizer, tokens: torch.Tensor, n: int,
+           world: int) -> list[float]:
+    """n + 1 training steps (the first untimed); the timed steps' wall times."""
     times = []
-    for step in range(spec["steps"] + 1):
+    for step in range(n + 1):
         if world > 1:
             dist.barrier()
         t0 = time.perf_counter()
@@ -98,8 +95,25 @@ def _rank(rank: int, world: int, init_file: str, spec: dict, out: mp.Queue) -> N
         opt.zero_grad(set_to_none=False)
         if step:
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    out.put((rank, peak, times))
+    return times
+
+
+def _rank(rank: int, world: int, init_file: str, spec: dict, out: mp.Queue) -> None:
+    """One rank: a warm-up run of the same layout on a 1/8-width model (the runtime touches its own pages
+    and buffers there), then the measured run; the peak counts from the RSS between the two."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg: ModelConfig = spec["cfg"]
+    dims = ParallelDims.from_degrees(world, spec["dp"], spec["ep"], 1, cfg.moe.n_routed_experts, tp=spec["tp"])
+    gen = torch.Generator().manual_seed(dims.data_rank(rank))
+    small = dataclasses.replace(cfg, d_model=cfg.d_model // 8, dense_hidden=cfg.dense_hidden // 8,
+                                moe=dataclasses.replace(cfg.moe, expert_hidden=cfg.moe.expert_hidden // 8))
+    tokens = torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"] + 1), generator=gen)
+    _steps(*_build(small, dims, spec["recompute"]), tokens, 1, world)
+    base = _rss()
+    times = _steps(*_build(cfg, dims, spec["recompute"]), tokens, spec["steps"], world)
+    out.put((rank, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, times))
     if world > 1:
         dist.destroy_process_group()
 

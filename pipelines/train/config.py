@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from cluster.config import ClusterConfig
 from moe.config import ModelConfig
-from moe.parallel.tensor import check_tensor_parallel
 from moe.parallel.pipeline import PipelineConfig
+from moe.parallel.tensor import check_tensor_parallel
 from pipelines.core.config import check, compose_config, to_dataclass
 from pipelines.core.tracking import TrackingConfig
 from pipelines.data.config import DataConfig

@@ -22,9 +22,11 @@ Memory per device (the rank of the largest pipeline stage), in bytes:
   the targets (2 d + V + 4);
 - communication buffers: the flat gradient all-reduce buffer of data parallelism (the larger of
   the expert and non-expert gradients, after the backward), the expert all-to-all's send and
-  receive rows and tensor parallelism's all-reduce output (during it).
-The peak is parameters + gradients + optimizer + max(activations + in-flight buffers, gradient
-buffer), checked against `USABLE_FRACTION` of the profile's `gpu_memory_gb`.
+  receive rows and tensor parallelism's all-reduce output (during it);
+- backward transients: the logits' gradient (V per token of a microbatch, last stage) and the
+  largest weight's fresh gradient before it is added into `.grad`.
+The peak is parameters + gradients + optimizer + max(activations + in-flight buffers + backward
+transients, gradient buffer), checked against `USABLE_FRACTION` of the profile's `gpu_memory_gb`.
 
 Step time: the rank's FLOPs (`moe.flops.flops_per_token` for its share: / (pp x tp), plus what
 recomputation runs again) at the profile's peak FLOP/s times `cluster.expected_mfu`, plus
@@ -86,12 +88,14 @@ class Memory:
     optimizer: int
     activations: int
     comm_buffers: int  # the larger of the in-flight buffers and the gradient all-reduce buffer
+    backward_transient: int  # the logits' gradient and the largest fresh weight gradient
     peak: int
     routed_expert_fraction: float  # of this rank's parameters
 
     def terms(self) -> dict[str, int]:
         return {"parameters": self.params, "gradients": self.grads, "optimizer states": self.optimizer,
-                "activations": self.activations, "communication buffers": self.comm_buffers}
+                "activations": self.activations, "communication buffers": self.comm_buffers,
+                "backward transients": self.backward_transient}
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,20 @@ def _stage_activation_elements(cfg: ModelConfig, stages: list[StageSpec], layout
     return kept + transient
 
 
+def _largest_weight(cfg: ModelConfig, stages: list[StageSpec], layout: Layout) -> int:
+    """Elements of the largest weight a rank holding `stages` has: its gradient is computed fresh in the
+    backward before autograd adds it into `.grad` (routed experts accumulate in place: not counted)."""
+    d, m = cfg.d_model, cfg.moe
+    sizes = [cfg.vocab_size * d if s.first or s.last else 0 for s in stages]
+    for s in stages:
+        for i in s.layer_ids:
+            sizes.append(d * cfg.n_heads * cfg.head_dim // layout.tp)
+            sizes.append(d * (m.n_routed_experts if cfg.is_moe_layer(i) else 0))
+            sizes.append(d * (m.n_shared_experts * m.expert_hidden if cfg.is_moe_layer(i) else cfg.dense_hidden)
+                         // layout.tp)
+    return max(sizes)
+
+
 def tokens_in_flight(layout: Layout, workload: Workload) -> int:
     """Tokens whose activations a rank holds at once (the pipeline's first stage for pp > 1)."""
     b, s = workload.micro_batch_size, workload.seq_len
@@ -220,9 +238,11 @@ def memory(workload: Workload, layout: Layout, cluster: ClusterConfig) -> Memory
             in_flight += mb_tokens * cfg.d_model * act
         grad_buffer = max(n - routed, routed) * GRAD_BYTES if layout.world > 1 else 0
         static = n * (MASTER_BYTES + GRAD_BYTES + ADAMW_BYTES)
+        transient = (mb_tokens * cfg.vocab_size * act if any(s.last for s in stages) else 0) \
+            + _largest_weight(cfg, stages, layout) * GRAD_BYTES
         mem = Memory(params=n * MASTER_BYTES, grads=n * GRAD_BYTES, optimizer=n * ADAMW_BYTES,
-                     activations=activations, comm_buffers=max(in_flight, grad_buffer),
-                     peak=static + max(activations + in_flight, grad_buffer),
+                     activations=activations, comm_buffers=max(in_flight, grad_buffer), backward_transient=transient,
+                     peak=static + max(activations + in_flight + transient, grad_buffer),
                      routed_expert_fraction=routed / n if n else 0.0)
         if best is None or mem.peak > best.peak:
             best = mem
@@ -325,7 +345,8 @@ def describe(est: Estimate) -> list[str]:
     cap = f" of {est.capacity / GIB:.1f} GiB usable ({'fits' if est.fits else 'DOES NOT FIT'})" if est.capacity else ""
     lines = [f"memory/device  {m.params / GIB:.2f} GiB params + {m.grads / GIB:.2f} grads + "
              f"{m.optimizer / GIB:.2f} AdamW + {m.activations / GIB:.2f} activations + "
-             f"{m.comm_buffers / GIB:.2f} comm buffers -> peak {m.peak / GIB:.2f} GiB{cap}"]
+             f"{m.comm_buffers / GIB:.2f} comm buffers + {m.backward_transient / GIB:.2f} backward transients "
+             f"-> peak {m.peak / GIB:.2f} GiB{cap}"]
     if est.time is None:
         lines.append("step time      needs cluster.peak_tflops (on CPU the matmul peak is measured at run start)")
         return lines

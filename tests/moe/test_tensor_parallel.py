@@ -82,7 +82,7 @@ def _check(rank: int, world: int, dims: ParallelDims, cfg: ModelConfig, meta: bo
         torch.testing.assert_close(total / world, loss_s.detach(), **TOL, msg=f"loss: {where}")
         for name, p in par.named_parameters():
             want = ref[name].grad[e_lo:e_lo + n_local] if ".experts.w" in name else ref[name].grad
-            torch.testing.assert_close(_full(p.grad), want, **TOL, msg=lambda m, n=name: f"grad {n}: {where}\n{m}")
+            torch.testing.assert_close(_full(p.grad), want, **TOL, msg=lambda m, n=name, w=where: f"grad {n}: {w}\n{m}")
         norm_s = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.1)
         torch.testing.assert_close(plan.clip_grad_norm_(0.1), norm_s, **TOL, msg=f"norm: {where}")
         _sgd(serial)

@@ -92,7 +92,8 @@ def test_bad_overrides_fail_before_ray_starts() -> None:
 
 
 def test_dry_run_prints_the_plan_for_a_gpu_profile_without_gpus() -> None:
-    proc = run_train("+cluster=a100", "model=deepseek_moe_16b", "parallel.ep=8", "train.dry_run=true")
+    proc = run_train("+cluster=a100", "model=deepseek_moe_16b", "parallel.ep=8",
+                     "train.activation_checkpointing=moe", "train.dry_run=true")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "memory/device" in out and "GiB usable (fits)" in out and "tokens/s" in out  # the planner's lines
