@@ -199,3 +199,45 @@ def test_activation_checkpointing_keeps_loss_gradients_and_counters(mode: str) -
     assert torch.equal(a.dropped_tokens, b.dropped_tokens) and float(a.last_aux_loss) == float(b.last_aux_loss)
     with pytest.raises(ConfigError, match="train.activation_checkpointing='some'"):
         apply_activation_checkpointing(wrapped, "some")
+
+
+def _tp2_pp2(rank: int, world: int) -> None:
+    """tp=2 x pp=2 (1F1B, 2 microbatches) equals one process accumulating the same microbatches."""
+    from moe.experts import accumulate_expert_grads_in_place
+    from moe.parallel.pipeline import PipelineConfig
+    from tests.moe.test_pipeline_parallel import _batch as pp_batch
+    from tests.moe.test_pipeline_parallel import _expert_slice, _reference_step, pp_config
+
+    cfg, pc = pp_config(), PipelineConfig("1f1b", 2)
+    dims = ParallelDims.from_degrees(world, pp=2, tp=2, n_experts=cfg.moe.n_routed_experts)
+    tokens, targets = pp_batch(1)
+    serial, par = build_model(cfg, seed=0), build_meta_model(cfg)
+    plan = parallelize(par, dims, device_type="cpu", pipeline=pc)
+    materialize(par, "cpu", seed=0)
+    for model in (serial, par):
+        accumulate_expert_grads_in_place(model)
+    count = int((targets != -100).sum())
+    ref = dict(serial.named_parameters())
+    for step in range(2):
+        loss_s = _reference_step(serial, tokens, targets, 1, pc.microbatches, False)
+        loss_p = plan.pipeline.step(tokens[:, :-1], targets, loss_scale=1 / count)
+        if plan.pipeline.is_last:
+            torch.testing.assert_close(loss_p, loss_s, **TOL, msg=f"tp2xpp2 loss step {step}")
+        plan.sync_gradients()
+        for name, p in par.named_parameters():
+            want = _expert_slice(par, name, ref[name].grad)
+            torch.testing.assert_close(_full(p.grad), want, **TOL, msg=lambda m, n=name: f"tp2xpp2 grad {n}\n{m}")
+        norm_s = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.1)
+        torch.testing.assert_close(plan.clip_grad_norm_(0.1), norm_s, **TOL, msg=f"tp2xpp2 norm step {step}")
+        for model in (serial, par):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.5 * p.grad
+                    p.grad.zero_()
+        for m in serial.moe_layers().values():
+            m.take_load()
+        plan.reduce_expert_loads()
+
+
+def test_tensor_x_pipeline_parallel_four_ranks_equals_one_process() -> None:
+    spawn(_tp2_pp2, 4)
