@@ -374,7 +374,7 @@ def candidate_layouts(workload: Workload, cluster: ClusterConfig, world: int, ba
         if tp > node or node % tp or any(w % tp for w in widths):
             continue
         for pp in _divisors(world // tp):
-            if pp > cfg.n_layers or b % pp:
+            if pp > cfg.n_layers or b % (pp * tp):  # every rank of a pipeline's tp groups reads a share
                 continue
             micro = base.microbatches if pp == 1 else max(base.microbatches, pp)
             if pp > 1 and b % micro:
