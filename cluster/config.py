@@ -45,7 +45,10 @@ class ClusterConfig:
     backend: str = "gloo"  # gloo | nccl (RCCL on ROCm)
     dtype: str = "float32"  # float32 | bfloat16
     peak_tflops: float = 0.0  # dense bf16 peak per device; 0: measure a matmul peak at start (CPU)
-    gpu_memory_gb: float = 0.0
+    gpu_memory_gb: float = 0.0  # memory per device; 0: not checked (CPU: the planner does not limit it)
+    intra_node_gbps: float = 0.0  # GB/s per device, one direction, inside a node (NVLink, Infinity Fabric)
+    inter_node_gbps: float = 0.0  # GB/s per device, one direction, between nodes (InfiniBand, RoCE)
+    expected_mfu: float = 0.4  # the MFU the planner assumes for its step-time estimate (pipelines/train/planner.py)
     gpus_per_node: int = 0  # GPUs per Kubernetes node (KubeRay worker pod)
     node_cpus: int = 0  # CPUs per KubeRay worker pod; 0: cpus_per_worker * workers per pod
     node_memory_gb: int = 0  # memory per KubeRay worker pod; 0: 8 GiB per worker

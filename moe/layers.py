@@ -1,17 +1,36 @@
-"""One-device building blocks: RMSNorm, rotary embeddings, grouped-query causal attention, SwiGLU."""
+"""One-device building blocks: RMSNorm, rotary embeddings, grouped-query causal attention, SwiGLU.
+
+Written for one device; tensor parallelism (moe/parallel/tensor.py) splits the attention heads and
+the feed-forward columns from outside, so `Attention` reads its local head counts off the
+projections' outputs, and `init_full_` draws a sharded weight's whole one-device value and keeps
+the local slice (every layout starts from the same weights for the same seed).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moe.config import ModelConfig
 
 if TYPE_CHECKING:
     from moe.kv_cache import LayerKVCache
+
+
+def init_full_(weight: torch.Tensor, init_fn: Callable[[torch.Tensor], object]) -> None:
+    """`init_fn` applied to the whole weight as on one device; a tensor-parallel shard (a DTensor) draws the
+    full global-shape value from the same random stream and keeps its own slice (no communication)."""
+    if not isinstance(weight, DTensor):
+        init_fn(weight)
+        return
+    full = torch.empty(weight.shape, dtype=weight.dtype, device=weight.to_local().device)
+    init_fn(full)
+    weight.copy_(distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None))
 
 
 class RMSNorm(nn.Module):
@@ -62,26 +81,23 @@ class Attention(nn.Module):
         """Without `kv_cache`: causal attention over x. With it (decoding): cos/sin hold each row's
         positions, the new keys/values are written into the cache and the queries attend to every
         cached position up to their own (`kv_cache.update` returns keys, values and that mask)."""
-        B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        B, T, _ = x_BTD.shape  # heads: -1, as tensor parallelism leaves each rank n_heads / tp of them
+        q = self.wq(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = q.shape[1] != k.shape[1]
         if kv_cache is None:
-            out_BHTd = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+            out_BHTd = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k_BHSd, v_BHSd, mask_B1TS = kv_cache.update(k, v)
-            out_BHTd = F.scaled_dot_product_attention(
-                q, k_BHSd, v_BHSd, attn_mask=mask_B1TS, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+            out_BHTd = F.scaled_dot_product_attention(q, k_BHSd, v_BHSd, attn_mask=mask_B1TS, enable_gqa=gqa)
         return self.wo(out_BHTd.transpose(1, 2).reshape(B, T, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(lin.weight, std=std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std)
+            init_full_(lin.weight, lambda w: nn.init.trunc_normal_(w, std=std))
+        init_full_(self.wo.weight, lambda w: nn.init.trunc_normal_(w, std=out_std))
 
 
 class SwiGLU(nn.Module):
@@ -97,6 +113,6 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, std=std)
-        nn.init.trunc_normal_(self.w3.weight, std=std)
-        nn.init.trunc_normal_(self.w2.weight, std=out_std)
+        init_full_(self.w1.weight, lambda w: nn.init.trunc_normal_(w, std=std))
+        init_full_(self.w3.weight, lambda w: nn.init.trunc_normal_(w, std=std))
+        init_full_(self.w2.weight, lambda w: nn.init.trunc_normal_(w, std=out_std))

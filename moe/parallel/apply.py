@@ -7,21 +7,25 @@ whole model:
     plan = parallelize(model, dims, device_type)     # shards on meta, installs the communication
     materialize(model, device, seed)                 # local shards = slices of the one-device init
 Order applied by `parallelize` (every rank calls it, after `torch.distributed` is initialized,
-before the optimizer is created):
-    1. build the mesh (moe/parallel/mesh.py; pp > 1 adds one group per pipeline, with the pipeline
-       timeout); a model that is already materialized is broadcast from rank 0 first, so every rank
-       starts from identical weights (a meta model gets them from `materialize`, which draws the
-       same values on every rank for the same seed);
-    2. `shard_model`: (a) pipeline stages (pp > 1): the layers are split into stages of balanced cost
-       and the rank keeps only its stages' layers (moe/parallel/pipeline.py); (b) expert parallelism
-       inside each stage (ep > 1) keeps each MoE layer's E/ep local experts and declares the placement
-       on the module (`GroupedExperts.shard`); structural only, no process group needed, so the
-       dry-run plan uses it to size every rank's share;
-    3. the pipeline (pp > 1): `plan.pipeline` runs the rank's stages under the chosen schedule;
-    4. the token exchange (all-to-all, moe/parallel/expert.py) as each expert module's dispatch;
-    5. global statistics: the aux loss reduces its statistics over the stage (every dp*ep rank),
+before the optimizer is created): meta build -> tp -> ep -> pp -> dp, then materialize.
+    1. build the mesh (moe/parallel/mesh.py, dims pp x dp x ep x tp; pp > 1 adds one group per
+       pipeline, with the pipeline timeout); a model that is already materialized is broadcast from
+       rank 0 first, so every rank starts from identical weights (a meta model gets them from
+       `materialize`, which draws the same values on every rank for the same seed);
+    2. tensor parallelism (tp > 1, moe/parallel/tensor.py): attention heads and the dense and shared
+       feed-forward split column-then-row over the tp group (weights become DTensors);
+    3. `shard_model`: expert parallelism (ep > 1) keeps each MoE layer's E/ep local experts and declares
+       the placement on the module (`GroupedExperts.shard`); pipeline stages (pp > 1): the layers are
+       split into stages of balanced cost and the rank keeps only its stages' layers
+       (moe/parallel/pipeline.py). Both are structural and commute (the code prunes stages first so no
+       expert of a dropped layer is sliced); no process group needed, so the dry run sizes a rank with it;
+    4. activation checkpointing (`activation_checkpointing` none | moe | full, moe/parallel/recompute.py)
+       wraps the blocks the rank holds, from outside;
+    5. the pipeline (pp > 1): `plan.pipeline` runs the rank's stages under the chosen schedule;
+    6. the token exchange (all-to-all, moe/parallel/expert.py) as each expert module's dispatch;
+    7. global statistics: the aux loss reduces its statistics over the stage (every dp*ep rank),
        capacity mode drops tokens by the global token order (see moe/moe.py);
-    6. data parallelism by gradient all-reduce in `sync_gradients` (below), per stage.
+    8. data parallelism by gradient all-reduce in `sync_gradients` (below), per stage and tp index.
 
 Training loop, per step (all ranks, same order; ep=1 and ep>1 alike):
     loss = cross_entropy(model(tokens_local), targets_local)   # each rank its own micro-batch
@@ -36,8 +40,9 @@ Under pp the statistics for logging cover the whole model: `gather_over_pipeline
 `reduce_dropped_fractions` add every stage's layers (a stage without MoE layers takes part too).
 Saving and export: `moe/checkpoint.py` (sharded checkpoints that reshard, the full model from one).
 
-Gradient sync: every rank reads distinct data, so non-expert gradients are averaged over all
-dp*ep ranks of the stage; an expert's gradient already sums the contributions of its EP group
+Gradient sync: every (dp, ep) coordinate reads distinct data (the tp ranks of a group share theirs
+and hold identical gradients of every parameter tp does not split), so non-expert gradients, a tp
+shard's local slice included, are averaged over the dp*ep ranks of the stage with the same tp index; an expert's gradient already sums the contributions of its EP group
 (through the all-to-all's backward), so it is summed over the `dp` ranks holding the same experts
 and divided by the same dp*ep. Each parameter belongs to exactly one of the two buckets
 (`grad_sync_buckets`); the result equals one process on the global batch.
@@ -54,6 +59,8 @@ from moe.model import MoETransformer
 from moe.parallel.expert import ExpertParallel, make_counts_gather, make_stats_reducer, shard_experts
 from moe.parallel.mesh import Mesh, ParallelDims, build_mesh
 from moe.parallel.pipeline import Pipeline, PipelineConfig, prune_to_stages, rank_stages
+from moe.parallel.recompute import apply_activation_checkpointing
+from moe.parallel.tensor import apply_tensor_parallel, is_tensor_parallel, local
 
 
 class ParallelPlan:
@@ -97,7 +104,7 @@ class ParallelPlan:
                 p = params[name]
                 if p.grad is None:  # every rank must contribute the same buffer layout
                     p.grad = torch.zeros_like(p)
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+                by_dtype.setdefault(p.grad.dtype, []).append(local(p.grad))  # a tp shard: its local slice
             for grads in by_dtype.values():
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 if not skip_collective:
@@ -125,13 +132,17 @@ class ParallelPlan:
             total = torch.zeros((), device=device, dtype=torch.float32)
             for n in names:
                 if params[n].grad is not None:
-                    total += params[n].grad.detach().float().pow(2).sum()
+                    total += local(params[n].grad).detach().float().pow(2).sum()
             return total
 
         expert_sq = squares(buckets["expert_dp"])
         if self.distributed and self.dims.ep > 1:
             dist.all_reduce(expert_sq, group=self.mesh.ep_group)
-        total_sq = squares(buckets["stage"]) + expert_sq
+        split = [n for n in buckets["stage"] if is_tensor_parallel(params[n])]
+        split_sq = squares(split)  # tp shards: each rank holds 1/tp of them; the rest is the same on all tp ranks
+        if self.mesh.tp_group is not None:
+            dist.all_reduce(split_sq, group=self.mesh.tp_group)
+        total_sq = squares([n for n in buckets["stage"] if n not in set(split)]) + split_sq + expert_sq
         if self.mesh.pp_group is not None:  # every stage's share: the norm of the whole model
             dist.all_reduce(total_sq, group=self.mesh.pp_group)
         total_norm = total_sq.sqrt()
@@ -233,13 +244,14 @@ def shard_model(model: MoETransformer, dims: ParallelDims, rank: int,
 
 
 def parallelize(model: MoETransformer, dims: ParallelDims, device_type: str | None = None,
-                pipeline: PipelineConfig | None = None) -> ParallelPlan:
+                pipeline: PipelineConfig | None = None, activation_checkpointing: str = "none") -> ParallelPlan:
     """Apply the parallelisms `dims` asks for to `model` in place; returns the plan the loop steps with.
 
     `model` is either on the meta device (then `materialize` it afterwards; `device_type` is required)
     or materialized (then rank 0's weights are broadcast first). device_type ("cpu" or "cuda", ROCm
     included) defaults to the device of a materialized model's parameters. `pipeline` says how
-    stages are scheduled when dims.pp > 1 (defaults: `PipelineConfig()`).
+    stages are scheduled when dims.pp > 1 (defaults: `PipelineConfig()`). `activation_checkpointing`
+    (none | moe | full) says which parts recompute their activations in the backward (moe/parallel/recompute.py).
     """
     on_meta = any(p.is_meta for p in model.parameters())
     if device_type is None:
@@ -250,10 +262,14 @@ def parallelize(model: MoETransformer, dims: ParallelDims, device_type: str | No
     mesh = build_mesh(dims, device_type, pipeline.timeout_s)
     plan = ParallelPlan(model, dims, mesh)
     if not mesh.distributed:
+        apply_activation_checkpointing(model, activation_checkpointing)
         return plan
     if not on_meta:  # the whole model is still here: every rank takes global rank 0's weights
         _broadcast_from_rank0(model, dist.group.WORLD)
-    shard_model(model, dims, mesh.rank, pipeline)  # 1. stages, 2. experts inside each stage
+    if dims.tp > 1:  # 1. tensor parallelism: heads and feed-forward columns split over the tp group
+        apply_tensor_parallel(model, mesh.tp_mesh)
+    shard_model(model, dims, mesh.rank, pipeline)  # 2. experts (ep), 3. stages (pp): structural, they commute
+    apply_activation_checkpointing(model, activation_checkpointing)
     if dims.pp > 1:
         specs = rank_stages(model.cfg, dims.pp, mesh.pp_rank, pipeline.virtual_stages)
         device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else device_type

@@ -14,10 +14,12 @@ from omegaconf import DictConfig
 from cluster.config import ClusterConfig
 from moe.config import ModelConfig
 from moe.parallel.pipeline import PipelineConfig
+from moe.parallel.tensor import check_tensor_parallel
 from pipelines.core.config import check, compose_config, to_dataclass
 from pipelines.core.tracking import TrackingConfig
 from pipelines.data.config import DataConfig
-from pipelines.train.layout import Degrees, Layout, check_elastic_range, default_global_batch, layout_for
+from pipelines.train.layout import Degrees, WorldLayout, check_elastic_range, default_global_batch, layout_for
+from pipelines.train.planner import RECOMPUTE, Layout, Workload, choose_layout
 
 
 @dataclass
@@ -37,11 +39,15 @@ class OptimConfig:
 class ParallelConfig:
     """Degrees of the device mesh; dp=-1 takes what is left of the world. With pp > 1 the model is
     split into pipeline stages run by `pp_schedule` over `pp_microbatches` microbatches of each
-    pipeline's `train.micro_batch_size` sequences (moe/parallel/pipeline.py)."""
+    pipeline's `train.micro_batch_size` sequences (moe/parallel/pipeline.py). The tp ranks of a group
+    read the same sequences (moe/parallel/tensor.py). `auto=true` replaces the degrees with the
+    planner's choice (pipelines/train/planner.py) when the config is validated."""
 
     dp: int = -1
     ep: int = 1
     pp: int = 1
+    tp: int = 1  # tensor parallelism inside a node: attention heads and dense/shared feed-forward split
+    auto: bool = False  # parallel=auto: the planner picks dp, tp, pp, ep (and pp_microbatches) for the world
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     pp_microbatches: int = 2
     pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b: >= 2)
@@ -54,7 +60,7 @@ def pipeline_config(p: ParallelConfig) -> PipelineConfig:
 
 
 def degrees(p: ParallelConfig) -> Degrees:
-    return Degrees(dp=p.dp, ep=p.ep, pp=p.pp)
+    return Degrees(dp=p.dp, ep=p.ep, pp=p.pp, tp=p.tp)
 
 
 def global_batch_size(c: TrainConfig) -> int:
@@ -64,7 +70,7 @@ def global_batch_size(c: TrainConfig) -> int:
         c.train.micro_batch_size, c.cluster.num_workers)
 
 
-def layout_at(c: TrainConfig, world: int) -> Layout:
+def layout_at(c: TrainConfig, world: int) -> WorldLayout:
     """The parallel layout and accumulation of `world` workers (pipelines/train/layout.py)."""
     return layout_for(world, degrees(c.parallel), c.model.moe.n_routed_experts, c.model.n_layers,
                       pipeline_config(c.parallel), c.train.micro_batch_size, global_batch_size(c),
@@ -89,6 +95,7 @@ class TrainLoopConfig:
     resume: str | None = None  # "latest" or an MLflow run id: continue that run from its latest good checkpoint
     storage_path: str = "outputs/ray_results"
     num_threads: int = 0  # torch intra-op threads per worker; 0: cpus_per_worker
+    activation_checkpointing: str = "none"  # none | moe | full (moe/parallel/recompute.py)
 
 
 @dataclass
@@ -147,8 +154,16 @@ def validate_train_config(c: TrainConfig) -> TrainConfig:
     if cl.min_workers is not None:
         check(0 < cl.min_workers <= cl.num_workers,
                f"cluster.min_workers={cl.min_workers} must be within [1, cluster.num_workers={cl.num_workers}].")
-    for key, value in (("parallel.ep", p.ep), ("parallel.pp", p.pp)):
+    check(t.activation_checkpointing in RECOMPUTE, f"train.activation_checkpointing={t.activation_checkpointing!r}: "
+          f"use one of {', '.join(RECOMPUTE)}.")
+    if p.auto:
+        _resolve_auto(c)
+    for key, value in (("parallel.ep", p.ep), ("parallel.pp", p.pp), ("parallel.tp", p.tp)):
         check(value >= 1, f"{key}={value} must be >= 1.")
+    check_tensor_parallel(c.model, p.tp)
+    check(t.micro_batch_size % p.pp == 0,
+          f"train.micro_batch_size={t.micro_batch_size} is not divisible by parallel.pp={p.pp}: a pipeline splits "
+          f"its micro-batch between its stages' microbatches; choose a multiple of {p.pp}.")
     check(p.dp == -1 or p.dp >= 1, f"parallel.dp={p.dp} must be >= 1, or -1 for 'the rest of the world'.")
     check(c.model.moe.n_routed_experts % p.ep == 0,
            f"model.moe.n_routed_experts={c.model.moe.n_routed_experts} is not divisible by parallel.ep={p.ep}; "
@@ -174,6 +189,24 @@ def _validate_elastic(c: TrainConfig) -> None:
                         t.micro_batch_size, global_batch_size(c))
 
 
+def planner_inputs(c: TrainConfig) -> tuple[Workload, Layout]:
+    """What the planner needs of a config: the work per step and the layout (dp=-1 resolved)."""
+    p = c.parallel
+    dp = p.dp if p.dp != -1 else max(1, c.cluster.num_workers // (p.tp * p.pp * p.ep))
+    return (Workload(c.model, c.data.seq_len, c.train.micro_batch_size, c.train.activation_checkpointing),
+            Layout(dp=dp, tp=p.tp, pp=p.pp, ep=p.ep, microbatches=p.pp_microbatches,
+                   virtual_stages=p.pp_virtual_stages, schedule=p.pp_schedule))
+
+
+def _resolve_auto(c: TrainConfig) -> None:
+    """parallel=auto: the planner's layout for cluster.num_workers replaces the configured degrees."""
+    workload, base = planner_inputs(c)
+    layout, _ = choose_layout(workload, c.cluster, c.cluster.num_workers, base)
+    p = c.parallel
+    p.dp, p.tp, p.pp, p.ep = layout.dp, layout.tp, layout.pp, layout.ep
+    p.pp_microbatches, p.pp_virtual_stages, p.pp_schedule = layout.microbatches, layout.virtual_stages, layout.schedule
+
+
 def _validate_pipeline(c: TrainConfig) -> None:
     """pp > 1: the schedule can run the layout, and a pipeline's batch splits into its microbatches."""
     p, b = c.parallel, c.train.micro_batch_size
@@ -182,7 +215,7 @@ def _validate_pipeline(c: TrainConfig) -> None:
         return
     check(c.cluster.num_workers % p.pp == 0,
           f"parallel.pp={p.pp} does not divide cluster.num_workers={c.cluster.num_workers}; "
-          f"set cluster.num_workers to a multiple of {p.pp * p.ep}.")
+          f"set cluster.num_workers to a multiple of {p.pp * p.ep * p.tp}.")
     check(b % p.pp_microbatches == 0,
           f"train.micro_batch_size={b} (sequences per pipeline per step) is not divisible by "
           f"parallel.pp_microbatches={p.pp_microbatches}; choose a multiple of it.")

@@ -2,8 +2,8 @@
 
 An elastic run (`cluster.min_workers` < `cluster.num_workers`) restarts with whatever number of
 workers the cluster can host. `layout_for` picks the layout of a world size deterministically from
-the configured degrees: the largest ep not above `parallel.ep` that divides the world size and the
-expert count, then the largest pp not above `parallel.pp` that divides what is left and that the
+the configured degrees: the largest tp dividing both `parallel.tp` and the world size, then the
+largest ep not above `parallel.ep` that divides what is left and the expert count, then the largest pp not above `parallel.pp` that divides what is left and that the
 pipeline schedule can run on the layer count; dp takes the rest. At `cluster.num_workers` an
 explicit `parallel.dp` must fit exactly (the configured layout is used as is).
 
@@ -12,7 +12,7 @@ ranks at full size) is the same at every size: each data-parallel rank (dp x ep 
 of a pipeline share one) runs `accumulation` micro-batches of `train.micro_batch_size` per step.
 `check_elastic_range` lays out every size in [min, max] at startup, so a size that cannot be laid
 out, or a global batch that does not divide at some size, is a config error before Ray starts
-instead of a crash loop after a node is lost. New degrees (tp) extend `Degrees` and `layout_for`.
+instead of a crash loop after a node is lost. The ranks of a tp group read the same micro-batch.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from moe.parallel.pipeline import PipelineConfig
 
 @dataclass(frozen=True)
 class Degrees:
-    """The configured degrees (`parallel.dp|ep|pp`); dp=-1 takes the rest of the world."""
+    """The configured degrees (`parallel.dp|ep|pp|tp`); dp=-1 takes the rest of the world."""
 
     dp: int = -1
     ep: int = 1
     pp: int = 1
+    tp: int = 1
 
 
 @dataclass(frozen=True)
-class Layout:
+class WorldLayout:
     """One world size's mesh and how its data-parallel ranks make up the global batch."""
 
     dims: ParallelDims
@@ -48,7 +49,7 @@ class Layout:
 
     def describe(self) -> str:
         d = self.dims
-        return (f"world {d.world_size}: dp={d.dp} ep={d.ep} pp={d.pp}, {d.data_ranks} data-parallel ranks x "
+        return (f"world {d.world_size}: dp={d.dp} ep={d.ep} pp={d.pp} tp={d.tp}, {d.data_ranks} data-parallel ranks x "
                 f"{self.micro_batch_size} seq x {self.accumulation} accumulation = {self.global_batch}")
 
 
@@ -68,11 +69,13 @@ def mesh_for(world: int, degrees: Degrees, n_experts: int, n_layers: int, pipeli
              micro_batch_size: int, full_world: int) -> ParallelDims:
     """The mesh of `world` workers (module docstring); at `full_world` the configured degrees as is."""
     if world == full_world:
-        return ParallelDims.from_degrees(world, degrees.dp, degrees.ep, degrees.pp, n_experts)
-    ep = _largest_divisor(min(degrees.ep, world), world, n_experts)
-    pp = max(p for p in range(1, min(degrees.pp, world // ep) + 1)
-             if (world // ep) % p == 0 and _pipeline_ok(pipeline, p, n_layers, micro_batch_size))
-    return ParallelDims.from_degrees(world, -1, ep, pp, n_experts)
+        return ParallelDims.from_degrees(world, degrees.dp, degrees.ep, degrees.pp, n_experts, tp=degrees.tp)
+    tp = _largest_divisor(min(degrees.tp, world), world, degrees.tp)  # a divisor of tp splits the heads too
+    rest = world // tp
+    ep = _largest_divisor(min(degrees.ep, rest), rest, n_experts)
+    pp = max(p for p in range(1, min(degrees.pp, rest // ep) + 1)
+             if (rest // ep) % p == 0 and _pipeline_ok(pipeline, p, n_layers, micro_batch_size))
+    return ParallelDims.from_degrees(world, -1, ep, pp, n_experts, tp=tp)
 
 
 def default_global_batch(degrees: Degrees, n_experts: int, n_layers: int, pipeline: PipelineConfig,
@@ -83,7 +86,7 @@ def default_global_batch(degrees: Degrees, n_experts: int, n_layers: int, pipeli
 
 
 def layout_for(world: int, degrees: Degrees, n_experts: int, n_layers: int, pipeline: PipelineConfig,
-               micro_batch_size: int, global_batch: int, full_world: int) -> Layout:
+               micro_batch_size: int, global_batch: int, full_world: int) -> WorldLayout:
     """The layout of `world` workers; ConfigError when the global batch does not divide there."""
     dims = mesh_for(world, degrees, n_experts, n_layers, pipeline, micro_batch_size, full_world)
     per_step = dims.data_ranks * micro_batch_size
@@ -92,11 +95,11 @@ def layout_for(world: int, degrees: Degrees, n_experts: int, n_layers: int, pipe
             f"train.global_batch_size={global_batch} is not a multiple of {per_step} at world size {world} "
             f"(dp={dims.dp} ep={dims.ep} pp={dims.pp}: {dims.data_ranks} data-parallel ranks x "
             f"train.micro_batch_size={micro_batch_size}); gradient accumulation needs whole micro-batches.")
-    return Layout(dims, micro_batch_size, global_batch // per_step)
+    return WorldLayout(dims, micro_batch_size, global_batch // per_step)
 
 
 def check_elastic_range(min_world: int, max_world: int, degrees: Degrees, n_experts: int, n_layers: int,
-                        pipeline: PipelineConfig, micro_batch_size: int, global_batch: int) -> list[Layout]:
+                        pipeline: PipelineConfig, micro_batch_size: int, global_batch: int) -> list[WorldLayout]:
     """The layout of every size in [min_world, max_world]; one ConfigError naming every bad size and the fix."""
     meshes = {w: mesh_for(w, degrees, n_experts, n_layers, pipeline, micro_batch_size, max_world)
               for w in range(min_world, max_world + 1)}  # a bad configured layout raises here, naming its key

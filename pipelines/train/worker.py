@@ -126,7 +126,8 @@ class Trainer:
         dims = self.layout.dims
         self.dims, self.data_rank = dims, dims.data_rank(self.rank)  # a pipeline's ranks share one data rank
         self.model = build_meta_model(cfg.model)
-        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel))
+        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel),
+                                activation_checkpointing=cfg.train.activation_checkpointing)
         materialize(self.model, self.device, seed=cfg.train.seed)
         accumulate_expert_grads_in_place(self.model)  # gradients stay allocated across steps (zero_grad below)
         self.opt = build_optimizer(self.model, cfg.optim)
@@ -211,7 +212,7 @@ class Trainer:
             if ce is not None:
                 ce_sum = ce.detach().double() if ce_sum is None else ce_sum + ce.detach().double()
         loss = all_reduce_(torch.zeros(1, dtype=torch.float64) if ce_sum is None
-                           else (ce_sum.cpu() / count.cpu()).reshape(1))
+                           else (ce_sum.cpu() / count.cpu() / self.dims.tp).reshape(1))
         self.plan.sync_gradients()
         grad_norm = self.plan.clip_grad_norm_(self.cfg.optim.grad_clip)
         self.opt.step()

@@ -1,0 +1,157 @@
+"""The planner against numbers computed by hand (the formulas of pipelines/train/planner.py's docstring
+written out for the 16B and 67B presets on every GPU profile), its config errors, the dry run's
+lines, and parallel=auto's choices for world sizes 1, 2, 8 and 64."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe.config import ConfigError
+from moe.flops import flops_per_token
+from pipelines.train.config import compose_train_config, planner_inputs
+from pipelines.train.plan import make_plan
+from pipelines.train.planner import GIB, Layout, candidate_layouts, choose_layout, estimate
+
+# profile: (GB per device, peak FLOP/s, intra-node B/s, inter-node B/s)
+PROFILES = {"a100": (80, 312e12, 300e9, 25e9), "h100": (80, 989e12, 450e9, 50e9),
+            "mi250": (64, 191.5e12, 100e9, 25e9), "mi300x": (192, 1307e12, 448e9, 50e9)}
+SEQ = ["data.seq_len=2048", "train.micro_batch_size=1"]
+
+
+def _cfg(*overrides: str):
+    return compose_train_config([*SEQ, *overrides])
+
+
+# ---- deepseek_moe_16b, dp=1 ep=8 (8 devices, one node): d=2048 L=28 H=KV=16 V=102400 F=10944 E=64 S=2 k=6 He=1408
+P16_ATTN = 2 * 2048 * 2048 + 2 * 2048 * 2048 + 2 * 2048  # q,o + k,v (16 kv heads) + two norms
+P16_DENSE = P16_ATTN + 3 * 2048 * 10944
+P16_ROUTED = 3 * 2048 * 1408 * (64 // 8)  # 8 of the 64 experts
+P16_MOE = P16_ATTN + 2048 * 64 + 3 * 2048 * 2 * 1408 + P16_ROUTED
+P16 = P16_DENSE + 27 * P16_MOE + 2 * 102400 * 2048 + 2048  # embedding, head, final norm
+# activations per token (bf16, grouped GEMM): attention 9d + 2kv + H; dense 4F + 2;
+# MoE 2E + k (d + 5He + 8) + 4 S He + 4 + min(k, ep) d; embedding d + 1; norm + log-softmax 2d + V + 4
+A16_COMMON = 9 * 2048 + 2 * 2048 + 16
+A16 = (A16_COMMON + 4 * 10944 + 2) + 27 * (A16_COMMON + 2 * 64 + 6 * (2048 + 5 * 1408 + 8) + 4 * 2 * 1408 + 4
+                                           + 6 * 2048) + (2048 + 1) + (2 * 2048 + 102400 + 4)
+
+
+def test_hand_numbers_are_what_the_dry_run_counts() -> None:
+    assert P16 == 3_295_791_104  # the meta-built model's count per rank (plan "per rank" line)
+    assert A16 == 2_896_579
+    plan = make_plan(_cfg("model=deepseek_moe_16b", "+cluster=h100", "parallel.ep=8"))
+    assert plan.memory.params == P16 == plan.estimate.memory.params // 4
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_16b_ep8_memory_and_step_time_by_hand(profile: str) -> None:
+    gb, peak, intra, _ = PROFILES[profile]
+    cfg = _cfg("model=deepseek_moe_16b", f"+cluster={profile}")
+    workload, _ = planner_inputs(cfg)
+    est = estimate(workload, Layout(dp=1, ep=8), cfg.cluster)
+    m = est.memory
+    assert (m.params, m.grads, m.optimizer) == (4 * P16, 4 * P16, 8 * P16)
+    assert m.activations == A16 * 2048 * 2
+    in_flight = 2 * 2048 * 6 * 2048 * 2  # the all-to-all's send and receive rows (bf16)
+    grad_buffer = 4 * 27 * P16_ROUTED  # the flat expert-gradient buffer is the larger bucket
+    assert m.comm_buffers == grad_buffer
+    transient = 2048 * 102400 * 2 + 102400 * 2048 * 4  # the logits' gradient, the head's fresh weight gradient
+    assert m.backward_transient == transient
+    assert m.peak == 16 * P16 + max(A16 * 2048 * 2 + in_flight + transient, grad_buffer) == 65_955_999_744
+    assert est.capacity == int(gb * GIB * 0.9)
+    assert est.fits == (profile != "mi250")  # 61.4 GiB: over MI250's 57.6 GiB usable
+    t = est.time
+    assert t.compute_s == pytest.approx(2048 * flops_per_token(workload.model, 2048) / (peak * 0.4))
+    assert t.all_to_all_s == pytest.approx(4 * 27 * 2048 * 6 * 7 / 8 * 2048 * 2 / intra)  # one node: NVLink/IF
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra)
+    assert t.tp_s == t.bubble_s == t.pp_send_s == 0
+    assert est.tokens_per_s == pytest.approx(8 * 2048 / t.total_s)
+
+
+def test_16b_that_does_not_fit_is_a_config_error_naming_term_and_knob() -> None:
+    with pytest.raises(ConfigError, match=r"layout dp=1 tp=1 pp=1 ep=8 needs 61.4 GiB per device but mi250's 64 GB "
+                       r"leaves 57.6 GiB usable; the largest term is optimizer states \(24.6 GiB\): raise parallel.ep"):
+        make_plan(_cfg("model=deepseek_moe_16b", "+cluster=mi250", "parallel.ep=8"))
+    with pytest.raises(ConfigError, match=r"largest term is activations .*set train.activation_checkpointing=moe"):
+        make_plan(compose_train_config(["model=deepseek_moe_16b", "+cluster=mi300x", "parallel.ep=8",
+                                        "data.seq_len=4096", "train.micro_batch_size=8"]))
+    plan = make_plan(compose_train_config(["model=deepseek_moe_16b", "+cluster=mi300x", "parallel.ep=8",
+                                           "data.seq_len=4096", "train.micro_batch_size=8",
+                                           "train.activation_checkpointing=full"]))
+    assert plan.estimate.fits and "activation_checkpointing=full" in "\n".join(plan.lines())
+
+
+# ---- moe_67b, dp=1 tp=8 ep=8 (64 devices): d=4096 L=32 H=32 KV=8 hd=128 V=102400 F=12288 E=128 S=2 k=8 He=1280
+P67_ATTN = (2 * 4096 * 4096 + 2 * 4096 * 1024) // 8 + 2 * 4096
+P67_ROUTED = 3 * 4096 * 1280 * (128 // 8)
+P67 = (P67_ATTN + 3 * 4096 * 12288 // 8) + 31 * (P67_ATTN + 4096 * 128 + 3 * 4096 * 2 * 1280 // 8 + P67_ROUTED) \
+    + 2 * 102400 * 4096 + 4096
+A67_COMMON = 5 * 4096 + (4 * 4096 + 2 * 1024 + 32) // 8
+A67 = (A67_COMMON + 4 * 12288 // 8 + 2) + 31 * (A67_COMMON + 2 * 128 + 8 * (4096 + 5 * 1280 + 8) + 4 * 2 * 1280 // 8
+                                                + 4 + 8 * 4096) + (4096 + 1) + (2 * 4096 + 102400 + 4)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_67b_tp8_ep8_by_hand(profile: str) -> None:
+    gb, peak, intra, inter = PROFILES[profile]
+    cfg = compose_train_config(["model=moe_67b", f"+cluster={profile}", *SEQ])
+    workload, _ = planner_inputs(cfg)
+    est = estimate(workload, Layout(dp=1, tp=8, ep=8), cfg.cluster)
+    m = est.memory
+    assert P67 == 8_965_328_896 and m.params == 4 * P67 and m.optimizer == 8 * P67
+    assert A67 == 4_518_595 and m.activations == A67 * 2048 * 2
+    grad_buffer = 4 * 31 * P67_ROUTED
+    transient = 2048 * 102400 * 2 + 102400 * 4096 * 4
+    assert m.peak == 16 * P67 + max(A67 * 2048 * 2 + 2 * 2048 * 8 * 4096 * 2 + 2048 * 4096 * 2 + transient,
+                                    grad_buffer)
+    assert m.peak == 174_650_884_096  # 162.7 GiB: only MI300X's 172.8 GiB usable holds it
+    assert est.fits == (profile == "mi300x")
+    t = est.time
+    assert t.compute_s == pytest.approx(2048 * flops_per_token(workload.model, 2048) / 8 / (peak * 0.4))
+    assert t.tp_s == pytest.approx(4 * 32 * 2 * 7 / 8 * 2048 * 4096 * 2 / intra)  # tp=8: inside a node
+    assert t.all_to_all_s == pytest.approx(4 * 31 * 2048 * 8 * 7 / 8 * 4096 * 2 / inter)  # ep spans 64 ranks
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter)
+
+
+def test_recomputation_is_counted() -> None:
+    workload, layout = planner_inputs(_cfg("model=deepseek_moe_16b", "+cluster=h100", "parallel.ep=8"))
+    cluster = _cfg("model=deepseek_moe_16b", "+cluster=h100").cluster
+    acts = {}
+    for mode in ("none", "moe", "full"):
+        w = type(workload)(workload.model, workload.seq_len, workload.micro_batch_size, mode)
+        acts[mode] = estimate(w, layout, cluster)
+    moe_ffn = A16 - (A16_COMMON + 4 * 10944 + 2) - (2048 + 1) - (2 * 2048 + 102400 + 4) - 27 * A16_COMMON
+    assert acts["moe"].memory.activations == (A16 - moe_ffn + moe_ffn // 27) * 2048 * 2  # one layer recomputed
+    dense = A16_COMMON + 4 * 10944 + 2
+    assert acts["full"].memory.activations == (28 * 2048 + (2048 + 1) + (2 * 2048 + 102400 + 4)
+                                               + max(dense, A16_COMMON + moe_ffn // 27)) * 2048 * 2
+    assert acts["none"].time.compute_s < acts["moe"].time.compute_s < acts["full"].time.compute_s
+
+
+@pytest.mark.parametrize(("world", "overrides", "chosen"), [
+    (1, ["model=tiny", "data=tiny", "+cluster=h100"], Layout(dp=1)),
+    (2, ["model=small", "+cluster=h100"], Layout(dp=1, ep=2)),
+    (8, ["model=deepseek_moe_16b", "+cluster=h100"], Layout(dp=1, pp=2, ep=4)),
+    (64, ["model=moe_67b", "+cluster=h100"], Layout(dp=1, pp=8, ep=8, microbatches=8)),
+])
+def test_parallel_auto_choices(world: int, overrides: list[str], chosen: Layout) -> None:
+    cfg = compose_train_config([*overrides, "parallel=auto", f"cluster.num_workers={world}"])
+    p = cfg.parallel
+    assert Layout(p.dp, p.tp, p.pp, p.ep, p.pp_microbatches) == chosen
+    workload, layout = planner_inputs(cfg)
+    ests = [estimate(workload, lay, cfg.cluster) for lay in candidate_layouts(workload, cfg.cluster, world, layout)]
+    best = estimate(workload, layout, cfg.cluster)
+    assert best.fits and all(e.tokens_per_s <= best.tokens_per_s for e in ests if e.fits)  # the fastest that fits
+    assert all(e.layout.tp <= 8 for e in ests)  # tp stays within a node
+    lines = "\n".join(make_plan(cfg).lines())
+    assert f"auto           {chosen.describe()}" in lines and "fastest predicted" in lines
+    if world == 64:
+        assert "do not fit, e.g." in lines
+
+
+def test_parallel_auto_with_too_few_devices_names_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"no layout of 2 devices fits deepseek_moe_16b on h100 .* largest term "
+                                          r"optimizer states .*add workers \(cluster.num_workers\)"):
+        compose_train_config(["model=deepseek_moe_16b", "+cluster=h100", "parallel=auto", "cluster.num_workers=2"])
+    local = compose_train_config(["model=tiny", "data=tiny"])
+    layout, why = choose_layout(planner_inputs(local)[0], local.cluster, 4)
+    assert layout.world == 4 and why[0].startswith("auto")  # local CPU: no memory limit, no peak: least memory
