@@ -1,0 +1,147 @@
+"""LoRA (moe/lora.py): exact merge and unmerge, adapter gradients equal autograd through the merged
+weights, per-example gradients equal a per-example loop, and the trainable fraction of the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from moe.config import ModelConfig
+from moe.lora import (LoRAConfig, adapters_of, apply_lora, capture_per_example, lora_param_counts, merge_lora,
+                      remove_lora, unmerge_lora)
+from moe.model import build_meta_model, build_model
+from tests.moe.test_hf import tiny_preset
+
+
+def lora_model(cfg: ModelConfig | None = None, lora: LoRAConfig | None = None, seed: int = 0):
+    """The tiny model (dropless, no aux/z losses) with adapters whose B is random, so every adapter matters."""
+    cfg = cfg or tiny_preset()
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, aux_loss_coef=0.0, z_loss_coef=0.0,
+                                                           expert_kernel="loop"))
+    model = build_model(cfg, seed=seed)
+    adapters = apply_lora(model, lora or LoRAConfig(rank=4, alpha=8.0), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for a in adapters.values():
+            for name, p in a.named_parameters():
+                if name.startswith("B"):
+                    p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model, adapters
+
+
+def tokens(cfg: ModelConfig, batch: int = 3, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_target_gets_an_adapter_and_only_adapters_train() -> None:
+    model, adapters = lora_model()
+    assert sorted(adapters) == sorted(
+        [f"layers.{i}.attn.{w}" for i in (0, 1) for w in ("wq", "wk", "wv", "wo")]
+        + [f"layers.0.ffn.{w}" for w in ("w1", "w3", "w2")] + [f"layers.1.ffn.shared.{w}" for w in ("w1", "w3", "w2")]
+        + ["layers.1.ffn.experts"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora." in n for n in trainable)
+    model2, _ = lora_model(lora=LoRAConfig(rank=2, targets=["experts"], train_router=True))
+    assert {n for n, p in model2.named_parameters() if p.requires_grad} == {
+        "layers.1.ffn.router.gate.weight", *(f"layers.1.ffn.experts.lora.{p}" for p in ("A13", "B13", "A2", "B2"))}
+
+
+def test_merge_and_unmerge_are_exact() -> None:
+    model, _ = lora_model()
+    x = tokens(model.cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".lora." not in k}
+    with torch.no_grad():
+        adapted = model(x)
+        merge_lora(model)
+        merged = model(x)
+        assert any(not torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+        unmerge_lora(model)
+        again = model(x)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, adapted)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    remove_lora(model, merge=True)
+    assert not adapters_of(model) and not any(".lora." in k for k in model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def merged_weights(model: torch.nn.Module, adapters: dict, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W + scale * B A for every adapted weight, as autograd expressions of the adapter leaves."""
+    out = {}
+    for name, a in adapters.items():
+        mod, s = model.get_submodule(name), a.scale
+        if hasattr(a, "A13"):
+            d13 = torch.bmm(leaves[f"{name}.lora.A13"], leaves[f"{name}.lora.B13"]) * s
+            h = d13.shape[-1] // 2
+            out[f"{name}.w1"], out[f"{name}.w3"] = mod.w1 + d13[..., :h], mod.w3 + d13[..., h:]
+            out[f"{name}.w2"] = mod.w2 + torch.bmm(leaves[f"{name}.lora.A2"], leaves[f"{name}.lora.B2"]) * s
+        else:
+            out[f"{name}.weight"] = mod.weight + leaves[f"{name}.lora.B"] @ leaves[f"{name}.lora.A"] * s
+    return out
+
+
+def test_adapter_gradients_equal_autograd_through_the_merged_weights() -> None:
+    model, adapters = lora_model()
+    x = tokens(model.cfg)
+    logits = model(x[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
+    for a in adapters.values():
+        a.merged = True  # the adapters step aside; the merged weights below carry them
+    logits_ref = functional_call(model, merged_weights(model, adapters, leaves), (x[:, :-1],))
+    torch.nn.functional.cross_entropy(logits_ref.flatten(0, 1), x[:, 1:].flatten()).backward()
+    torch.testing.assert_close(logits_ref, logits, atol=1e-5, rtol=1e-5)
+    for n, g in ours.items():
+        torch.testing.assert_close(g, leaves[n].grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_per_example_gradients_equal_a_per_example_loop() -> None:
+    """Each example's gradient (attention, dense, shared and expert adapters; an example's tokens
+    route to different experts) equals the gradient of that example alone."""
+    model, _ = lora_model()
+    x = tokens(model.cfg, batch=4, seq=12, seed=3)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:  # per-example sums: no statistic crosses examples
+        logits = model(batch[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+
+    with capture_per_example(x.shape[0], x.shape[1] - 1):
+        loss_of(x).backward()
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(loss_of(x[i:i + 1]), list(params.values()))
+        for (n, p), g in zip(params.items(), grads, strict=True):
+            torch.testing.assert_close(p.grad_sample[i], g, atol=1e-6, rtol=1e-5, msg=f"{n} example {i}")
+    total = {n: p.grad_sample.sum(0) for n, p in params.items()}
+    for n, p in params.items():
+        torch.testing.assert_close(total[n], p.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("targets", "low", "high"), [
+    (["attn", "dense_ffn", "shared_ffn"], 0.0003, 0.0005), (["attn", "dense_ffn", "shared_ffn", "experts"], 0.007, 0.008)])
+def test_trainable_fraction_of_deepseek_moe_16b_on_meta(compose, targets: list[str], low: float, high: float) -> None:
+    from pipelines.train.config import to_train_config
+
+    cfg = to_train_config(compose("train", ["model=deepseek_moe_16b"])).model
+    model = build_meta_model(cfg)
+    trainable, total = lora_param_counts(model, LoRAConfig(rank=8, targets=targets))
+    assert low < trainable / total < high, trainable / total
+    # the count from shapes equals the adapters a (meta) model actually gets
+    small = build_meta_model(dataclasses.replace(cfg, n_layers=3, vocab_size=1024))
+    expected = lora_param_counts(small, LoRAConfig(rank=8, targets=targets))[0]
+    apply_lora(small, LoRAConfig(rank=8, targets=targets))
+    assert sum(p.numel() for p in small.parameters() if p.requires_grad) == expected
+
+
+def test_bad_lora_settings_name_the_key() -> None:
+    from moe.config import ConfigError
+
+    for bad, key in ((LoRAConfig(rank=0), "lora.rank"), (LoRAConfig(targets=["mlp"]), "lora.targets"),
+                     (LoRAConfig(dropout=1.0), "lora.dropout")):
+        with pytest.raises(ConfigError, match=key):
+            bad.validate()
