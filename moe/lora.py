@@ -45,7 +45,6 @@ from moe.config import ConfigError
 from moe.experts import GroupedExperts
 from moe.layers import Attention, SwiGLU
 from moe.model import MoETransformer
-from moe.moe import MoE
 
 TARGETS = ("attn", "dense_ffn", "shared_ffn", "experts")
 

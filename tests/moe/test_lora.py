@@ -10,8 +10,16 @@ import torch
 from torch.func import functional_call
 
 from moe.config import ModelConfig
-from moe.lora import (LoRAConfig, adapters_of, apply_lora, capture_per_example, lora_param_counts, merge_lora,
-                      remove_lora, unmerge_lora)
+from moe.lora import (
+    LoRAConfig,
+    adapters_of,
+    apply_lora,
+    capture_per_example,
+    lora_param_counts,
+    merge_lora,
+    remove_lora,
+    unmerge_lora,
+)
 from moe.model import build_meta_model, build_model
 from tests.moe.test_hf import tiny_preset
 
@@ -145,3 +153,30 @@ def test_bad_lora_settings_name_the_key() -> None:
                      (LoRAConfig(dropout=1.0), "lora.dropout")):
         with pytest.raises(ConfigError, match=key):
             bad.validate()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sigmoid"])
+def test_peft_adapter_on_the_transformers_export_equals_our_merged_model(preset: str, tmp_path) -> None:
+    """`PeftModel.from_pretrained(exported model, adapter dir)` gives our merged model's logits (1e-5)."""
+    import transformers
+    from peft import PeftModel
+
+    from moe import hf as moe_hf
+    from tests.moe.test_hf import PRESETS, trained_like
+
+    base = trained_like(PRESETS[preset]())
+    base_dir = moe_hf.export_hf(base, tmp_path / "hf")
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    model, adapters = lora_model(base.cfg, lora)
+    model.load_state_dict(base.state_dict(), strict=False)  # the base weights of the export, adapters random
+    moe_hf.export_peft_adapter(model, adapters, lora.rank, lora.alpha, tmp_path / "adapter")
+    x = tokens(model.cfg, batch=2, seq=24)
+    merge_lora(model)
+    with torch.no_grad():
+        ours = model.eval()(x)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        theirs = peft_model(x).logits
+        plain = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)(x).logits
+    assert (plain - ours).abs().max() > 1e-3  # the adapters change the logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
