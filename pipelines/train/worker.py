@@ -110,10 +110,7 @@ class Trainer:
         dims = ParallelDims.from_degrees(self.world, cfg.parallel.dp, cfg.parallel.ep, cfg.parallel.pp,
                                          cfg.model.moe.n_routed_experts)
         self.dims, self.data_rank = dims, dims.data_rank(self.rank)  # a pipeline's ranks share one data rank
-        self.model = build_meta_model(cfg.model)
-        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel))
-        materialize(self.model, self.device, seed=cfg.train.seed)
-        accumulate_expert_grads_in_place(self.model)  # gradients stay allocated across steps (zero_grad below)
+        self.build_model(dims)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_schedule(self.opt, cfg.optim, cfg.train.steps)
         self.state = self._resume() or TrainerState()
@@ -127,12 +124,29 @@ class Trainer:
                           else ConsumedSet(self.n_train_sequences))
         self.model.train()
 
+    def build_model(self, dims: ParallelDims) -> None:
+        """`self.model` (this rank's shards, initialized) and `self.plan`: meta -> parallelize ->
+        materialize. A seam: fine-tuning (pipelines/finetune) loads base weights and adds adapters here."""
+        cfg = self.cfg
+        self.model = build_meta_model(cfg.model)
+        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel))
+        materialize(self.model, self.device, seed=cfg.train.seed)
+        accumulate_expert_grads_in_place(self.model)  # gradients stay allocated across steps (zero_grad below)
+
+    def write_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
+        """Collective: this rank's part of a checkpoint (a seam: fine-tuning writes adapters only)."""
+        save_checkpoint(self.model, self.opt, directory, extra, self.rank)
+
+    def read_checkpoint(self, directory: Path) -> dict[str, Any]:
+        """Collective: fill model and optimizer from `directory`; returns the saved `extra` (a seam)."""
+        return load_checkpoint(self.model, self.opt, directory)
+
     def _resume(self) -> TrainerState | None:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
         with ckpt.as_directory() as d:
-            extra = load_checkpoint(self.model, self.opt, Path(d))
+            extra = self.read_checkpoint(Path(d))
         self.sched.load_state_dict(extra["scheduler"])
         state = TrainerState(**extra["trainer"])
         state.restarts += 1
@@ -254,7 +268,7 @@ class Trainer:
         self.state.expert_load = self.load_matrix.tolist()
         with tempfile.TemporaryDirectory(prefix="moe-ckpt-") as tmp:
             extra = {"trainer": dataclasses.asdict(self.state), "scheduler": self.sched.state_dict()}
-            save_checkpoint(self.model, self.opt, Path(tmp), extra, self.rank)
+            self.write_checkpoint(Path(tmp), extra)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # ---- the loop ---------------------------------------------------------------------------------
