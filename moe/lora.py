@@ -36,6 +36,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -387,3 +388,10 @@ def expert_adapter_offsets(model: nn.Module) -> dict[str, int]:
             for name, a in adapters_of(model).items() if isinstance(a, ExpertAdapter)
             for p in ("A13", "B13", "A2", "B2")}
 
+
+
+def shard_adapter_gradients(plan: Any) -> None:
+    """Tell a `moe.parallel.apply.ParallelPlan` that the expert adapters are sharded like their experts,
+    so their gradients are averaged over the ranks holding the same experts (and clipping sums their
+    squares over the EP group), not over every rank. Call after `apply_lora`."""
+    plan.expert_param_names |= set(expert_adapter_offsets(plan.model))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from moe.checkpoint import load_adapter_checkpoint, load_exported_weights, save_adapter_checkpoint
-from moe.lora import apply_lora, capture_per_example, trainable_fraction_line
+from moe.lora import apply_lora, capture_per_example, shard_adapter_gradients, trainable_fraction_line
 from moe.loss import IGNORE_INDEX
 from moe.model import build_meta_model, materialize
 from moe.parallel.apply import parallelize
@@ -50,6 +50,7 @@ class FinetuneTrainer(Trainer):
         materialize(self.model, self.device, seed=cfg.train.seed)
         load_exported_weights(self.model, self.base_dir)
         apply_lora(self.model, cfg.lora, seed=cfg.train.seed)
+        shard_adapter_gradients(self.plan)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.rank == 0:
             print(f"[finetune] {trainable_fraction_line(self.model, cfg.lora)[1]}", flush=True)
