@@ -72,7 +72,7 @@ def test_dp_finetune_on_chat_jsonl_logs_epsilon_per_step(trained_tiny: TrainedTi
                            {"role": "assistant", "content": f"{2 * i}"}]} for i in range(40)]
     chat.write_text("\n".join(json.dumps(line) for line in lines))
     out = run(compose, finetune_overrides(trained_tiny, tmp_path, f"base.path={trained_tiny.model_dir}",
-                                          f"files.paths=[{chat}]", "privacy=dp", "privacy.expected_batch_size=8",
+                                          f"files.paths=[{chat}]", "privacy=dp", "privacy.expected_batch_size=8", "files.val_fraction=0.2",
                                           "train.steps=3"), tmp_path / "work")
     assert out.steps == 3 and out.epsilon is not None and 0 < out.epsilon <= 8.0
     history = MlflowClient(tracking_uri=trained_tiny.tracking_uri).get_metric_history(out.run_id, "privacy/epsilon")
