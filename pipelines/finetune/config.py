@@ -47,11 +47,13 @@ class FilesConfig:
 
 @dataclass
 class BalanceConfig:
-    """Load-balancing settings the base model is fine-tuned with (they replace the base's own)."""
+    """Load-balancing settings the base model is fine-tuned with (the losses replace the base's own).
+    The base's expert bias keeps steering the routing as it did in the base; it only moves when
+    `update_expert_bias` (at the base's `bias_update_rate`)."""
 
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
-    bias_update_rate: float = 0.0
+    update_expert_bias: bool = False
     capacity_factor: float | None = None  # null: the base model's
 
 
@@ -109,7 +111,7 @@ def to_finetune_config(cfg: DictConfig) -> FinetuneConfig:
 def apply_balance(c: FinetuneConfig) -> None:
     """`balance.*` replaces the model's load-balancing settings (the base's own are the training's)."""
     b, moe = c.balance, c.model.moe
-    moe.aux_loss_coef, moe.z_loss_coef, moe.bias_update_rate = b.aux_loss_coef, b.z_loss_coef, b.bias_update_rate
+    moe.aux_loss_coef, moe.z_loss_coef = b.aux_loss_coef, b.z_loss_coef
     if b.capacity_factor is not None:
         moe.capacity_factor = b.capacity_factor
 
@@ -139,8 +141,9 @@ def check_privacy_settings(c: FinetuneConfig) -> None:
         (moe.aux_loss_coef > 0, f"balance.aux_loss_coef={moe.aux_loss_coef}: the auxiliary load-balancing loss is a "
          "statistic of the whole batch's routing, so one example moves every other example's gradient; set "
          "balance.aux_loss_coef=0"),
-        (moe.bias_update_rate > 0, f"balance.bias_update_rate={moe.bias_update_rate}: expert-bias updates move the "
-         "routing by the batch's loads outside the clipped, noised gradient; set balance.bias_update_rate=0"),
+        (c.balance.update_expert_bias and moe.bias_update_rate > 0, "balance.update_expert_bias=true: expert-bias "
+         "updates move the routing by the batch's loads outside the clipped, noised gradient; set "
+         "balance.update_expert_bias=false"),
         (moe.capacity_factor > 0, f"model.moe.capacity_factor={moe.capacity_factor}: capacity dropping makes one "
          "example's tokens decide which tokens of other examples are dropped; set balance.capacity_factor=0"),
         (moe.z_loss_coef > 0, f"balance.z_loss_coef={moe.z_loss_coef}: the router z-loss is averaged over the "

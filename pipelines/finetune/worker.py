@@ -51,6 +51,8 @@ class FinetuneTrainer(Trainer):
         load_exported_weights(self.model, self.base_dir)
         apply_lora(self.model, cfg.lora, seed=cfg.train.seed)
         shard_adapter_gradients(self.plan)
+        if not cfg.balance.update_expert_bias:  # the base's bias keeps routing as in the base, unchanged
+            self.plan.update_expert_bias = lambda loads: None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.rank == 0:
             print(f"[finetune] {trainable_fraction_line(self.model, cfg.lora)[1]}", flush=True)

@@ -90,7 +90,7 @@ def test_settings_that_break_the_privacy_guarantee_are_refused(compose) -> None:
     with pytest.raises(ConfigError, match="privacy.enabled=true refuses balance.aux_loss_coef=0.01"):
         to_finetune_config(compose("finetune", ["privacy=dp", "balance.aux_loss_coef=0.01"]))
     ok = to_finetune_config(compose("finetune", ["privacy=dp"]))
-    cases = {"balance.bias_update_rate": lambda c: setattr(c.model.moe, "bias_update_rate", 0.001),
+    cases = {"balance.update_expert_bias": lambda c: setattr(c.balance, "update_expert_bias", True),
              "model.moe.capacity_factor": lambda c: setattr(c.model.moe, "capacity_factor", 1.25),
              "balance.z_loss_coef": lambda c: setattr(c.model.moe, "z_loss_coef", 0.001),
              "parallel.ep=2": lambda c: setattr(c.parallel, "ep", 2),
