@@ -301,3 +301,72 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     if saved is None:
         quantize_model(model, want)  # from the fp32 weights
     return model.to(dtype).eval()
+
+
+# ---- fine-tuning: a frozen exported base, adapter-only checkpoints --------------------------------
+ADAPTER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+
+
+@torch.no_grad()
+def load_exported_weights(model: MoETransformer, model_dir: str | Path) -> None:
+    """Fill a (possibly sharded) model from an exported model directory: each rank reads only the
+    tensors it holds (its pipeline stages' entries, its experts' slices), memory-mapped."""
+    from safetensors import safe_open
+
+    offsets = expert_offsets(model)
+    with safe_open(str(Path(model_dir) / WEIGHTS_FILE), framework="pt") as f:
+        names = set(f.keys())
+        for key, t in model.state_dict(keep_vars=True).items():
+            if key not in names:
+                continue  # not exported (adapters, non-persistent buffers)
+            if key in offsets:
+                src = f.get_slice(key)[offsets[key]:offsets[key] + t.shape[0]]
+            else:
+                src = f.get_tensor(key)
+            t.data.copy_(src.to(t.dtype))
+
+
+def _trainable_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    model_sd, optim_sd = get_state_dict(model, opt, options=ADAPTER_OPTIONS)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
+
+
+def save_adapter_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, directory: Path,
+                            extra: dict[str, Any], rank: int) -> None:
+    """Collective: like `save_checkpoint`, but only the trainable parameters (LoRA adapters, anything
+    unfrozen) and their optimizer state; expert adapters one entry per global expert."""
+    from moe.lora import expert_adapter_offsets
+
+    model_sd, optim_sd = _trainable_state(model, opt)
+    state = to_global_layout(model_sd, optim_sd, expert_adapter_offsets(model))
+    dcp.save(state, checkpoint_id=str(directory / DCP_DIR))
+    if rank == 0:
+        torch.save(extra, directory / TRAINER_STATE_FILE)
+
+
+def load_adapter_checkpoint(model: MoETransformer, opt: torch.optim.Optimizer, directory: Path) -> dict[str, Any]:
+    """Collective: inverse of `save_adapter_checkpoint` under any layout; returns the saved `extra`."""
+    from moe.lora import expert_adapter_offsets
+
+    offsets = expert_adapter_offsets(model)
+    model_sd, optim_sd = _trainable_state(model, opt)
+    state = to_global_layout(model_sd, optim_sd, offsets)
+    dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+    model_sd, optim_sd = from_global_layout(state, offsets)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=ADAPTER_OPTIONS)
+    return torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
+
+
+@torch.no_grad()
+def load_adapter_weights(model: MoETransformer, directory: Path) -> None:
+    """The trainable parameters of an adapter checkpoint into a whole one-process model that carries
+    the same adapters (export, evaluation)."""
+    from moe.lora import expert_adapter_offsets
+
+    offsets = expert_adapter_offsets(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state = {"model": {k: (_split(v.detach(), 0) if k in offsets else v.detach()) for k, v in params.items()}}
+    dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+    for k, v in state["model"].items():
+        params[k].copy_(_join(v, 0) if k in offsets else v)

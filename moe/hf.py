@@ -357,3 +357,74 @@ def load_hf(path: str | Path) -> MoETransformer:
     model_config_from_hf(config)  # a clear refusal before the weights are read
     hf = tf.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     return from_hf_model(hf)
+
+
+# ---- LoRA adapters in peft's format -------------------------------------------------------------
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _hf_linear_name(cfg: ModelConfig, name: str) -> tuple[str, bool]:
+    """Our adapted nn.Linear (`layers.3.attn.wq`) -> (its transformers name, whether it is an
+    attention projection, which peft targets as a module; feed-forward weights are targeted as
+    parameters: peft >= 0.21 folds feed-forward *module* targets of MoE models into the fused experts)."""
+    _, layer, kind, *rest = name.split(".")
+    prefix = f"model.layers.{layer}."
+    if kind == "attn":
+        return prefix + "self_attn." + dict(_ATTN_NAMES)[rest[0]], True
+    shared = rest[0] == "shared"
+    hf_proj = dict(_FFN_NAMES)[rest[-1]]
+    return prefix + ("mlp.shared_experts." if shared else "mlp.") + hf_proj, False
+
+
+def peft_adapter(model: MoETransformer, adapters: dict[str, Any], rank: int, alpha: float
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json, adapter_model.safetensors tensors) of LoRA `adapters` (moe/lora.py, on a
+    whole one-device model) for `PeftModel.from_pretrained(<our transformers export>, dir)`.
+
+    Linear adapters keep nn.Linear's layout (Glm's q/k rows permuted like the weights). The experts'
+    shared gate/up A is the LoRA of the fused `gate_up_proj` (peft: A (E*r, D) expert-major, B
+    (2H, r*E) expert-minor), their down projection that of `down_proj`; peft nests the two wrappers
+    with `gate_up_proj` inside (`experts.base_layer.`). peft refuses dropout on parameter targets, so
+    the exported config says 0 (dropout only acts in training)."""
+    cfg, arch = model.cfg, hf_architecture(model.cfg)
+    modules, params, out = set(), [], {}
+    pre = "base_model.model."
+    for name, a in adapters.items():
+        if hasattr(a, "A13"):
+            hf = f"model.layers.{name.split('.')[1]}.mlp.experts"
+            e, r = a.A13.shape[0], a.A13.shape[2]
+            out[f"{pre}{hf}.base_layer.lora_A.weight"] = a.A13.transpose(1, 2).reshape(e * r, -1)
+            out[f"{pre}{hf}.base_layer.lora_B.weight"] = a.B13.permute(2, 1, 0).reshape(-1, r * e)
+            out[f"{pre}{hf}.lora_A.weight"] = a.A2.transpose(1, 2).reshape(e * r, -1)
+            out[f"{pre}{hf}.lora_B.weight"] = a.B2.permute(2, 1, 0).reshape(-1, r * e)
+            params += [f"{hf}.gate_up_proj", f"{hf}.down_proj"]
+            continue
+        hf, is_attn = _hf_linear_name(cfg, name)
+        b = a.B
+        if arch == GLM and name.rsplit(".", 1)[-1] in ("wq", "wk"):
+            b = _permute_heads(b, cfg.head_dim)
+        out[f"{pre}{hf}.lora_A.weight"], out[f"{pre}{hf}.lora_B.weight"] = a.A, b
+        if is_attn:
+            modules.add(hf.rsplit(".", 1)[-1])
+        else:
+            params.append(f"{hf}.weight")
+    config = {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "target_modules": sorted(modules), "target_parameters": sorted(params), "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+              "init_lora_weights": True, "base_model_name_or_path": None, "modules_to_save": None}
+    return config, {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def export_peft_adapter(model: MoETransformer, adapters: dict[str, Any], rank: int, alpha: float,
+                        out_dir: str | Path) -> Path:
+    """Write `peft_adapter` as adapter_config.json + adapter_model.safetensors into `out_dir`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config, tensors = peft_adapter(model, adapters, rank, alpha)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    return out

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 PACKAGES = ("moe", "cluster", "pipelines", "serve")
 # command lines: they compose configs of several layers and sit on top (never imported by production code)
 ENTRY_POINTS = {"cluster.submit", "pipelines.preprocess", "pipelines.train.__main__",
-                "serve.deploy", "pipelines.evaluate", "pipelines.export"}
+                "serve.deploy", "pipelines.evaluate", "pipelines.export", "pipelines.finetune.__main__"}
 ALLOWED = {
     "moe": {"moe"},
     "cluster": {"moe", "cluster"},
@@ -30,8 +30,10 @@ ALLOWED = {
     "serve": {"moe", "cluster", "core", "serve"},
     # evaluation and export of a trained model: reads preprocessed data, never training or serving
     "evaluation": {"moe", "core", "data", "evaluation"},
-    "bench": {"moe", "cluster", "core", "data", "train", "serve", "evaluation", "bench"},
-    "entry": {"moe", "cluster", "core", "data", "train", "serve", "evaluation"},
+    # fine-tuning builds on training (its Trainer, driver pieces) and reads preprocessed data
+    "finetune": {"moe", "cluster", "core", "data", "train", "finetune"},
+    "bench": {"moe", "cluster", "core", "data", "train", "serve", "evaluation", "finetune", "bench"},
+    "entry": {"moe", "cluster", "core", "data", "train", "serve", "evaluation", "finetune"},
 }
 FORBIDDEN_IN_MOE = ("ray", "hydra", "omegaconf", "mlflow")
 
@@ -43,7 +45,7 @@ def component(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] in ("moe", "cluster", "serve"):
         return parts[0]
-    if parts[0] == "pipelines" and len(parts) > 1 and parts[1] in ("core", "data", "train", "evaluation", "bench"):
+    if parts[0] == "pipelines" and len(parts) > 1 and parts[1] in ("core", "data", "train", "evaluation", "bench", "finetune"):
         return parts[1]
     return None
 

@@ -125,11 +125,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.rank)
         dims = self.layout.dims
         self.dims, self.data_rank = dims, dims.data_rank(self.rank)  # a pipeline's ranks share one data rank
-        self.model = build_meta_model(cfg.model)
-        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel),
-                                activation_checkpointing=cfg.train.activation_checkpointing)
-        materialize(self.model, self.device, seed=cfg.train.seed)
-        accumulate_expert_grads_in_place(self.model)  # gradients stay allocated across steps (zero_grad below)
+        self.build_model(dims)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_schedule(self.opt, cfg.optim, cfg.train.steps)
         groups = index_split(self.dataset_dir, "train")
@@ -146,6 +142,24 @@ class Trainer:
             torch.set_rng_state(self.state.rng[self.rank].to(torch.uint8).contiguous().clone())
         self.model.train()
 
+    def build_model(self, dims: ParallelDims) -> None:
+        """`self.model` (this rank's shards, initialized) and `self.plan`: meta -> parallelize ->
+        materialize. A seam: fine-tuning (pipelines/finetune) loads base weights and adds adapters here."""
+        cfg = self.cfg
+        self.model = build_meta_model(cfg.model)
+        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel),
+                                activation_checkpointing=cfg.train.activation_checkpointing)
+        materialize(self.model, self.device, seed=cfg.train.seed)
+        accumulate_expert_grads_in_place(self.model)  # gradients stay allocated across steps (zero_grad below)
+
+    def write_checkpoint(self, directory: Path, extra: dict[str, Any]) -> None:
+        """Collective: this rank's part of a checkpoint (a seam: fine-tuning writes adapters only)."""
+        save_checkpoint(self.model, self.opt, directory, extra, self.rank)
+
+    def read_checkpoint(self, directory: Path) -> dict[str, Any]:
+        """Collective: fill model and optimizer from `directory`; returns the saved `extra` (a seam)."""
+        return load_checkpoint(self.model, self.opt, directory)
+
     def _resume(self) -> TrainerState | None:
         """Load the newest checkpoint whose manifest verifies (rank 0 decides; damaged ones are skipped
         with a warning that is also reported); None on a fresh start."""
@@ -161,7 +175,7 @@ class Trainer:
                 self.restart_info = {"restart/resumed_from": 0, "restart/world_size_before": 0,
                                      "restart/skipped_checkpoints": skipped}
             return None
-        extra = load_checkpoint(self.model, self.opt, path)
+        extra = self.read_checkpoint(path)
         self.sched.load_state_dict(extra["scheduler"])
         state = TrainerState(**extra["trainer"])
         self.ledger = SampleLedger.load(path / LEDGER_FILE)
@@ -289,7 +303,7 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         extra = {"trainer": dataclasses.asdict(self.state), "scheduler": self.sched.state_dict()}
-        save_checkpoint(self.model, self.opt, tmp, extra, self.rank)
+        self.write_checkpoint(tmp, extra)
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:

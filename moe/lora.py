@@ -1,0 +1,397 @@
+"""LoRA adapters applied to a `MoETransformer` from outside, like the parallel styles: `apply_lora`
+attaches them, `merge_lora` / `unmerge_lora` fold them into the base weights and back (exactly),
+`remove_lora` takes them off again; the model code never branches on them.
+
+Targets (`LoRAConfig.targets`):
+    attn        the attention projections wq, wk, wv, wo (nn.Linear)
+    dense_ffn   the dense layers' SwiGLU w1, w3, w2 (nn.Linear)
+    shared_ffn  the MoE layers' shared experts w1, w3, w2 (nn.Linear)
+    experts     the routed experts' 3-D weights: per expert, gate and up share one A (E, D, r) with
+                one B over both (E, r, 2H: gate columns, then up), the down projection has its own
+                A (E, H, r) and B (E, r, D). This is exactly a LoRA of transformers' fused
+                `gate_up_proj` and `down_proj`, so the adapter exports to peft as it is.
+A linear adapter (A (r, in), B (out, r), in nn.Linear's layout) adds scale * B A dropout(x) to the
+module's output through a forward hook. The expert adapter replaces the experts' local compute
+(`GroupedExperts.local_gather_combine`, also what expert parallelism calls on the expert rank) by
+one that runs each expert's base GEMMs and its low-rank terms on the rows routed to that expert
+only; W + dW is never formed. The routed rows carry their combine weight into the down projection
+as the base kernel does. `scale = alpha / rank`; B starts at zero, A from a generator seeded by
+the seed and the module's name, drawn whole and sliced to the local experts, so every layout
+(any EP degree, any pipeline stage) starts from the one-device values.
+
+Only the adapters train: every base parameter is frozen, the router's gate and the embeddings and
+head too unless `train_router` / `train_embeddings` say otherwise. `trainable_fraction` counts
+the adapter parameters of the whole (unsharded) model against all its parameters.
+
+Per-example gradients (differential privacy): every low-rank product runs through one autograd
+function, `LowRank`; while a `PerExampleCapture` is active its backward also writes each
+example's gradient of A and B into `param.grad_sample` (examples x param shape), exactly the
+gradient that example alone would give, for the linear and the expert adapters alike.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.config import ConfigError
+from moe.experts import GroupedExperts
+from moe.layers import Attention, SwiGLU
+from moe.model import MoETransformer
+
+TARGETS = ("attn", "dense_ffn", "shared_ffn", "experts")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    train_router: bool = False  # the router's gate weight trains in full (off: frozen)
+    train_embeddings: bool = False  # the token embedding and the head train in full (off: frozen)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, prefix: str = "lora") -> LoRAConfig:
+        if self.rank <= 0:
+            raise ConfigError(f"{prefix}.rank={self.rank} must be positive (e.g. 8).")
+        if self.alpha <= 0:
+            raise ConfigError(f"{prefix}.alpha={self.alpha} must be positive (e.g. 2 x rank).")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{prefix}.dropout={self.dropout} must be within [0, 1).")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(f"{prefix}.targets={list(self.targets)}: choose a non-empty subset of {list(TARGETS)}.")
+        return self
+
+
+# ---- per-example gradients ----------------------------------------------------------------------
+class PerExampleCapture:
+    """While active (`capture_per_example`), `LowRank` adds each example's A and B gradients into
+    `param.grad_sample`. Rows of a flattened (tokens, features) input belong to example
+    `row // tokens_per_example` (the batch is (n_examples, tokens_per_example) tokens)."""
+
+    def __init__(self, n_examples: int, tokens_per_example: int) -> None:
+        self.n_examples, self.tokens_per_example = n_examples, tokens_per_example
+
+    def add(self, param: torch.Tensor, index: int | None, sample: torch.Tensor) -> None:
+        """Add (n_examples, *shape) into param.grad_sample (or its slice `index` along the expert dim)."""
+        if getattr(param, "grad_sample", None) is None:
+            param.grad_sample = param.new_zeros(self.n_examples, *param.shape)
+        target = param.grad_sample if index is None else param.grad_sample[:, index]
+        target.add_(sample.to(param.dtype))
+
+
+_CAPTURE: list[PerExampleCapture] = []  # the active capture (at most one), set by `capture_per_example`
+
+
+@contextmanager
+def capture_per_example(n_examples: int, tokens_per_example: int) -> Iterator[PerExampleCapture]:
+    """Forward and backward inside this context fill `grad_sample` of every adapter parameter."""
+    cap = PerExampleCapture(n_examples, tokens_per_example)
+    _CAPTURE.append(cap)
+    try:
+        yield cap
+    finally:
+        _CAPTURE.remove(cap)
+
+
+@dataclass
+class SampleSink:
+    """Where `LowRank`'s per-example gradients go: the parameters, the expert index (None for a
+    linear adapter, whose A/B are stored transposed), and each row's example id."""
+
+    capture: PerExampleCapture
+    a: nn.Parameter
+    b: nn.Parameter
+    expert: int | None
+    example_N: torch.Tensor
+
+    def write(self, x_NI: torch.Tensor, z_NR: torch.Tensor, g_NO: torch.Tensor, gz_NR: torch.Tensor,
+              scale: float) -> None:
+        n = self.capture.n_examples
+        if self.expert is None:  # rows are contiguous per example: one batched GEMM each
+            x, z = x_NI.view(n, -1, x_NI.shape[-1]), z_NR.view(n, -1, z_NR.shape[-1])
+            g, gz = g_NO.view(n, -1, g_NO.shape[-1]), gz_NR.view(n, -1, gz_NR.shape[-1])
+            self.capture.add(self.a, None, scale * torch.einsum("btr,bti->bri", gz, x))
+            self.capture.add(self.b, None, scale * torch.einsum("bto,btr->bor", g, z))
+            return
+        da = x_NI.new_zeros(n, x_NI.shape[1] * z_NR.shape[1])
+        da.index_add_(0, self.example_N, (x_NI.unsqueeze(2) * gz_NR.unsqueeze(1)).flatten(1))
+        db = x_NI.new_zeros(n, z_NR.shape[1] * g_NO.shape[1])
+        db.index_add_(0, self.example_N, (z_NR.unsqueeze(2) * g_NO.unsqueeze(1)).flatten(1))
+        self.capture.add(self.a, self.expert, scale * da.view(n, x_NI.shape[1], -1))
+        self.capture.add(self.b, self.expert, scale * db.view(n, z_NR.shape[1], -1))
+
+
+class LowRank(torch.autograd.Function):
+    """scale * (x @ A) @ B for rows x (N, in), A (in, r), B (r, out); with a `SampleSink` the
+    backward also writes every example's gradient of A and B."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,  # noqa: D102
+                sink: SampleSink | None) -> torch.Tensor:
+        z = x @ a
+        ctx.save_for_backward(x, a, b, z)
+        ctx.scale, ctx.sink = scale, sink
+        return (z @ b) * scale
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
+        x, a, b, z = ctx.saved_tensors
+        s = ctx.scale
+        gz = g @ b.t()  # (N, r)
+        if ctx.sink is not None:
+            ctx.sink.write(x, z, g, gz, s)
+        dx = (gz @ a.t()) * s if ctx.needs_input_grad[0] else None
+        da = (x.t() @ gz) * s if ctx.needs_input_grad[1] else None
+        db = (z.t() @ g) * s if ctx.needs_input_grad[2] else None
+        return dx, da, db, None, None
+
+
+def _active_capture() -> PerExampleCapture | None:
+    return _CAPTURE[-1] if _CAPTURE else None
+
+
+# ---- adapters -----------------------------------------------------------------------------------
+def _seeded(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _kaiming_a(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    """peft's default A: kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.rand(shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound
+
+
+class LinearAdapter(nn.Module):
+    """LoRA of one nn.Linear: A (r, in), B (out, r); adds scale * B A dropout(x) to its output."""
+
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig, name: str, seed: int) -> None:
+        super().__init__()
+        dev, dtype = base.weight.device, base.weight.dtype
+        r, fan_in = cfg.rank, base.in_features
+        self.A = nn.Parameter(_kaiming_a((r, fan_in), fan_in, _seeded(seed, name)).to(dev, dtype))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
+        self.scale, self.dropout, self.merged = cfg.scale, cfg.dropout, False
+        self.original: torch.Tensor | None = None
+        self.handle = base.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return out
+        x = inputs[0]
+        x_NI = F.dropout(x, self.dropout, self.training).reshape(-1, x.shape[-1])
+        cap = _active_capture()
+        sink = None if cap is None else SampleSink(cap, self.A, self.B, None, torch.empty(0))
+        return out + LowRank.apply(x_NI, self.A.t(), self.B.t(), self.scale, sink).view(out.shape)
+
+    def delta(self) -> torch.Tensor:
+        """The weight update in nn.Linear's layout (out, in)."""
+        return (self.B @ self.A) * self.scale
+
+
+class ExpertAdapter(nn.Module):
+    """LoRA of a `GroupedExperts` (this rank's experts): A13 (E, D, r) shared by gate and up, B13
+    (E, r, 2H), A2 (E, H, r), B2 (E, r, D); computed on each expert's routed rows only."""
+
+    def __init__(self, experts: GroupedExperts, cfg: LoRAConfig, name: str, seed: int) -> None:
+        super().__init__()
+        w = experts.w1
+        dev, dtype, r = w.device, w.dtype, cfg.rank
+        total, first, n = experts.shard.total, experts.shard.first, experts.n_experts
+        d, h = experts.d_model, experts.hidden
+        a13 = _kaiming_a((total, d, r), d, _seeded(seed, name + ".A13"))[first:first + n]
+        a2 = _kaiming_a((total, h, r), h, _seeded(seed, name + ".A2"))[first:first + n]
+        self.A13 = nn.Parameter(a13.to(dev, dtype))
+        self.B13 = nn.Parameter(torch.zeros(n, r, 2 * h, device=dev, dtype=dtype))
+        self.A2 = nn.Parameter(a2.to(dev, dtype))
+        self.B2 = nn.Parameter(torch.zeros(n, r, d, device=dev, dtype=dtype))
+        self.scale, self.dropout, self.merged = cfg.scale, cfg.dropout, False
+        self.original: tuple[torch.Tensor, ...] | None = None
+        self.experts = [experts]  # a list: not a submodule (the adapter is the experts' child)
+        experts.local_gather_combine = self.gather_combine  # instance attribute: the seam EP calls too
+
+    def deltas(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-expert weight updates in GroupedExperts' layout: (dw1, dw3, dw2)."""
+        d13 = torch.bmm(self.A13, self.B13) * self.scale
+        h = d13.shape[-1] // 2
+        return d13[..., :h], d13[..., h:], torch.bmm(self.A2, self.B2) * self.scale
+
+    def gather_combine(self, x_TD: torch.Tensor, token_N: torch.Tensor, counts_E: torch.Tensor,
+                       weight_N: torch.Tensor) -> torch.Tensor:
+        """y_TD[t] = sum over rows n of token t of weight_N[n] * (adapted expert)(x_TD[t])."""
+        experts = self.experts[0]
+        if self.merged or x_TD.shape[0] == 0:
+            return GroupedExperts.local_gather_combine(experts, x_TD, token_N, counts_E, weight_N)
+        cap = _active_capture()
+        w1, w3, w2 = experts.w1.unbind(0), experts.w3.unbind(0), experts.w2.unbind(0)
+        a13, b13, a2, b2 = self.A13.unbind(0), self.B13.unbind(0), self.A2.unbind(0), self.B2.unbind(0)
+        outs, start = [], 0
+        for e, n in enumerate(counts_E.tolist()):
+            if not n:
+                continue
+            tok = token_N[start:start + n]
+            x_n = x_TD[tok]
+            ex = None if cap is None else tok // cap.tokens_per_example
+            d13 = LowRank.apply(F.dropout(x_n, self.dropout, self.training), a13[e], b13[e], self.scale,
+                                None if cap is None else SampleSink(cap, self.A13, self.B13, e, ex))
+            g_n, u_n = d13.chunk(2, dim=-1)
+            h_n = F.silu(x_n @ w1[e] + g_n) * (x_n @ w3[e] + u_n) * weight_N[start:start + n, None].to(x_n.dtype)
+            d2 = LowRank.apply(F.dropout(h_n, self.dropout, self.training), a2[e], b2[e], self.scale,
+                               None if cap is None else SampleSink(cap, self.A2, self.B2, e, ex))
+            outs.append(h_n @ w2[e] + d2)
+            start += n
+        if not outs:
+            return torch.zeros_like(x_TD)
+        return torch.zeros_like(x_TD).index_add(0, token_N[:start], torch.cat(outs))
+
+
+Adapter = LinearAdapter | ExpertAdapter
+
+
+def _linear_targets(model: MoETransformer, targets: list[str]) -> Iterator[tuple[str, nn.Linear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, Attention) and "attn" in targets:
+            yield from ((f"{name}.{p}", getattr(mod, p)) for p in ("wq", "wk", "wv", "wo"))
+        elif isinstance(mod, SwiGLU):
+            shared = name.endswith(".shared")
+            if ("shared_ffn" if shared else "dense_ffn") in targets:
+                yield from ((f"{name}.{p}", getattr(mod, p)) for p in ("w1", "w3", "w2"))
+
+
+def apply_lora(model: MoETransformer, cfg: LoRAConfig, seed: int = 0) -> dict[str, Adapter]:
+    """Attach adapters (each as child `lora` of its target) and freeze the base; returns them by the
+    target's name. Call after parallelism sharded the experts and after the base weights are set."""
+    cfg.validate()
+    if adapters_of(model):
+        raise ValueError("this model already carries LoRA adapters; remove_lora(model) first.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out: dict[str, Adapter] = {}
+    for name, lin in _linear_targets(model, cfg.targets):
+        lin.lora = out[name] = LinearAdapter(lin, cfg, name, seed)
+    for name, moe in model.moe_layers().items():
+        if "experts" in cfg.targets:
+            key = f"layers.{name}.ffn.experts"
+            moe.experts.lora = out[key] = ExpertAdapter(moe.experts, cfg, key, seed)
+        if cfg.train_router:
+            moe.router.gate.weight.requires_grad_(True)
+    if cfg.train_embeddings:
+        for mod in (model.tok_emb, model.head):
+            if mod is not None:
+                mod.weight.requires_grad_(True)
+    return out
+
+
+def adapters_of(model: nn.Module) -> dict[str, Adapter]:
+    """The adapters attached to `model`, by the name of the module they adapt."""
+    return {name[:-len(".lora")]: m for name, m in model.named_modules() if isinstance(m, LinearAdapter | ExpertAdapter)}
+
+
+def _base_weights(model: nn.Module, name: str, adapter: Adapter) -> list[torch.Tensor]:
+    mod = model.get_submodule(name)
+    return [mod.weight] if isinstance(adapter, LinearAdapter) else [mod.w1, mod.w3, mod.w2]
+
+
+def _deltas(adapter: Adapter) -> list[torch.Tensor]:
+    return [adapter.delta()] if isinstance(adapter, LinearAdapter) else list(adapter.deltas())
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """W += scale * (adapter product) for every adapter; the originals are kept, so `unmerge_lora`
+    restores them bit for bit. The adapted model's outputs are then computed from W alone."""
+    for name, adapter in adapters_of(model).items():
+        if adapter.merged:
+            continue
+        weights = _base_weights(model, name, adapter)
+        adapter.original = tuple(w.detach().clone() for w in weights)
+        for w, dw in zip(weights, _deltas(adapter), strict=True):
+            w.add_(dw.to(w.dtype))
+        adapter.merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora` exactly (the kept original weights are copied back)."""
+    for name, adapter in adapters_of(model).items():
+        if not adapter.merged:
+            continue
+        for w, orig in zip(_base_weights(model, name, adapter), adapter.original, strict=True):
+            w.copy_(orig)
+        adapter.original, adapter.merged = None, False
+
+
+def remove_lora(model: nn.Module, merge: bool) -> None:
+    """Take every adapter off (after merging it into the base weights when `merge`), unfreeze nothing."""
+    if merge:
+        merge_lora(model)
+    for name, adapter in adapters_of(model).items():
+        mod = model.get_submodule(name)
+        if isinstance(adapter, LinearAdapter):
+            adapter.handle.remove()
+        else:
+            del mod.local_gather_combine  # back to the class's method
+        adapter.original = None
+        del mod.lora
+
+
+# ---- counting and state ---------------------------------------------------------------------------
+def lora_param_counts(model: MoETransformer, cfg: LoRAConfig) -> tuple[int, int]:
+    """(trainable, total) parameters of the whole unsharded model with `cfg`'s adapters, counted from
+    shapes (works on the meta device): adapters plus what `train_router` / `train_embeddings` unfreeze."""
+    mc, r = model.cfg, cfg.rank
+    base = sum(p.numel() for p in model.parameters())
+    trainable = 0
+    for _, lin in _linear_targets(model, cfg.targets):
+        trainable += r * (lin.in_features + lin.out_features)
+    m = mc.moe
+    if "experts" in cfg.targets:
+        per_expert = r * (mc.d_model + 2 * m.expert_hidden) + r * (m.expert_hidden + mc.d_model)
+        trainable += per_expert * m.n_routed_experts * mc.n_moe_layers
+    total = base + trainable
+    if cfg.train_router:
+        trainable += mc.n_moe_layers * m.n_routed_experts * mc.d_model
+    if cfg.train_embeddings:
+        trainable += 2 * mc.vocab_size * mc.d_model
+    return trainable, total
+
+
+def trainable_fraction_line(model: MoETransformer, cfg: LoRAConfig) -> tuple[float, str]:
+    """The trainable fraction and the line the fine-tune prints."""
+    trainable, total = lora_param_counts(model, cfg)
+    frac = trainable / total
+    return frac, (f"LoRA rank {cfg.rank} on {'+'.join(cfg.targets)}: {trainable:,} trainable of {total:,} "
+                  f"parameters ({100 * frac:.3f}%)")
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every trainable parameter by its name in the model (adapters and anything unfrozen)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def expert_adapter_offsets(model: nn.Module) -> dict[str, int]:
+    """Name of each expert adapter parameter -> global id of its first local expert."""
+    return {f"{name}.lora.{p}": model.get_submodule(name).shard.first
+            for name, a in adapters_of(model).items() if isinstance(a, ExpertAdapter)
+            for p in ("A13", "B13", "A2", "B2")}
+
+
+
+def shard_adapter_gradients(plan: Any) -> None:
+    """Tell a `moe.parallel.apply.ParallelPlan` that the expert adapters are sharded like their experts,
+    so their gradients are averaged over the ranks holding the same experts (and clipping sums their
+    squares over the EP group), not over every rank. Call after `apply_lora`."""
+    plan.expert_param_names |= set(expert_adapter_offsets(plan.model))

@@ -1,0 +1,105 @@
+"""`python -m pipelines.bench finetune`: a LoRA step against a full fine-tuning step of the same model,
+and a DP-SGD LoRA step against the non-private one, one process, fp32, interleaved rounds, medians.
+
+  - full: every parameter trains (AdamW, expert gradients kept allocated as the trainer does);
+  - lora: rank-8 adapters on every target (moe/lora.py), AdamW over the adapters only;
+  - dp:   the same adapters, DP-SGD as pipelines/finetune runs it: exact per-example gradients,
+          clipping, Gaussian noise (pipelines/finetune/privacy.py), AdamW.
+Each step is forward + backward + optimizer step on the same batch. Optimizer-state bytes are the
+AdamW moments after a step. Goals (issue #18): LoRA step time <= 0.8x the full step's; LoRA optimizer
+state < 2% of the full one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from moe.config import ModelConfig, MoEConfig
+from moe.experts import accumulate_expert_grads_in_place
+from moe.lora import LoRAConfig, apply_lora, capture_per_example
+from moe.model import build_model
+from pipelines.bench import BenchResult, Goal
+from pipelines.core.config import CONF_DIR
+from pipelines.finetune.privacy import clip_into, noisy_mean, secret_generator
+
+
+def _preset(name: str) -> ModelConfig:
+    d = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"))
+    moe = MoEConfig(**{**d.pop("moe"), "aux_loss_coef": 0.0, "z_loss_coef": 0.0, "bias_update_rate": 0.0})
+    return ModelConfig(**d, moe=moe)
+
+
+def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    model = build_model(cfg, seed=0)
+    if kind == "full":
+        accumulate_expert_grads_in_place(model)
+    else:
+        apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank), seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    gen = secret_generator()
+
+    def plain() -> None:
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=kind != "full")
+
+    def private() -> None:
+        sums = [torch.zeros_like(p) for p in params]
+        with capture_per_example(len(inputs), inputs.shape[1]):
+            ce = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="none")
+            ce.view(len(inputs), -1).mean(1).sum().backward()
+        clip_into(params, sums, 1.0)
+        noisy_mean(params, sums, 1.0, len(inputs), 0, gen)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return (private if kind == "dp" else plain), opt
+
+
+def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.ndim > 0)
+
+
+def run(args: list[str]) -> BenchResult:
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench finetune")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args(args)
+    cfg = _preset(a.preset)
+    batch = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    steps = {k: _step_fn(k, cfg, batch, a.rank) for k in ("full", "lora", "dp")}
+    for fn, _ in steps.values():  # warm up (allocates optimizer state and gradients)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(a.rounds):  # interleaved: machine noise hits every candidate alike
+        for k, (fn, _) in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    opt_bytes = {k: _optimizer_bytes(o) for k, (_, o) in steps.items()}
+    tokens = a.batch * a.seq
+    rows = [{"step": k, "ms": round(1e3 * med[k], 1), "tokens/s": round(tokens / med[k]),
+             "vs full": round(med[k] / med["full"], 3), "vs lora": round(med[k] / med["lora"], 3),
+             "optimizer MiB": round(opt_bytes[k] / 2**20, 2),
+             "optimizer vs full": round(opt_bytes[k] / opt_bytes["full"], 4)} for k in steps]
+    goals = {"lora_step_vs_full": Goal(med["lora"] / med["full"], 0.8, higher_is_better=False),
+             "lora_optimizer_state_vs_full": Goal(opt_bytes["lora"] / opt_bytes["full"], 0.02,
+                                                  higher_is_better=False)}
+    notes = [f"{a.preset}, batch {a.batch} x {a.seq} tokens, rank {a.rank}, fp32, {torch.get_num_threads()} threads, "
+             f"{a.rounds} interleaved rounds (medians); dp / lora = {med['dp'] / med['lora']:.2f}"]
+    return BenchResult("finetune", rows, goals, notes)

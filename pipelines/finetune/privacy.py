@@ -1,0 +1,108 @@
+"""DP-SGD pieces: the noise multiplier for a target epsilon and the accountant (opacus), Poisson
+sampling, per-example clipping and the Gaussian noise over data-parallel ranks.
+
+One step: every example of the training set is in the step's batch independently with probability
+q = expected_batch_size / examples (each rank samples its own disjoint shard; the union is a Poisson
+sample of the whole set). Each example's adapter gradient (exact, `moe.lora.capture_per_example`) is
+clipped to max_grad_norm C; the clipped sums are added over the ranks, Gaussian noise of standard
+deviation noise_multiplier x C is added once (drawn on rank 0 from OS entropy, never from the run's
+seed), and the result is divided by the expected batch size. The accountant composes the steps.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from pipelines.finetune.config import PrivacyConfig
+
+
+class PrivacyBudgetError(ValueError):
+    """The target epsilon cannot be met (or was reached); the message says what to change."""
+
+
+def make_accountant(kind: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if kind == "rdp" else PRVAccountant()
+
+
+def epsilon_after(p: PrivacyConfig, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    acc = make_accountant(p.accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(p.delta))
+
+
+def plan_noise(p: PrivacyConfig, n_examples: int, steps: int) -> tuple[float, float, float]:
+    """(sample rate, noise multiplier, epsilon after `steps`); PrivacyBudgetError when the target
+    cannot be met with these settings."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if p.expected_batch_size > n_examples:
+        raise PrivacyBudgetError(f"privacy.expected_batch_size={p.expected_batch_size} exceeds the {n_examples} "
+                                 "training examples; lower it.")
+    q = p.expected_batch_size / n_examples
+    sigma = p.noise_multiplier
+    if sigma is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sigma = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=q,
+                                             steps=steps, accountant=p.accountant)
+        except ValueError as err:
+            raise PrivacyBudgetError(
+                f"privacy.target_epsilon={p.target_epsilon} cannot be met in {steps} steps at sample rate {q:.4g} "
+                f"(delta {p.delta}): {err} Raise the target, lower train.steps or privacy.expected_batch_size, or "
+                "add data.") from err
+    eps = epsilon_after(p, sigma, q, steps)
+    if eps > p.target_epsilon * 1.0001:
+        raise PrivacyBudgetError(
+            f"privacy.noise_multiplier={sigma} spends epsilon {eps:.3f} in {steps} steps, over "
+            f"privacy.target_epsilon={p.target_epsilon}; raise the noise multiplier, lower train.steps, or set "
+            "privacy.noise_multiplier=null to have it chosen.")
+    return q, float(sigma), eps
+
+
+def poisson_sample(n_rows: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the rows in this step's batch: each independently with probability `rate`."""
+    return torch.nonzero(torch.rand(n_rows, generator=generator) < rate).flatten()
+
+
+def secret_generator() -> torch.Generator:
+    """Sampling and noise draw from OS entropy: the run's seed is no secret."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+@torch.no_grad()
+def clip_into(params: list[torch.nn.Parameter], sums: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Add each example's gradient, scaled to norm <= max_norm, into `sums`; clears `grad_sample`.
+    Returns the per-example norms before clipping."""
+    samples = [p.grad_sample for p in params]
+    norms = torch.sqrt(sum(s.flatten(1).pow(2).sum(1) for s in samples))
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for total, s in zip(sums, samples, strict=True):
+        total.add_(torch.einsum("b,b...->...", factor, s))
+    for p in params:
+        p.grad_sample = None
+    return norms
+
+
+@torch.no_grad()
+def noisy_mean(params: list[torch.nn.Parameter], sums: list[torch.Tensor], noise_std: float, expected_batch: int,
+               rank: int, generator: torch.Generator | None) -> None:
+    """p.grad = (sum over ranks of the clipped sums + N(0, noise_std^2) drawn once, on rank 0) / expected_batch."""
+    flat = torch.cat([s.flatten() for s in sums])
+    if rank == 0:
+        flat += (torch.randn(flat.shape, generator=generator, dtype=torch.float64) * noise_std).to(flat)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat)
+    flat /= expected_batch
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
