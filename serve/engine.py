@@ -54,6 +54,8 @@ class _Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     sent_tokens: list[int] = field(default_factory=list)
     sent_prompt: list[bool] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.monotonic)  # for time to first token (metrics)
+    first_token_at: dict[int, float] = field(default_factory=dict)  # sequence index -> when its first token came
 
 
 class Engine:
@@ -189,6 +191,7 @@ class Engine:
         start = req.sent_tokens[i]
         new_ids = s.output_ids[start:]
         req.sent_tokens[i] = len(s.output_ids)
+        self._observe_latency(req, i, start, len(s.output_ids), s.finish_reason is not None)
         prompt_lp = None
         if not req.sent_prompt[i]:
             req.sent_prompt[i] = True
@@ -198,10 +201,20 @@ class Engine:
             text=s.take_text() if s.detokenize is not None else "", finish_reason=s.finish_reason,
             prompt_logprobs=prompt_lp, error=error))
 
+    def _observe_latency(self, req: _Request, i: int, sent_before: int, n_out: int, finished: bool) -> None:
+        now = time.monotonic()
+        if sent_before == 0 and n_out > 0:
+            req.first_token_at[i] = now
+            self.metrics.observe_latency(first_token_s=now - req.queued_at)
+        if finished and n_out > 1 and i in req.first_token_at:
+            self.metrics.observe_latency(per_token_s=(now - req.first_token_at[i]) / (n_out - 1))
+
     def _maybe_log(self) -> None:
         now = time.monotonic()
         if now - self._last_log >= self.cfg.log_interval_s:
             self._last_log = now
+            self.metrics.observe_expert_load({name: moe.take_load().tolist()
+                                              for name, moe in self.decoder.model.moe_layers().items()})
             snap = self.metrics.snapshot()
             logger.info("engine: active=%d waiting=%d steps=%d mean_decode_batch=%.2f tokens/s=%.1f",
                         len(self.decoder.active), len(self.waiting), self.steps,

@@ -233,8 +233,8 @@ def run_training(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan) -> Tr
         raise TrainingFailed(str(err)) from err
     try:
         ds = check_dataset(cfg)
-        if runtime.dashboard_url:
-            print(f"Ray dashboard: {runtime.dashboard_url}", flush=True)
+        if runtime.dashboard_message():
+            print(runtime.dashboard_message(), flush=True)
         with tracked_run(cfg, resolved_yaml, plan, ds) as run:
             name = f"train-{run.run_id or 'local'}"
             result = fit(cfg, ds, run, name)
