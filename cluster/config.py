@@ -109,6 +109,7 @@ class SubmitConfig:
     dry_run: bool = False  # print the manifest (or what would be deleted) and contact nothing
     delete: bool = False  # delete the named object instead of creating it
     train_overrides: list[str] = field(default_factory=list)  # pipelines.train overrides (target=train only)
+    pod_monitor: bool = False  # also create (delete, print) a Prometheus operator PodMonitor for the pods
 
     @property
     def object_name(self) -> str:

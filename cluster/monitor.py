@@ -182,7 +182,7 @@ def start_monitor(cfg: MonitorConfig, session_dir: str | None) -> Prometheus:
     storage.mkdir(parents=True, exist_ok=True)
     discovery = ray_discovery_file(session_dir) or write_node_targets(storage / "ray_targets.json")
     if cfg.dashboards and session_dir:
-        provision(Path(session_dir))
+        provision(Path(session_dir), cfg.monitoring.prometheus_name)
     return Prometheus(cfg, discovery).start()
 
 
