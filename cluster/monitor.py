@@ -99,9 +99,19 @@ def prometheus_yml(discovery: Path, scrape_interval_s: float) -> str:
             f"  - files: ['{discovery}']\n    refresh_interval: {interval}\n")
 
 
-def query(base_url: str, expr: str, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """Run an instant PromQL query through the HTTP API; the result vector (raises on a bad expression)."""
-    url = f"{base_url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+def query(base_url: str, expr: str, timeout: float = 10.0, **params: float) -> list[dict[str, Any]]:
+    """An instant PromQL query through the HTTP API (`time=` optional): the result (raises on a bad expression)."""
+    return _api(base_url, "query", {"query": expr, **params}, timeout)
+
+
+def query_range(base_url: str, expr: str, start: float, end: float, step: float = 1.0) -> list[dict[str, Any]]:
+    """A PromQL range query: one series per label set, each with its `values` [[time, "value"], ...]."""
+    return _api(base_url, "query_range", {"query": expr, "start": start, "end": end, "step": step}, 30.0)
+
+
+def _api(base_url: str, endpoint: str, params: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+    url = f"{base_url.rstrip('/')}/api/v1/{endpoint}?" + urllib.parse.urlencode(params)
+    expr = params["query"]
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             body = json.load(resp)
