@@ -30,7 +30,8 @@ class MonitoringConfig:
     (ray/dashboard/modules/metrics/metrics_head.py); a variable already set in the environment wins.
     """
 
-    prometheus_host: str = "http://127.0.0.1:9090"  # RAY_PROMETHEUS_HOST; cluster.monitor listens here
+    prometheus_host: str = "http://127.0.0.1:9095"  # RAY_PROMETHEUS_HOST; cluster.monitor listens here (not
+    # 9090: Debian's prometheus package starts a system Prometheus there)
     prometheus_name: str = "Prometheus"  # RAY_PROMETHEUS_NAME: the Grafana datasource the dashboards use
     grafana_host: str = "http://127.0.0.1:3000"  # RAY_GRAFANA_HOST: where the dashboard checks Grafana's health
     grafana_iframe_host: str | None = None  # RAY_GRAFANA_IFRAME_HOST: Grafana as the browser reaches it (None: grafana_host)
@@ -52,7 +53,7 @@ def validate_monitoring(m: MonitoringConfig, key: str = "monitoring") -> Monitor
         value = getattr(m, name)
         if value is not None and not re.fullmatch(r"https?://[^/\s:]+(:\d+)?/?", value):
             raise ConfigError(f"{key}.{name}={value!r} is not a URL of the form http://HOST:PORT; "
-                              f"e.g. {key}.{name}=http://127.0.0.1:{9090 if 'prometheus' in name else 3000}.")
+                              f"e.g. {key}.{name}=http://127.0.0.1:{9095 if 'prometheus' in name else 3000}.")
     if m.metrics_report_interval_ms < 100:
         raise ConfigError(f"{key}.metrics_report_interval_ms={m.metrics_report_interval_ms} is too small; use "
                           "at least 100 (Ray's default is 10000).")

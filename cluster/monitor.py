@@ -70,9 +70,9 @@ def find_prometheus(binary: str) -> str:
 
 
 def listen_address(prometheus_host: str) -> str:
-    """`http://127.0.0.1:9090` -> `127.0.0.1:9090` (Prometheus's --web.listen-address)."""
+    """`http://127.0.0.1:9095` -> `127.0.0.1:9095` (Prometheus's --web.listen-address)."""
     url = urllib.parse.urlparse(prometheus_host)
-    return f"{url.hostname}:{url.port or 9090}"
+    return f"{url.hostname}:{url.port or 80}"
 
 
 def ray_discovery_file(session_dir: str | None) -> Path | None:
