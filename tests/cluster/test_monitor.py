@@ -75,7 +75,7 @@ def train_tiny(compose, root: Path):
     cfg = to_train_config(compose("train", [
         "model=tiny", "data=tiny", f"data.output_dir={root / 'processed'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         f"train.storage_path={root / 'runs'}", "train.micro_batch_size=8", "train.log_every=2", "train.eval_batches=2",
-        "train.steps=40", "train.eval_every=20", "train.checkpoint_every=40", "optim.lr=0.005", "optim.warmup_steps=4",
+        "train.steps=24", "train.eval_every=24", "train.checkpoint_every=24", "optim.lr=0.005", "optim.warmup_steps=4",
         "tracking.registered_model=tiny-monitor"]))
     outcome = run_training(cfg, "resolved: test\n", make_plan(cfg))
     assert outcome.model_version == 1
