@@ -67,7 +67,12 @@ class RayRuntime:
         """`Ray dashboard: URL (...how to log in...)`, the line entry points print; None without a dashboard."""
         if not self.dashboard_url:
             return None
-        auth = TOKEN_HELP if token_auth_enabled() else "token authentication is off (RAY_AUTH_MODE=disabled)"
+        if token_auth_enabled():
+            auth = TOKEN_HELP
+        elif self.started_locally:
+            auth = "token authentication is off (RAY_AUTH_MODE=disabled)"
+        else:  # a cluster started elsewhere keeps its own setting
+            auth = "if it asks for a token: `ray get-auth-token` on the cluster's head node"
         return f"Ray dashboard: {self.dashboard_url} ({auth}; charts: python -m cluster.monitor)"
 
     def shutdown(self) -> None:

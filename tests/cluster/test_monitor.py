@@ -246,3 +246,31 @@ def test_a_missing_prometheus_names_the_install_command(tmp_path: Path, capsys: 
     cfg = MonitorConfig(prometheus_bin=str(tmp_path / "prometheus"), storage_dir=str(tmp_path))
     assert run(cfg) == 1  # before it contacts Ray
     assert "apt-get install -y prometheus" in capsys.readouterr().err
+
+
+def test_the_dashboard_line_says_how_to_log_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.runtime import RayRuntime
+
+    local = RayRuntime("127.0.0.1:6379", "http://127.0.0.1:8265", started_locally=True, resources={})
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what Ray 2.60's ray.init sets for a local cluster
+    line = local.dashboard_message()
+    assert line is not None and line.startswith("Ray dashboard: http://127.0.0.1:8265 (token authentication is on")
+    assert "`ray get-auth-token`" in line and "~/.ray/auth_token" in line and "python -m cluster.monitor" in line
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert "token authentication is off (RAY_AUTH_MODE=disabled)" in (local.dashboard_message() or "")
+    assert RayRuntime("a", None, started_locally=True, resources={}).dashboard_message() is None
+
+
+def test_monitoring_settings_become_the_dashboards_environment(compose) -> None:
+    from moe.config import ConfigError
+    from pipelines.train.config import to_train_config
+
+    cfg = to_train_config(compose("train", ["cluster.monitoring.prometheus_host=http://10.0.0.5:9200",
+                                            "cluster.monitoring.grafana_iframe_host=http://grafana.example:3000"]))
+    env = cfg.cluster.monitoring.env()
+    assert env["RAY_PROMETHEUS_HOST"] == "http://10.0.0.5:9200"
+    assert env["RAY_GRAFANA_IFRAME_HOST"] == "http://grafana.example:3000"
+    assert env["RAY_GRAFANA_HOST"] == "http://127.0.0.1:3000" and env["RAY_PROMETHEUS_NAME"] == "Prometheus"
+    with pytest.raises(ConfigError, match=r"cluster.monitoring.prometheus_host='localhost:9090' is not a URL.*"
+                                          r"http://127.0.0.1:9095"):
+        to_train_config(compose("train", ["cluster.monitoring.prometheus_host=localhost:9090"]))
