@@ -73,7 +73,7 @@ class RayRuntime:
             auth = "token authentication is off (RAY_AUTH_MODE=disabled)"
         else:  # a cluster started elsewhere keeps its own setting
             auth = "if it asks for a token: `ray get-auth-token` on the cluster's head node"
-        return f"Ray dashboard: {self.dashboard_url} ({auth}; charts: python -m cluster.monitor)"
+        return f"Ray dashboard: {self.dashboard_url} ({auth}; charts: python -m cluster.monitor ray_address={self.address})"
 
     def shutdown(self) -> None:
         """Stop Ray if this process started it (a connection made elsewhere is left alone)."""
@@ -117,7 +117,9 @@ def start_or_connect(opts: RayOptions) -> RayRuntime:
             os.environ.setdefault("RAY_num_workers_soft_limit", str(opts.worker_soft_limit))
         for key, value in opts.monitoring.env().items():
             os.environ.setdefault(key, value)
-        ctx = ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, include_dashboard=opts.dashboard,
+        # address="local": a new cluster even where `ray start` recorded one in /tmp/ray/ray_current_cluster
+        # (ray.init() without an address would connect to it and refuse num_cpus)
+        ctx = ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count() or 1, include_dashboard=opts.dashboard,
                        dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=opts.log_to_driver)
         started = True
     url = ctx.dashboard_url if opts.dashboard or not started else None

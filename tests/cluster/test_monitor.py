@@ -255,7 +255,8 @@ def test_the_dashboard_line_says_how_to_log_in(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what Ray 2.60's ray.init sets for a local cluster
     line = local.dashboard_message()
     assert line is not None and line.startswith("Ray dashboard: http://127.0.0.1:8265 (token authentication is on")
-    assert "`ray get-auth-token`" in line and "~/.ray/auth_token" in line and "python -m cluster.monitor" in line
+    assert "`ray get-auth-token`" in line and "~/.ray/auth_token" in line
+    assert line.endswith("charts: python -m cluster.monitor ray_address=127.0.0.1:6379)")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert "token authentication is off (RAY_AUTH_MODE=disabled)" in (local.dashboard_message() or "")
     assert RayRuntime("a", None, started_locally=True, resources={}).dashboard_message() is None
