@@ -45,7 +45,7 @@ class MonitorConfig:
     """conf/monitor.yaml: which Ray to scrape and how Prometheus runs."""
 
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)  # listens at monitoring.prometheus_host
-    ray_address: str | None = "auto"  # auto: RAY_ADDRESS, else the newest local Ray on this machine
+    ray_address: str | None = "auto"  # HOST:PORT; auto: RAY_ADDRESS, else `ray start`'s, else the newest local Ray
     scrape_interval_s: float = 5.0  # how often Prometheus reads every node's metrics
     retention: str = "1d"  # --storage.tsdb.retention.time
     storage_dir: str = "outputs/prometheus"  # prometheus.yml, the targets file (if written) and the TSDB
