@@ -128,8 +128,8 @@ def _call_api(action: str, manifest: dict[str, Any]) -> dict[str, Any]:
         return api.delete_namespaced_custom_object(name=meta["name"], **where)
     except ApiException as err:
         hint = {
-            404: f"no such object, or the CRDs ({KINDS[kind]}.{group}: KubeRay's, or the Prometheus "
-                 "operator's for a PodMonitor) are not installed",
+            404: f"no such object, or the {'Prometheus operator' if kind == 'PodMonitor' else 'KubeRay'} CRDs "
+                 f"({KINDS[kind]}.{group}) are not installed",
             409: "it already exists; delete it first (delete=true) or choose another name=",
             401: "the credentials were rejected; check KUBECONFIG",
             403: f"your account may not {action} {KINDS[kind]} in namespace {meta['namespace']}",
