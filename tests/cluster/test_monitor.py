@@ -43,12 +43,13 @@ def require_prometheus() -> None:
 
 @dataclass
 class Observed:
-    url: str
-    start: float
-    end: float
-    manifest: dict
-    served_tokens: int
+    url: str  # Prometheus
+    start: float  # when it started scraping
     session_dir: str
+    root: Path  # this module's files (data, MLflow, runs)
+
+    def window(self) -> tuple[float, float]:
+        return self.start, time.time()
 
 
 def preprocess_with_bad_input(compose, root: Path) -> dict:
@@ -109,26 +110,35 @@ def serve_load(tracking_uri: str) -> int:
     return tokens
 
 
-REQUIRED = ["ray_moe_train_loss", "ray_moe_serve_time_per_output_token_seconds_count",
-            'ray_moe_serve_requests_total{status="400"}', "ray_moe_serve_expert_load_max_ratio",
-            "ray_moe_data_bad_input_total", "ray_serve_deployment_replica_healthy"]
-
-
-def wait_for_series(url: str, exprs: list[str], timeout_s: float = 90.0) -> None:
+def wait_for_series(url: str, exprs: list[str], timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     missing = exprs
     while time.monotonic() < deadline:
         missing = [e for e in exprs if not query(url, f"last_over_time({e}[10m])")]
         if not missing:
+            time.sleep(3)  # a few more scrapes, for the rate() windows
             return
         time.sleep(1.0)
     raise AssertionError(f"no samples of {missing} after {timeout_s:g} s")
 
 
-@pytest.fixture(scope="module")
-def observed(ray_cluster, compose, tmp_path_factory: pytest.TempPathFactory):
-    from ray import serve
+def wait_for_value(url: str, expr: str, at_least: float, timeout_s: float = 120.0) -> None:
+    """Until the exported value catches up (processes export every second, Prometheus scrapes every second)."""
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while time.monotonic() < deadline:
+        result = query(url, expr)
+        value = float(result[0]["value"][1]) if result else None
+        if value is not None and value >= at_least:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"{expr} = {value} after {timeout_s:g} s, expected at least {at_least}")
 
+
+# One phase per fixture, so each test's setup (and its timeout) holds one: Prometheus, then preprocessing,
+# training and serving while it scrapes.
+@pytest.fixture(scope="module")
+def observed(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     from cluster.runtime import session_dir
 
     require_prometheus()
@@ -136,57 +146,82 @@ def observed(ray_cluster, compose, tmp_path_factory: pytest.TempPathFactory):
     cfg = validate_monitor_config(MonitorConfig(
         monitoring=MonitoringConfig(prometheus_host=f"http://127.0.0.1:{free_port()}"), scrape_interval_s=1.0,
         storage_dir=str(root / "prometheus")))
-    prom = start_monitor(cfg, session_dir())
+    with start_monitor(cfg, session_dir()) as prom:
+        yield Observed(prom.url, time.time(), str(session_dir()), root)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(observed: Observed, compose) -> dict:
+    manifest = preprocess_with_bad_input(compose, observed.root)
+    wait_for_series(observed.url, ["ray_moe_data_bad_input_total", "ray_moe_data_documents_per_second"])
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def trained(observed: Observed, preprocessed: dict, compose):
+    outcome = train_tiny(compose, observed.root)
+    wait_for_series(observed.url, ["ray_moe_train_loss", "ray_moe_train_expert_load_max_ratio"])
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def served(observed: Observed, trained):
+    from ray import serve
+
     try:
-        start = time.time()
-        manifest = preprocess_with_bad_input(compose, root)
-        outcome = train_tiny(compose, root)
-        tokens = serve_load(outcome.tracking_uri)
-        wait_for_series(prom.url, REQUIRED)
-        time.sleep(3)  # a few more scrapes after the last request, for the rate() windows
-        yield Observed(prom.url, start, time.time(), manifest, tokens, str(session_dir()))
+        tokens = serve_load(trained.tracking_uri)
+        wait_for_series(observed.url, ["ray_moe_serve_time_per_output_token_seconds_count",
+                                       'ray_moe_serve_requests_total{status="400"}',
+                                       "ray_moe_serve_expert_load_max_ratio", "ray_serve_deployment_replica_healthy"])
+        wait_for_value(observed.url, "sum(ray_moe_serve_generated_tokens_total)", tokens)
+        wait_for_value(observed.url, 'sum(ray_moe_serve_requests_total{endpoint="completions",status="200"})', 12)
+        yield tokens
     finally:
         serve.shutdown()
-        prom.stop()
 
 
 def values(series: list[dict]) -> list[float]:
     return [float(v) for s in series for _, v in s["values"]]
 
 
-def test_training_series_show_throughput_and_falling_loss(observed: Observed) -> None:
+def test_preprocessing_series_match_the_manifest(observed: Observed, preprocessed: dict) -> None:
     o = observed
-    tokens_per_s = values(query_range(o.url, "max(ray_moe_train_tokens_per_second)", o.start, o.end))
-    assert tokens_per_s and max(tokens_per_s) > 0
-    loss = values(query_range(o.url, "max(ray_moe_train_loss)", o.start, o.end))
-    assert len(set(loss)) >= 2, f"training exported too few loss values to compare: {loss}"
-    assert loss[-1] < loss[0] and all(math.isfinite(v) and 0 < v < 10 for v in loss)
-    mfu = values(query_range(o.url, "max(ray_moe_train_mfu_ratio)", o.start, o.end))
-    assert mfu and 0 < max(mfu) < 1
-    assert {s["metric"]["layer"] for s in query(o.url, "last_over_time(ray_moe_train_expert_load_max_ratio[10m])")}
-    world = values(query_range(o.url, "max(ray_moe_train_world_size)", o.start, o.end))
-    assert set(world) == {2.0}
-
-
-def test_serving_and_preprocessing_series_match_what_happened(observed: Observed) -> None:
-    o = observed
-    generated = query(o.url, "sum(ray_moe_serve_generated_tokens_total)")
-    assert float(generated[0]["value"][1]) >= o.served_tokens > 0
-    ok = query(o.url, 'sum(ray_moe_serve_requests_total{endpoint="completions",status="200"})')
-    assert float(ok[0]["value"][1]) >= 12  # this test's 12 (a replica of an earlier app may add its own)
-    ttft = query(o.url, "histogram_quantile(0.5, sum by (le) (ray_moe_serve_time_to_first_token_seconds_bucket))")
-    assert 0 < float(ttft[0]["value"][1]) < 120
     bad = {s["metric"]["reason"]: float(s["value"][1])
            for s in query(o.url, "sum by (reason) (last_over_time(ray_moe_data_bad_input_total[10m]))")}
-    assert all(bad.get(reason, 0) >= n for reason, n in o.manifest["bad_input"].items())  # this run's, at least
+    assert all(bad.get(reason, 0) >= n for reason, n in preprocessed["bad_input"].items())  # this run's, at least
     assert {"malformed_json", "missing_field", "unreadable_path"} <= bad.keys()
     rate = query(o.url, "max(last_over_time(ray_moe_data_documents_per_second[10m]))")
     assert float(rate[0]["value"][1]) > 0
 
 
-def test_every_dashboard_expression_returns_data(observed: Observed) -> None:
+def test_training_series_show_throughput_and_falling_loss(observed: Observed, trained) -> None:
     o = observed
-    empty = [e for e in dashboards.expressions() if not query_range(o.url, e, o.start, o.end, step=2.0)]
+    tokens_per_s = values(query_range(o.url, "max(ray_moe_train_tokens_per_second)", *o.window()))
+    assert tokens_per_s and max(tokens_per_s) > 0
+    loss = values(query_range(o.url, "max(ray_moe_train_loss)", *o.window()))
+    assert len(set(loss)) >= 2, f"training exported too few loss values to compare: {loss}"
+    assert loss[-1] < loss[0] and all(math.isfinite(v) and 0 < v < 10 for v in loss)
+    mfu = values(query_range(o.url, "max(ray_moe_train_mfu_ratio)", *o.window()))
+    assert mfu and 0 < max(mfu) < 1
+    assert {s["metric"]["layer"] for s in query(o.url, "last_over_time(ray_moe_train_expert_load_max_ratio[10m])")}
+    world = values(query_range(o.url, "max(ray_moe_train_world_size)", *o.window()))
+    assert set(world) == {2.0}
+
+
+def test_serving_series_match_the_load(observed: Observed, served: int) -> None:
+    o = observed
+    generated = query(o.url, "sum(ray_moe_serve_generated_tokens_total)")
+    assert float(generated[0]["value"][1]) >= served > 0
+    ok = query(o.url, 'sum(ray_moe_serve_requests_total{endpoint="completions",status="200"})')
+    assert float(ok[0]["value"][1]) >= 12  # this test's 12 (a replica of an earlier app may add its own)
+    ttft = query(o.url, "histogram_quantile(0.5, sum by (le) (ray_moe_serve_time_to_first_token_seconds_bucket))")
+    assert 0 < float(ttft[0]["value"][1]) < 120
+
+
+def test_every_dashboard_expression_returns_data(observed: Observed, preprocessed: dict, trained, served: int) -> None:
+    o = observed
+    start, end = o.window()
+    empty = [e for e in dashboards.expressions() if not query_range(o.url, e, start, end, step=2.0)]
     assert empty == [], f"dashboard expressions without data: {empty}"
     provisioned = Path(o.session_dir) / "metrics" / "grafana" / "dashboards"
     for uid, board in dashboards.dashboards().items():
