@@ -110,7 +110,7 @@ def serve_load(tracking_uri: str) -> int:
     return tokens
 
 
-def wait_for_series(url: str, exprs: list[str], timeout_s: float = 120.0) -> None:
+def wait_for_series(url: str, exprs: list[str], timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     missing = exprs
     while time.monotonic() < deadline:
@@ -122,7 +122,7 @@ def wait_for_series(url: str, exprs: list[str], timeout_s: float = 120.0) -> Non
     raise AssertionError(f"no samples of {missing} after {timeout_s:g} s")
 
 
-def wait_for_value(url: str, expr: str, at_least: float, timeout_s: float = 120.0) -> None:
+def wait_for_value(url: str, expr: str, at_least: float, timeout_s: float = 180.0) -> None:
     """Until the exported value catches up (processes export every second, Prometheus scrapes every second)."""
     deadline = time.monotonic() + timeout_s
     value = None
@@ -144,7 +144,7 @@ def observed(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     require_prometheus()
     root = tmp_path_factory.mktemp("monitor")
     cfg = validate_monitor_config(MonitorConfig(
-        monitoring=MonitoringConfig(prometheus_host=f"http://127.0.0.1:{free_port()}"), scrape_interval_s=1.0,
+        monitoring=MonitoringConfig(prometheus_host=f"http://127.0.0.1:{free_port()}"), scrape_interval_s=2.0,
         storage_dir=str(root / "prometheus")))
     with start_monitor(cfg, session_dir()) as prom:
         yield Observed(prom.url, time.time(), str(session_dir()), root)
