@@ -4,6 +4,10 @@ Profiles are config (`conf/cluster/*.yaml`; NVIDIA profiles extend `_nvidia.yaml
 `_amd.yaml`); `cluster.profiles` derives from a profile what Ray Train and the worker need.
 The field defaults below ARE the local CPU profile (`conf/cluster/local.yaml` only selects them).
 
+`MonitoringConfig` (`cluster.monitoring.*`, also `monitoring.*` of conf/monitor.yaml) says where the Ray
+dashboard finds Prometheus and Grafana; `cluster.runtime` applies it when it starts a local Ray, and
+`python -m cluster.monitor` serves Prometheus at `prometheus_host`.
+
 `SubmitConfig` is what `python -m cluster.submit` (conf/submit.yaml) creates or deletes on
 Kubernetes; `validate_submit_config` checks it before anything contacts the cluster.
 """
@@ -16,6 +20,44 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from moe.config import ConfigError
+
+
+@dataclass
+class MonitoringConfig:
+    """Where the Ray dashboard (and Grafana) find the metrics; applied when the project starts a local Ray.
+
+    Each field is the environment variable Ray 2.60's dashboard reads at start
+    (ray/dashboard/modules/metrics/metrics_head.py); a variable already set in the environment wins.
+    """
+
+    prometheus_host: str = "http://127.0.0.1:9095"  # RAY_PROMETHEUS_HOST; cluster.monitor listens here (not
+    # 9090: Debian's prometheus package starts a system Prometheus there)
+    prometheus_name: str = "Prometheus"  # RAY_PROMETHEUS_NAME: the Grafana datasource the dashboards use
+    grafana_host: str = "http://127.0.0.1:3000"  # RAY_GRAFANA_HOST: where the dashboard checks Grafana's health
+    grafana_iframe_host: str | None = None  # RAY_GRAFANA_IFRAME_HOST: Grafana as the browser reaches it (None: grafana_host)
+    metrics_report_interval_ms: int = 5000  # RAY_metrics_report_interval_ms: how often processes export metrics
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that carry these settings to a Ray started by this process."""
+        env = {"RAY_PROMETHEUS_HOST": self.prometheus_host, "RAY_PROMETHEUS_NAME": self.prometheus_name,
+               "RAY_GRAFANA_HOST": self.grafana_host,
+               "RAY_metrics_report_interval_ms": str(self.metrics_report_interval_ms)}
+        if self.grafana_iframe_host:
+            env["RAY_GRAFANA_IFRAME_HOST"] = self.grafana_iframe_host
+        return env
+
+
+def validate_monitoring(m: MonitoringConfig, key: str = "monitoring") -> MonitoringConfig:
+    """URLs must be http(s)://host:port; messages name the key and the fix."""
+    for name in ("prometheus_host", "grafana_host", "grafana_iframe_host"):
+        value = getattr(m, name)
+        if value is not None and not re.fullmatch(r"https?://[^/\s:]+(:\d+)?/?", value):
+            raise ConfigError(f"{key}.{name}={value!r} is not a URL of the form http://HOST:PORT; "
+                              f"e.g. {key}.{name}=http://127.0.0.1:{9095 if 'prometheus' in name else 3000}.")
+    if m.metrics_report_interval_ms < 100:
+        raise ConfigError(f"{key}.metrics_report_interval_ms={m.metrics_report_interval_ms} is too small; use "
+                          "at least 100 (Ray's default is 10000).")
+    return m
 
 
 @dataclass
@@ -55,6 +97,7 @@ class ClusterConfig:
     env: dict[str, str] = field(default_factory=dict)  # runtime env vars (NCCL_*, RCCL_*, ...)
     image: str = "rayproject/ray:2.60.0-py311-cpu"
     namespace: str = "default"
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)  # dashboard -> Prometheus/Grafana
 
 
 # What `python -m cluster.submit target=...` creates, and the KubeRay kind it renders.
@@ -78,6 +121,7 @@ class SubmitConfig:
     dry_run: bool = False  # print the manifest (or what would be deleted) and contact nothing
     delete: bool = False  # delete the named object instead of creating it
     train_overrides: list[str] = field(default_factory=list)  # pipelines.train overrides (target=train only)
+    pod_monitor: bool = False  # also create (delete, print) a Prometheus operator PodMonitor for the pods
 
     @property
     def object_name(self) -> str:

@@ -8,6 +8,12 @@ serving, benchmarks):
 Every worker gets this checkout on its PYTHONPATH plus the options' environment variables.
 `RayRuntime.shutdown()` stops Ray only if this call started it.
 
+A local Ray gets the options' `MonitoringConfig` as the environment its dashboard reads
+(RAY_PROMETHEUS_HOST, RAY_GRAFANA_HOST, ...; variables already set win), so its time-series charts
+query the Prometheus that `python -m cluster.monitor` runs. Ray 2.60 starts a local cluster with
+token authentication on (RAY_AUTH_MODE=disabled turns it off); `RayRuntime.dashboard_message()` is
+the one line every entry point prints, with how to get the token (`ray get-auth-token`).
+
 `connect(cluster)` is the training flavour: options from the cluster profile (dashboard on for
 a local run), then `check_resources`; when no cluster is reachable, or it lacks the GPUs the
 profile asks for, `ClusterMismatchError` says within seconds what is needed and what is there.
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import ray
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, MonitoringConfig
 from cluster.profiles import ResourceNeeds, resource_needs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +48,11 @@ class RayOptions:
     log_to_driver: bool = True
     worker_soft_limit: int | None = None  # local only: idle workers Ray keeps (RAY_num_workers_soft_limit)
     worker_niceness: int | None = None  # local only: Ray's default is 15 (RAY_worker_niceness)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)  # local only: dashboard -> Prometheus
+
+
+TOKEN_HELP = ("token authentication is on: run `ray get-auth-token` and paste the token into the dashboard's "
+              "dialog (it is kept in ~/.ray/auth_token, or $RAY_AUTH_TOKEN_PATH)")
 
 
 @dataclass
@@ -50,6 +61,19 @@ class RayRuntime:
     dashboard_url: str | None
     started_locally: bool
     resources: dict[str, float]
+    session_dir: str | None = None  # this Ray session's directory on the head node (metrics, logs)
+
+    def dashboard_message(self) -> str | None:
+        """`Ray dashboard: URL (...how to log in...)`, the line entry points print; None without a dashboard."""
+        if not self.dashboard_url:
+            return None
+        if token_auth_enabled():
+            auth = TOKEN_HELP
+        elif self.started_locally:
+            auth = "token authentication is off (RAY_AUTH_MODE=disabled)"
+        else:  # a cluster started elsewhere keeps its own setting
+            auth = "if it asks for a token: `ray get-auth-token` on the cluster's head node"
+        return f"Ray dashboard: {self.dashboard_url} ({auth}; charts: python -m cluster.monitor ray_address={self.address})"
 
     def shutdown(self) -> None:
         """Stop Ray if this process started it (a connection made elsewhere is left alone)."""
@@ -65,11 +89,22 @@ def worker_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def token_auth_enabled() -> bool:
+    """Whether this process's Ray uses token authentication (Ray 2.60 turns it on for a local ray.init)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
+def session_dir() -> str | None:
+    """The connected Ray session's directory (where Ray writes its Prometheus service-discovery file)."""
+    node = getattr(ray._private.worker.global_worker, "node", None)  # Ray has no public accessor
+    return node.get_session_dir_path() if node is not None else None
+
+
 def start_or_connect(opts: RayOptions) -> RayRuntime:
     """Keep an existing connection, connect to the options' (or RAY_ADDRESS's) cluster, or start a local Ray."""
     if ray.is_initialized():
         return RayRuntime(address=ray.get_runtime_context().gcs_address, dashboard_url=None,
-                          started_locally=False, resources=ray.cluster_resources())
+                          started_locally=False, resources=ray.cluster_resources(), session_dir=session_dir())
     runtime_env = {"env_vars": worker_env(opts.env_vars)}
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -80,13 +115,18 @@ def start_or_connect(opts: RayOptions) -> RayRuntime:
             os.environ.setdefault("RAY_worker_niceness", str(opts.worker_niceness))
         if opts.worker_soft_limit is not None:
             os.environ.setdefault("RAY_num_workers_soft_limit", str(opts.worker_soft_limit))
-        ctx = ray.init(num_cpus=opts.num_cpus or os.cpu_count() or 1, include_dashboard=opts.dashboard,
+        for key, value in opts.monitoring.env().items():
+            os.environ.setdefault(key, value)
+        # address="local": a new cluster even where `ray start` recorded one in /tmp/ray/ray_current_cluster
+        # (ray.init() without an address would connect to it and refuse num_cpus)
+        ctx = ray.init(address="local", num_cpus=opts.num_cpus or os.cpu_count() or 1, include_dashboard=opts.dashboard,
                        dashboard_host="127.0.0.1", runtime_env=runtime_env, log_to_driver=opts.log_to_driver)
         started = True
     url = ctx.dashboard_url if opts.dashboard or not started else None
     dashboard = f"http://{url}" if url and not url.startswith("http") else url
     return RayRuntime(address=ctx.address_info.get("address", str(address)), dashboard_url=dashboard,
-                      started_locally=started, resources=ray.cluster_resources())
+                      started_locally=started, resources=ray.cluster_resources(),
+                      session_dir=ctx.address_info.get("session_dir") or session_dir())
 
 
 def _local_hardware() -> dict[str, float]:
@@ -123,7 +163,7 @@ def connect(cluster: ClusterConfig, num_cpus: int | None = None) -> RayRuntime:
     """Start a local Ray (dashboard on) or connect to the profile's cluster, then check its resources."""
     needs = resource_needs(cluster)
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    opts = RayOptions(address=address, env_vars=dict(cluster.env), dashboard=True,
+    opts = RayOptions(address=address, env_vars=dict(cluster.env), dashboard=True, monitoring=cluster.monitoring,
                       num_cpus=num_cpus or max(int(os.cpu_count() or 1), int(needs.total_cpus) + 1))
     try:
         runtime = start_or_connect(opts)

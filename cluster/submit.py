@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cluster.config import SUBMIT_TARGETS, ClusterConfig, SubmitConfig, validate_submit_config
-from cluster.kuberay import KINDS, render_raycluster, render_rayjob, render_rayservice
+from cluster.kuberay import KINDS, render_podmonitor, render_raycluster, render_rayjob, render_rayservice
 from moe.config import ConfigError
 from pipelines.core.config import compose_config, to_dataclass
 from pipelines.train.config import TrainConfig, compose_train_config
@@ -128,7 +128,8 @@ def _call_api(action: str, manifest: dict[str, Any]) -> dict[str, Any]:
         return api.delete_namespaced_custom_object(name=meta["name"], **where)
     except ApiException as err:
         hint = {
-            404: f"no such object, or the KubeRay CRDs ({KINDS[kind]}.{group}) are not installed",
+            404: f"no such object, or the {'Prometheus operator' if kind == 'PodMonitor' else 'KubeRay'} CRDs "
+                 f"({KINDS[kind]}.{group}) are not installed",
             409: "it already exists; delete it first (delete=true) or choose another name=",
             401: "the credentials were rejected; check KUBECONFIG",
             403: f"your account may not {action} {KINDS[kind]} in namespace {meta['namespace']}",
@@ -140,7 +141,17 @@ def _call_api(action: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply(cfg: SubmitConfig, manifest: dict[str, Any]) -> int:
-    """Print (dry_run), create, or delete (delete=true) the rendered manifest's object."""
+    """Print (dry_run), create, or delete (delete=true) the rendered manifest's object, and with
+    pod_monitor=true a PodMonitor `<name>-metrics` for its pods (the Prometheus operator's CRDs needed)."""
+    apply_one(cfg, manifest)
+    if cfg.pod_monitor:
+        if cfg.dry_run and not cfg.delete:
+            print("---")
+        apply_one(cfg, render_podmonitor(cfg.cluster, f"{cfg.object_name}-metrics"))
+    return 0
+
+
+def apply_one(cfg: SubmitConfig, manifest: dict[str, Any]) -> None:
     meta = manifest["metadata"]
     what = f"{manifest['kind']} {meta['namespace']}/{meta['name']}"
     if cfg.dry_run and cfg.delete:
@@ -153,7 +164,6 @@ def apply(cfg: SubmitConfig, manifest: dict[str, Any]) -> int:
     else:
         created = _call_api("create", manifest)
         print(f"created {manifest['kind']} {created['metadata']['namespace']}/{created['metadata']['name']}")
-    return 0
 
 
 def run(dcfg: DictConfig, train_overrides: list[str] | None = None) -> int:

@@ -44,6 +44,8 @@ def main(dcfg: DictConfig) -> None:
     runtime = start_or_connect(RayOptions(address=cfg.ray_address, env_vars={"OMP_NUM_THREADS": "1"},
                                           dashboard=True))
     started = runtime.started_locally
+    if runtime.dashboard_message():
+        print(runtime.dashboard_message(), flush=True)
     base = deploy(cfg)
     print(f"OpenAI-compatible API at {base}/v1 (Ctrl-C to stop)" if cfg.blocking or started
           else f"OpenAI-compatible API at {base}/v1")

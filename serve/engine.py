@@ -9,7 +9,7 @@ in a worker thread so the replica's event loop keeps answering health checks and
 After each step every touched sequence gets a `SeqEvent` (new tokens, logprobs, text delta,
 finish reason, routing when asked, or the error of a sequence that failed) on its request's queue.
 Every `expert_load_interval_s`, and when the batch drains, the MoE layers' dispatch counters go to
-`ExpertLoadMetrics`. A failing step
+the per-layer max/min gauges (`EngineMetrics`) and the per-expert shares (`ExpertLoadMetrics`). A failing step
 fails only the sequences that fail alone (BatchDecoder isolates them); the others of the batch go
 on as they would have alone.
 """
@@ -57,6 +57,8 @@ class _Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     sent_tokens: list[int] = field(default_factory=list)
     sent_prompt: list[bool] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.monotonic)  # for time to first token (metrics)
+    first_token_at: dict[int, float] = field(default_factory=dict)  # sequence index -> when its first token came
 
 
 class Engine:
@@ -196,6 +198,7 @@ class Engine:
         start = req.sent_tokens[i]
         new_ids = s.output_ids[start:]
         req.sent_tokens[i] = len(s.output_ids)
+        self._observe_latency(req, i, start, len(s.output_ids), s.finish_reason is not None)
         prompt_lp = None
         if not req.sent_prompt[i]:
             req.sent_prompt[i] = True
@@ -207,11 +210,21 @@ class Engine:
 
     def _maybe_publish_load(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.expert_load is None or (not force and now - self._last_load < self.cfg.expert_load_interval_s):
+        if not force and now - self._last_load < self.cfg.expert_load_interval_s:
             return
-        self._last_load = now
-        self.expert_load.observe({name: [int(n) for n in m.take_load().tolist()]
-                                  for name, m in self.decoder.model.moe_layers().items()})
+        self._last_load = now  # the one reader of the layers' counters: both metrics get the same interval
+        loads = {name: [int(n) for n in m.take_load().tolist()] for name, m in self.decoder.model.moe_layers().items()}
+        self.metrics.observe_expert_load(loads)
+        if self.expert_load is not None:
+            self.expert_load.observe(loads)
+
+    def _observe_latency(self, req: _Request, i: int, sent_before: int, n_out: int, finished: bool) -> None:
+        now = time.monotonic()
+        if sent_before == 0 and n_out > 0:
+            req.first_token_at[i] = now
+            self.metrics.observe_latency(first_token_s=now - req.queued_at)
+        if finished and n_out > 1 and i in req.first_token_at:
+            self.metrics.observe_latency(per_token_s=(now - req.first_token_at[i]) / (n_out - 1))
 
     def _maybe_log(self) -> None:
         now = time.monotonic()

@@ -1,7 +1,10 @@
 """Serving metrics: Ray metrics (exported to Prometheus / the Ray dashboard) plus the in-process
 counts behind `GET /stats`, so the numbers a test or a user reads are the ones exported.
 
-Created inside replicas only (ray.util.metrics needs a running Ray worker).
+Created inside replicas only (ray.util.metrics needs a running Ray worker). Names follow Prometheus
+conventions (Prometheus adds the `ray_` prefix): counters end in `_total`, latencies are histograms in
+`_seconds`, and labels take values from small fixed sets (endpoint, status code, model, phase, layer),
+never a request or a prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from ray.util import metrics
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+TOKEN_LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
 
 
 class EngineMetrics:
@@ -36,12 +40,26 @@ class EngineMetrics:
             "moe_serve_active_sequences", description="Sequences in the running batch.", tag_keys=("model",))
         self.active.set_default_tags(tags)
         self.tokens = metrics.Counter(
-            "moe_serve_generated_tokens", description="Generated tokens.", tag_keys=("model",))
+            "moe_serve_generated_tokens_total", description="Generated tokens.", tag_keys=("model",))
         self.tokens.set_default_tags(tags)
         self.tokens_per_s = metrics.Gauge(
             "moe_serve_tokens_per_second", description="Generated tokens per second (10 s window).",
             tag_keys=("model",))
         self.tokens_per_s.set_default_tags(tags)
+        self.ttft = metrics.Histogram(
+            "moe_serve_time_to_first_token_seconds", description="From queueing a sequence to its first token.",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("model",))
+        self.ttft.set_default_tags(tags)
+        self.tpot = metrics.Histogram(
+            "moe_serve_time_per_output_token_seconds", description="A finished sequence's time per token after "
+            "its first.", boundaries=TOKEN_LATENCY_BOUNDARIES, tag_keys=("model",))
+        self.tpot.set_default_tags(tags)
+        self.expert_load = {side: metrics.Gauge(
+            f"moe_serve_expert_load_{side}_ratio", description=f"The {side}imum expert's share of a MoE layer's "
+            "routed tokens since the last report, times the expert count (1 = balanced).", tag_keys=("model", "layer"))
+            for side in ("max", "min")}
+        for gauge in self.expert_load.values():
+            gauge.set_default_tags(tags)
         self.decode_hist: CountDict[int] = CountDict()
         self.prefill_hist: CountDict[int] = CountDict()
         self.total_tokens = 0
@@ -61,6 +79,20 @@ class EngineMetrics:
         while self._window and now - self._window[0][0] > 10.0:
             self._window.popleft()
         self.tokens_per_s.set(self.current_tokens_per_s())
+
+    def observe_latency(self, first_token_s: float | None = None, per_token_s: float | None = None) -> None:
+        if first_token_s is not None:
+            self.ttft.observe(first_token_s)
+        if per_token_s is not None:
+            self.tpot.observe(per_token_s)
+
+    def observe_expert_load(self, loads: dict[str, list[float]]) -> None:
+        """Per MoE layer (id -> routed tokens per expert since the last call): max and min share x experts."""
+        for layer, load in loads.items():
+            total = sum(load)
+            if total > 0:
+                self.expert_load["max"].set(max(load) * len(load) / total, tags={"layer": layer})
+                self.expert_load["min"].set(min(load) * len(load) / total, tags={"layer": layer})
 
     def current_tokens_per_s(self) -> float:
         if len(self._window) < 2:
@@ -86,13 +118,13 @@ class RequestMetrics:
 
     def __init__(self) -> None:
         self.requests = metrics.Counter(
-            "moe_serve_requests", description="HTTP requests by endpoint and status code.",
+            "moe_serve_requests_total", description="HTTP requests by endpoint and status code.",
             tag_keys=("endpoint", "status"))
         self.latency = metrics.Histogram(
-            "moe_serve_request_latency_s", description="HTTP request latency in seconds (streams: to the end).",
+            "moe_serve_request_duration_seconds", description="HTTP request latency in seconds (streams: to the end).",
             boundaries=LATENCY_BOUNDARIES, tag_keys=("endpoint",))
         self.completion_tokens = metrics.Counter(
-            "moe_serve_completion_tokens", description="Completion tokens returned, by endpoint.",
+            "moe_serve_completion_tokens_total", description="Completion tokens returned, by endpoint.",
             tag_keys=("endpoint",))
         self.counts: CountDict[str] = CountDict()
 

@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray processes export metrics every second (default 10 s; the project's local Ray 5 s), so the monitoring
+# tests see a short training's values in Prometheus (tests/cluster/test_monitor.py)
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, RuntimeConfig
 from pipelines.data.dedup_cluster import load_dropped, run_dedup
 from pipelines.data.filters import FILTER_NAMES, filter_batch
+from pipelines.data.metrics import record_run
 from pipelines.data.minhash import lsh_params
 from pipelines.data.shards import SplitOutput, write_in_order, write_shuffled
 from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit
@@ -250,6 +251,7 @@ def preprocess(cfg: PreprocessConfig) -> tuple[Path, bool]:
     work.mkdir()
     try:
         info = build_dataset(cfg, files, missing, fingerprints, cfg_hash, key, work)
+        record_run(info)
         final = root / manifest.next_version_name(root, key)
         info["version"] = final.name
         manifest.write_json(work / manifest.MANIFEST_FILE, info)

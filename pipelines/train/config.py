@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, validate_monitoring
 from moe.config import ModelConfig
 from moe.parallel.pipeline import PipelineConfig
 from moe.parallel.tensor import check_tensor_parallel
@@ -133,6 +133,7 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
 def validate_train_config(c: TrainConfig) -> TrainConfig:
     c.model.validate(seq_len=c.data.seq_len)
+    validate_monitoring(c.cluster.monitoring, "cluster.monitoring")
     check(c.model.vocab_size >= c.data.vocab_size,
            f"model.vocab_size={c.model.vocab_size} is smaller than data.vocab_size={c.data.vocab_size}; "
            f"set model.vocab_size>={c.data.vocab_size} or lower data.vocab_size.")

@@ -298,8 +298,8 @@ def run_training(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan) -> Tr
         raise TrainingFailed(str(err)) from err
     try:
         ds = check_dataset(cfg)
-        if runtime.dashboard_url:
-            print(f"Ray dashboard: {runtime.dashboard_url}", flush=True)
+        if runtime.dashboard_message():
+            print(runtime.dashboard_message(), flush=True)
         with tracked_run(cfg, resolved_yaml, plan, ds, resume_run_id) as run:
             result, checkpoint = fit(cfg, ds, run)
             runtime.shutdown()  # the rest runs in this process

@@ -2,8 +2,9 @@
 
 `TrainProgress` is a Ray Train `UserCallback`: it runs in the train controller (on the head node),
 receives every `ray.train.report`, prints one progress line per report (forwarded to the driver's
-console), sets Ray metrics (gauges: `moe_train_*`, the world size and restarts among them) that the
-dashboard's metrics view shows, and keeps the MLflow record of the run as one trajectory:
+console), sets Ray metrics (gauges, `GAUGES` and `LAYER_GAUGES` below, the world size and restarts among them)
+that Prometheus scrapes (`python -m cluster.monitor`) and the Grafana dashboards (`cluster/dashboards.py`)
+chart, and keeps the MLflow record of the run as one trajectory:
 
 - rank 0's scalar metrics reach MLflow from the checkpoints, not from the reports: every checkpoint
   carries the metric rows of its trajectory (`metrics.json`), and `sync_metrics` logs the rows above
@@ -148,11 +149,34 @@ class TrainProgress(UserCallback):
     def _set_gauges(self, scalars: dict[str, float]) -> None:
         from ray.util.metrics import Gauge
 
-        for key in ("train/loss", "val/loss", "perf/tokens_per_s", "perf/mfu", "train/lr", "train/grad_norm",
-                    "world_size", "train/restarts"):
-            if key not in scalars:
+        for key, value in scalars.items():
+            name, tags = gauge_name(key)
+            if name is None:
                 continue
-            name = "moe_train_" + key.replace("/", "_")
             if name not in self._gauges:
-                self._gauges[name] = Gauge(name, description=f"elastic-moe training {key}")
-            self._gauges[name].set(scalars[key])
+                self._gauges[name] = Gauge(name, description=f"elastic-moe training {key}",
+                                           tag_keys=tuple(tags))
+            self._gauges[name].set(value, tags=tags)
+
+
+# Reported metric -> Ray gauge (Prometheus adds `ray_`): units or `_ratio` in the name; one `layer` label
+# (bounded by the model's MoE layer count) for the per-layer expert statistics.
+GAUGES = {"train/loss": "moe_train_loss", "val/loss": "moe_train_val_loss",
+          "perf/tokens_per_s": "moe_train_tokens_per_second", "perf/mfu": "moe_train_mfu_ratio",
+          "train/lr": "moe_train_learning_rate", "train/grad_norm": "moe_train_grad_norm",
+          "train/aux_loss": "moe_train_aux_loss", "train/z_loss": "moe_train_z_loss",
+          "world_size": "moe_train_world_size", "train/restarts": "moe_train_restarts",
+          "perf/tokens_seen": "moe_train_tokens_seen"}
+LAYER_GAUGES = {"max_load": "moe_train_expert_load_max_ratio", "min_load": "moe_train_expert_load_min_ratio",
+                "dropped_frac": "moe_train_dropped_tokens_ratio"}
+
+
+def gauge_name(key: str) -> tuple[str | None, dict[str, str]]:
+    """`train/loss` -> ("moe_train_loss", {}); `moe/layer3/max_load` -> ("moe_train_expert_load_max_ratio",
+    {"layer": "3"}); None for what is not exported."""
+    if key in GAUGES:
+        return GAUGES[key], {}
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "moe" and parts[1].startswith("layer") and parts[2] in LAYER_GAUGES:
+        return LAYER_GAUGES[parts[2]], {"layer": parts[1].removeprefix("layer")}
+    return None, {}

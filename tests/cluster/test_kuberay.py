@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.kuberay import render_raycluster, render_rayjob, render_rayservice, worker_pods
+from cluster.kuberay import (
+    render_podmonitor,
+    render_raycluster,
+    render_rayjob,
+    render_rayservice,
+    worker_pods,
+)
 from cluster.submit import compose_profile, main
 from tests.cluster.crds import assert_valid
 
@@ -54,3 +60,32 @@ def test_submit_without_credentials_names_the_fix(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(SystemExit, match="no Kubernetes credentials.*KUBECONFIG"):
         main(["+cluster=a100", "target=train"])
+
+
+@pytest.mark.parametrize("profile", ["h100", "mi300x"])
+def test_a_prometheus_operator_podmonitor_scrapes_the_head_and_every_worker(profile: str) -> None:
+    cluster = compose_profile(profile, ["cluster.monitoring.prometheus_host=http://prometheus.monitoring.svc:9090"]).cluster
+    monitor = render_podmonitor(cluster, f"moe-{profile}-metrics")
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [cluster.namespace]}
+    # (the same renderings validate against KubeRay's schemas in test_manifests_validate_for_every_gpu_profile)
+    for manifest in (render_raycluster(cluster, "c"), render_rayjob(cluster, "j", []), render_rayservice(cluster, "s")):
+        spec = manifest["spec"].get("rayClusterSpec") or manifest["spec"].get("rayClusterConfig") or manifest["spec"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            template = group["template"]
+            labels = template["metadata"]["labels"]
+            assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()  # the selector picks the pod
+            ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+            assert ports[endpoint["port"]] == int(group["rayStartParams"]["metrics-export-port"]) == 8080
+            assert template["metadata"]["annotations"]["prometheus.io/port"] == "8080"
+        head_env = {e["name"]: e["value"] for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        assert head_env["RAY_PROMETHEUS_HOST"] == "http://prometheus.monitoring.svc:9090"
+
+
+def test_submit_dry_run_prints_the_podmonitor_after_the_manifest(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["+cluster=a100", "target=cluster", "dry_run=true", "pod_monitor=true"]) == 0
+    raycluster, monitor = yaml.safe_load_all(capsys.readouterr().out)
+    assert_valid(raycluster)
+    assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["name"] == "elastic-moe-a100-cluster-metrics"
