@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,9 @@ def test_gpu_resource_and_pod_count_follow_the_vendor() -> None:
 
 
 def test_elastic_profile_enables_autoscaling_between_min_and_max() -> None:
-    cluster = compose_profile("a100", ["cluster.num_workers=32", "cluster.min_workers=16"]).cluster
+    # the manifest's replica range only (a training config with this range must also make up its global
+    # batch at every size from 16 to 32: pipelines/train/layout.py, tested in tests/pipelines/test_elastic.py)
+    cluster = dataclasses.replace(compose_profile("a100", ["cluster.num_workers=32"]).cluster, min_workers=16)
     spec = render_raycluster(cluster, "x")["spec"]
     group = spec["workerGroupSpecs"][0]
     assert spec["enableInTreeAutoscaling"] is True

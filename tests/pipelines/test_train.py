@@ -65,12 +65,13 @@ def _checkpointed_steps(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("**/trainer_state.pt"))
 
 
-def _kill_one_worker() -> int:
-    """SIGKILL one Ray Train worker process of this test session's Ray (a descendant of this process)."""
+def _kill_one_worker(started_after: float = 0.0) -> int:
+    """SIGKILL one Ray Train worker process of this test session's Ray (a descendant of this process)
+    started after `started_after` (a worker of an earlier run may still be exiting)."""
     import psutil
 
     workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+               if "RayTrainWorker" in " ".join(p.cmdline()) and p.create_time() >= started_after]
     assert workers, "no Ray Train worker process found"
     workers[-1].kill()
     return workers[-1].pid
@@ -90,13 +91,14 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, co
             result["outcome"] = err
 
     thread = threading.Thread(target=target)
+    started = time.time()
     thread.start()
     deadline = time.time() + 300
     # two checkpoints on disk: the first one has certainly been registered by the controller
     while len(_checkpointed_steps(tmp_path / "runs")) < 2 and time.time() < deadline and thread.is_alive():
         time.sleep(0.5)
     assert len(_checkpointed_steps(tmp_path / "runs")) >= 2, "no checkpoint was written"
-    _kill_one_worker()
+    _kill_one_worker(started_after=started)
     thread.join(timeout=600)
     outcome = result["outcome"]
     assert isinstance(outcome, TrainingOutcome), outcome
