@@ -370,9 +370,9 @@ def _hf_linear_name(cfg: ModelConfig, name: str) -> tuple[str, bool]:
     _, layer, kind, *rest = name.split(".")
     prefix = f"model.layers.{layer}."
     if kind == "attn":
-        return prefix + "self_attn." + dict(_ATTN_NAMES)[rest[0]], True
+        return prefix + "self_attn." + dict(ATTN_NAMES)[rest[0]], True
     shared = rest[0] == "shared"
-    hf_proj = dict(_FFN_NAMES)[rest[-1]]
+    hf_proj = dict(FFN_NAMES)[rest[-1]]
     return prefix + ("mlp.shared_experts." if shared else "mlp.") + hf_proj, False
 
 
@@ -402,7 +402,7 @@ def peft_adapter(model: MoETransformer, adapters: dict[str, Any], rank: int, alp
         hf, is_attn = _hf_linear_name(cfg, name)
         b = a.B
         if arch == GLM and name.rsplit(".", 1)[-1] in ("wq", "wk"):
-            b = _permute_heads(b, cfg.head_dim)
+            b = permute_heads(b, cfg.head_dim)
         out[f"{pre}{hf}.lora_A.weight"], out[f"{pre}{hf}.lora_B.weight"] = a.A, b
         if is_attn:
             modules.add(hf.rsplit(".", 1)[-1])

@@ -44,6 +44,7 @@ from moe.flops import measure_matmul_peak, mfu
 from moe.loss import IGNORE_INDEX, token_loss_sum
 from moe.model import build_meta_model, materialize
 from moe.parallel.apply import parallelize
+from moe.parallel.mesh import ParallelDims
 from pipelines.data.ingest import GlobalOrder, SampleLedger, SplitReader, index_split, rank_slice
 from pipelines.train.collectives import all_gather_cat, all_reduce_, broadcast_object
 from pipelines.train.config import TrainConfig, layout_at, pipeline_config
