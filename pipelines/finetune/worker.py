@@ -80,7 +80,7 @@ class FinetuneTrainer(Trainer):
         super().setup()
         if self.accountant is None:
             return
-        n = self.order.n_sequences  # this data rank's share: every n-th example from its rank on, none dropped
+        n = self.order.n_sequences  # this data rank's share: every D-th example (D data ranks), none dropped
         self.pool = self.reader.read(np.arange(self.data_rank, n, self.dims.data_ranks))
         self.sample_rate = self.cfg.privacy.expected_batch_size / n
         self.generator = secret_generator()

@@ -1,4 +1,4 @@
-"""`python -m pipelines.finetune` end to end (real Ray Train, MLflow, Ray Data) on the trained tiny model:
+"""`python -m pipelines.finetune` end to end (real Ray Train, MLflow, the training ingest) on the trained tiny model:
 LoRA on the preprocessed shards from the registry (peft adapter == merged model, new registered
 version tagged with its base, loadable like any version), DP-SGD on a chat JSONL file (epsilon per
 step, within the target), and the settings refused before Ray starts."""
