@@ -51,6 +51,7 @@ from pipelines.train.driver import (
     Dataset,
     TrackedRun,
     TrainingFailed,
+    check_batch_fits,
     check_dataset,
     export_transformers,
     fit,
@@ -108,7 +109,9 @@ def finetune_dataset(cfg: FinetuneConfig, base: ResolvedModel, work: Path) -> Da
             path = build_files_dataset(cfg.files, base.tokenizer_path, cfg.data.seq_len, work / "data", cfg.train.seed)
         except DataError as err:
             raise TrainingFailed(str(err)) from err
-        return Dataset(path, read_manifest(path))
+        ds = Dataset(path, read_manifest(path))
+        check_batch_fits(cfg, ds)  # the training's data order steps by global batches, with privacy too
+        return ds
     ds = check_dataset(cfg)
     if json.loads(ds.tokenizer_path.read_text()) != json.loads(base.tokenizer_path.read_text()):
         raise TrainingFailed(f"the dataset {ds.path} was tokenized with another tokenizer than the base model "

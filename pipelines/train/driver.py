@@ -116,13 +116,18 @@ def check_dataset(cfg: TrainConfig) -> Dataset:
             f"the dataset's tokenizer has {m['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}; "
             f"set model.vocab_size>={m['vocab_size']}."
         )
+    check_batch_fits(cfg, ds)
+    return ds
+
+
+def check_batch_fits(cfg: TrainConfig, ds: Dataset) -> None:
+    """TrainingFailed when the train split holds fewer sequences than one global batch."""
     if ds.sequences("train") < global_batch_size(cfg):
         raise TrainingFailed(
-            f"dataset {dataset_dir} has {ds.sequences('train')} training sequences, fewer than one "
+            f"dataset {ds.path} has {ds.sequences('train')} training sequences, fewer than one "
             f"global batch ({global_batch_size(cfg)}); add data or lower train.global_batch_size "
             "(or train.micro_batch_size)."
         )
-    return ds
 
 
 def run_dir(cfg: TrainConfig, run_id: str | None) -> Path:

@@ -114,3 +114,19 @@ def test_an_unreachable_epsilon_is_refused_before_training() -> None:
         plan_noise(PrivacyConfig(enabled=True, noise_multiplier=0.5, expected_batch_size=10), 100, 1000)
     q, sigma, eps = plan_noise(PrivacyConfig(enabled=True, target_epsilon=8.0, expected_batch_size=10), 100, 50)
     assert q == 0.1 and sigma > 0 and eps <= 8.0 * 1.0001
+
+
+def test_files_with_fewer_examples_than_a_global_batch_are_refused_before_training(
+        trained_tiny: TrainedTiny, compose, tmp_path: Path) -> None:
+    from pipelines.core.model_source import ResolvedModel
+    from pipelines.finetune.config import register_configs
+    from pipelines.finetune.driver import finetune_dataset
+    from pipelines.train.driver import TrainingFailed
+
+    register_configs()
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                       {"role": "assistant", "content": f"a{i}"}]}) for i in range(5)))
+    cfg = to_finetune_config(compose("finetune", [f"files.paths=[{chat}]", "train.micro_batch_size=8"]))
+    with pytest.raises(TrainingFailed, match="has 4 training sequences, fewer than one global batch"):
+        finetune_dataset(cfg, ResolvedModel(trained_tiny.model_dir, "tiny"), tmp_path / "work")
