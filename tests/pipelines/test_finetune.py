@@ -89,6 +89,8 @@ def test_settings_that_break_the_privacy_guarantee_are_refused(compose) -> None:
     register_configs()
     with pytest.raises(ConfigError, match="privacy.enabled=true refuses balance.aux_loss_coef=0.01"):
         to_finetune_config(compose("finetune", ["privacy=dp", "balance.aux_loss_coef=0.01"]))
+    with pytest.raises(ConfigError, match="train.resume='latest': a fine-tuning run is not resumed"):
+        to_finetune_config(compose("finetune", ["train.resume=latest"]))
     ok = to_finetune_config(compose("finetune", ["privacy=dp"]))
     cases = {"balance.update_expert_bias": lambda c: setattr(c.balance, "update_expert_bias", True),
              "model.moe.capacity_factor": lambda c: setattr(c.model.moe, "capacity_factor", 1.25),
