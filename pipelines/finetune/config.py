@@ -101,6 +101,8 @@ def to_finetune_config(cfg: DictConfig) -> FinetuneConfig:
     check(not (c.base.hf_path and (c.base.path or c.base.run_id)),
           f"base.hf_path={c.base.hf_path!r} and base.path/base.run_id are both set; give one base model.")
     c.lora.validate()
+    check(c.train.resume is None, f"train.resume={c.train.resume!r}: a fine-tuning run is not resumed (its base "
+          "could resolve to another model by then); drop train.resume and start a new run.")
     check(c.files.format in ("auto", "text", "chat"), f"files.format={c.files.format!r}: use auto, text or chat.")
     check(0 < c.files.val_fraction < 1, f"files.val_fraction={c.files.val_fraction} must be within (0, 1).")
     apply_balance(c)

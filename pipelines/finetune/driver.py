@@ -6,11 +6,14 @@
               tokenized with the base's tokenizer (pipelines/finetune/data.py)
     privacy   with privacy on: the sample rate and the noise multiplier for target_epsilon over
               train.steps (refused before Ray starts when the target cannot be met)
-    track     an MLflow run (params, base model, trainable fraction), ended FAILED on any exception
-    fit       Ray Train running `FinetuneTrainer` with the training's parallel layout
-    export    adapters from the final checkpoint: peft's format for the transformers export
-              (`adapter/`), and the merged model (`model/`, and `hf/` when a stock class fits)
-    register  the merged model as a new version of tracking.registered_model, tagged with the base
+    track     an MLflow run (params, base model, trainable fraction), ended FAILED on any exception;
+              the run directory is the training's (`<train.storage_path>/train-<run id>`)
+    fit       the training driver's `fit` running `FinetuneTrainer` (the training's elastic scaling,
+              layout, data order and `CheckpointStore` under `<run dir>/checkpoints`)
+    export    adapters from the newest valid checkpoint: peft's format for the transformers export
+              (`<run dir>/adapter`), and the merged model (`model/`, and `hf/` when a stock class fits)
+    register  the metric rows of the final checkpoint synced to MLflow, the merged model as a new
+              version of tracking.registered_model, tagged with the base
 """
 
 from __future__ import annotations
@@ -23,27 +26,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray.data
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
-from ray.train import DataConfig as RayDataConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from mlflow import MlflowClient
 
-from cluster.profiles import worker_resources
 from cluster.runtime import ClusterMismatchError, connect
-from moe.checkpoint import export_model, load_adapter_weights, load_model, model_config_from_dict
+from moe.checkpoint import (
+    checkpoint_step,
+    export_model,
+    load_adapter_weights,
+    load_model,
+    model_config_from_dict,
+)
 from moe.files import CONFIG_FILE, TOKENIZER_FILE
 from moe.hf import UnsupportedModelError, export_peft_adapter, load_hf
 from moe.lora import adapters_of, apply_lora, remove_lora, trainable_fraction_line
 from moe.model import build_meta_model
 from pipelines.core import tracking
 from pipelines.core.model_source import ModelNotFound, ResolvedModel, resolve_model
-from pipelines.data.ingest import read_manifest, split_dataset
+from pipelines.data.ingest import read_manifest
 from pipelines.finetune.config import FinetuneConfig, with_base_model
 from pipelines.finetune.data import DataError, build_files_dataset
 from pipelines.finetune.privacy import PrivacyBudgetError, plan_noise
 from pipelines.finetune.worker import finetune_loop_per_worker
-from pipelines.train.driver import Dataset, TrainingFailed, check_dataset, export_transformers
-from pipelines.train.progress import TrainProgress
+from pipelines.train.driver import (
+    Dataset,
+    TrackedRun,
+    TrainingFailed,
+    check_batch_fits,
+    check_dataset,
+    export_transformers,
+    fit,
+    hf_dir,
+    run_dir,
+)
+from pipelines.train.progress import METRICS_FILE, sync_metrics
 
 
 @dataclass
@@ -94,7 +109,9 @@ def finetune_dataset(cfg: FinetuneConfig, base: ResolvedModel, work: Path) -> Da
             path = build_files_dataset(cfg.files, base.tokenizer_path, cfg.data.seq_len, work / "data", cfg.train.seed)
         except DataError as err:
             raise TrainingFailed(str(err)) from err
-        return Dataset(path, read_manifest(path))
+        ds = Dataset(path, read_manifest(path))
+        check_batch_fits(cfg, ds)  # the training's data order steps by global batches, with privacy too
+        return ds
     ds = check_dataset(cfg)
     if json.loads(ds.tokenizer_path.read_text()) != json.loads(base.tokenizer_path.read_text()):
         raise TrainingFailed(f"the dataset {ds.path} was tokenized with another tokenizer than the base model "
@@ -121,10 +138,10 @@ def plan_privacy(cfg: FinetuneConfig, ds: Dataset) -> float | None:
 
 @contextmanager
 def tracked_run(cfg: FinetuneConfig, resolved_yaml: str, base: ResolvedModel, ds: Dataset, fraction: float
-                ) -> Iterator[tuple[str | None, str | None]]:
+                ) -> Iterator[TrackedRun]:
     """An MLflow run with the config, the base model and the trainable fraction; FAILED on any exception."""
     if not cfg.tracking.enabled:
-        yield None, None
+        yield TrackedRun(None, None, run_dir(cfg, None) / "checkpoints")
         return
     import mlflow
 
@@ -136,34 +153,17 @@ def tracked_run(cfg: FinetuneConfig, resolved_yaml: str, base: ResolvedModel, ds
         mlflow.log_text(resolved_yaml, "config/finetune.yaml")
         mlflow.set_tags({"task": "finetune", "base_model": base.label, "base_registered_name": base.registered_name
                          or "", "base_version": base.version or "", "base_run_id": base.run_id or "",
-                         "privacy": str(cfg.privacy.enabled).lower()})
-        yield run.info.run_id, uri
+                         "privacy": str(cfg.privacy.enabled).lower(),
+                         "checkpoint_dir": str(run_dir(cfg, run.info.run_id) / "checkpoints")})
+        yield TrackedRun(run.info.run_id, uri, run_dir(cfg, run.info.run_id) / "checkpoints")
 
 
-def make_trainer(cfg: FinetuneConfig, base: ResolvedModel, ds: Dataset, run: tuple, name: str) -> TorchTrainer:
-    return TorchTrainer(
-        finetune_loop_per_worker,
-        train_loop_config={"cfg": cfg, "base_dir": str(base.path), "n_train_sequences": ds.sequences("train"),
-                           "n_val_sequences": ds.sequences("val")},
-        torch_config=TorchConfig(backend=cfg.cluster.backend),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.gpus_per_worker > 0,
-                                     resources_per_worker=worker_resources(cfg.cluster)),
-        run_config=RunConfig(name=name, storage_path=str(Path(cfg.train.storage_path).resolve()),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[TrainProgress(run[1], run[0], cfg.train.steps)]),
-        datasets={"train": split_dataset(ds.path, "train").randomize_block_order(seed=cfg.train.seed),
-                  "val": split_dataset(ds.path, "val")},
-        dataset_config=RayDataConfig(datasets_to_split=["train"]),
-    )
-
-
-def export(cfg: FinetuneConfig, result: Result, base: ResolvedModel, ds: Dataset, out: Path) -> Path | None:
-    """`out/adapter` (peft's format), `out/model` (merged, ours) and `out/hf`; returns the adapter dir or None."""
+def export(cfg: FinetuneConfig, checkpoint: Path, base: ResolvedModel, ds: Dataset, out: Path) -> Path | None:
+    """The adapters of `checkpoint` as `out/adapter` (peft's format), `out/model` (merged, ours) and
+    `out/hf`; returns the adapter dir or None."""
     model = load_model(base.path)
     apply_lora(model, cfg.lora, seed=cfg.train.seed)
-    with result.checkpoint.as_directory() as ckpt:
-        load_adapter_weights(model, Path(ckpt))
+    load_adapter_weights(model, checkpoint)
     adapter_dir: Path | None = out / "adapter"
     try:
         export_peft_adapter(model, adapters_of(model), cfg.lora.rank, cfg.lora.alpha, adapter_dir)
@@ -173,7 +173,7 @@ def export(cfg: FinetuneConfig, result: Result, base: ResolvedModel, ds: Dataset
     remove_lora(model, merge=True)
     model.cfg = cfg.model  # the fine-tuning's balance settings travel with the merged model
     export_model(model, out / "model", tokenizer_path=ds.tokenizer_path)
-    export_transformers(model, ds, out / "hf")
+    export_transformers(model, ds, hf_dir(out / "model"))
     return adapter_dir
 
 
@@ -213,21 +213,18 @@ def run_finetune(cfg: FinetuneConfig, resolved_yaml: str, work: Path) -> Finetun
     try:
         base, ds, fraction, line = prepare(cfg, work)
         print(f"[finetune] base {base.label}; {line}", flush=True)
-        ray.data.DataContext.get_current().enable_progress_bars = False
         with tracked_run(cfg, resolved_yaml, base, ds, fraction) as run:
-            name = f"finetune-{run[0] or 'local'}"
-            try:
-                result = make_trainer(cfg, base, ds, run, name).fit()
-            except Exception as err:
-                raise TrainingFailed(f"fine-tuning failed: {err}") from err
-            runtime.shutdown()
-            out = Path(cfg.train.storage_path).resolve() / name
-            adapter_dir = export(cfg, result, base, ds, out)
-            version = register(cfg, run[0], base, out, adapter_dir) if run[0] else None
+            _, checkpoint = fit(cfg, ds, run, finetune_loop_per_worker, {"base_dir": str(base.path)})
+            runtime.shutdown()  # the rest runs in this process
+            out = run.checkpoint_dir.parent
+            adapter_dir = export(cfg, checkpoint, base, ds, out)
+            version = None
+            if run.run_id:  # the rows the last reports may not have delivered, then the new version
+                sync_metrics(MlflowClient(tracking_uri=run.tracking_uri), run.run_id, checkpoint)
+                version = register(cfg, run.run_id, base, out, adapter_dir)
     finally:
         runtime.shutdown()
-    m = result.metrics or {}
-    return FinetuneOutcome(run[0], run[1], base.label, out / "model", adapter_dir, version, int(m.get("step", 0)),
-                           float(m.get("train/loss", math.nan)), float(m.get("val/loss", math.nan)), fraction,
-                           m.get("privacy/epsilon"))
-
+    m = json.loads((checkpoint / METRICS_FILE).read_text())[-1]  # the final step's row of the trajectory
+    return FinetuneOutcome(run.run_id, run.tracking_uri, base.label, out / "model", adapter_dir, version,
+                           checkpoint_step(checkpoint), float(m.get("train/loss", math.nan)),
+                           float(m.get("val/loss", math.nan)), fraction, m.get("privacy/epsilon"))

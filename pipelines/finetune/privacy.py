@@ -38,9 +38,12 @@ def epsilon_after(p: PrivacyConfig, noise_multiplier: float, sample_rate: float,
         return float(acc.get_epsilon(p.delta))
 
 
+NOISE_CEILING = 1e4  # a noise multiplier above it drowns any batch's gradient: a target that needs more is refused
+
+
 def plan_noise(p: PrivacyConfig, n_examples: int, steps: int) -> tuple[float, float, float]:
     """(sample rate, noise multiplier, epsilon after `steps`); PrivacyBudgetError when the target
-    cannot be met with these settings."""
+    cannot be met with these settings (nor with a noise multiplier up to `NOISE_CEILING`)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     if p.expected_batch_size > n_examples:
@@ -49,16 +52,20 @@ def plan_noise(p: PrivacyConfig, n_examples: int, steps: int) -> tuple[float, fl
     q = p.expected_batch_size / n_examples
     sigma = p.noise_multiplier
     if sigma is None:
+        unmet = (f"privacy.target_epsilon={p.target_epsilon} cannot be met in {steps} steps at sample rate {q:.4g} "
+                 f"(delta {p.delta}): {{}} Raise the target, lower train.steps or privacy.expected_batch_size, or "
+                 "add data.")
+        floor = epsilon_after(p, NOISE_CEILING, q, steps)  # the accountant's floor, found without a long search
+        if floor > p.target_epsilon:
+            raise PrivacyBudgetError(unmet.format(f"even noise multiplier {NOISE_CEILING:g} spends epsilon "
+                                                  f"{floor:.3f}."))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 sigma = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=q,
                                              steps=steps, accountant=p.accountant)
         except ValueError as err:
-            raise PrivacyBudgetError(
-                f"privacy.target_epsilon={p.target_epsilon} cannot be met in {steps} steps at sample rate {q:.4g} "
-                f"(delta {p.delta}): {err} Raise the target, lower train.steps or privacy.expected_batch_size, or "
-                "add data.") from err
+            raise PrivacyBudgetError(unmet.format(err)) from err
     eps = epsilon_after(p, sigma, q, steps)
     if eps > p.target_epsilon * 1.0001:
         raise PrivacyBudgetError(

@@ -2,11 +2,14 @@
 
     build_model   meta -> parallelize -> materialize as in training, then the frozen base weights
                   from the exported model (each rank reads only its shards), then the LoRA adapters
-    checkpoints   adapters (and their optimizer state) only, resharding like training checkpoints
-    train_step    with privacy on: DP-SGD (pipelines/finetune/privacy.py) over a Poisson sample of
-                  this rank's examples, exact per-example adapter gradients, epsilon per step
-Everything else (data streaming, gradient sync of the trainable parameters only, clipping, the
-schedule, evaluation, reporting, resume) is the training loop's.
+    checkpoints   adapters (and their optimizer state) only, resharding like training checkpoints,
+                  in the training's `CheckpointStore`
+    next_batches  with privacy on: a Poisson sample of this data rank's share of the train split
+    train_step    (read once at setup through the ingest's `index_split`/`SplitReader`), and DP-SGD
+                  over it (pipelines/finetune/privacy.py): exact per-example adapter gradients,
+                  epsilon per step; the sampled examples are not put in the sample ledger
+Everything else (the global data order and its ledger without privacy, gradient sync of the trainable
+parameters only, clipping, the schedule, evaluation, reporting, resume) is the training loop's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from moe.checkpoint import load_adapter_checkpoint, load_exported_weights, save_adapter_checkpoint
@@ -22,7 +26,6 @@ from moe.loss import IGNORE_INDEX
 from moe.model import build_meta_model, materialize
 from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
-from pipelines.data.ingest import ConsumedSet, iter_batches
 from pipelines.finetune.config import FinetuneConfig
 from pipelines.finetune.privacy import (
     PrivacyBudgetError,
@@ -38,15 +41,19 @@ from pipelines.train.worker import StepStats, Trainer
 
 
 class FinetuneTrainer(Trainer):
-    def __init__(self, cfg: FinetuneConfig, base_dir: str, n_train: int, n_val: int) -> None:
-        super().__init__(cfg, n_train, n_val)
-        self.base_dir = base_dir
+    """The training `Trainer` on a frozen base with LoRA adapters; `base_dir` is the exported base model."""
+
+    def __init__(self, cfg: FinetuneConfig, dataset_dir: Path, checkpoint_dir: Path, n_val_sequences: int,
+                 base_dir: Path) -> None:
+        super().__init__(cfg, dataset_dir, checkpoint_dir, n_val_sequences)
+        self.base_dir = Path(base_dir)
         self.accountant = make_accountant(cfg.privacy.accountant) if cfg.privacy.enabled else None
 
     def build_model(self, dims: ParallelDims) -> None:
         cfg: FinetuneConfig = self.cfg
         self.model = build_meta_model(cfg.model)
-        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel))
+        self.plan = parallelize(self.model, dims, device_type=self.device.type, pipeline=pipeline_config(cfg.parallel),
+                                activation_checkpointing=cfg.train.activation_checkpointing)
         materialize(self.model, self.device, seed=cfg.train.seed)
         load_exported_weights(self.model, self.base_dir)
         apply_lora(self.model, cfg.lora, seed=cfg.train.seed)
@@ -73,24 +80,22 @@ class FinetuneTrainer(Trainer):
         super().setup()
         if self.accountant is None:
             return
-        p = self.cfg.privacy
-        rows = [(b["tokens"], b["loss_mask"])  # this rank's whole shard, once, row by row (none dropped)
-                for b in iter_batches(self.shard, 1, ConsumedSet(self.n_train_sequences))]
-        self.pool_tokens = torch.cat([r[0] for r in rows]) if rows else torch.zeros(0, 0, dtype=torch.long)
-        self.pool_mask = torch.cat([r[1] for r in rows]) if rows else torch.zeros(0, 0)
-        self.sample_rate = p.expected_batch_size / self.n_train_sequences
+        n = self.order.n_sequences  # this data rank's share: every D-th example (D data ranks), none dropped
+        self.pool = self.reader.read(np.arange(self.data_rank, n, self.dims.data_ranks))
+        self.sample_rate = self.cfg.privacy.expected_batch_size / n
         self.generator = secret_generator()
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Without privacy the training's micro-batches; with it one Poisson sample of this rank's pool."""
         if self.accountant is None:
-            return super().next_batch()
-        idx = poisson_sample(len(self.pool_tokens), self.sample_rate, self.generator)
-        return {"tokens": self.pool_tokens[idx], "loss_mask": self.pool_mask[idx]}
+            return super().next_batches()
+        idx = poisson_sample(len(self.pool["tokens"]), self.sample_rate, self.generator)
+        return [{key: rows[idx] for key, rows in self.pool.items()}]
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> StepStats:
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepStats:
         if self.accountant is None:
-            return super().train_step(batch)
-        p = self.cfg.privacy
+            return super().train_step(batches)
+        p, (batch,) = self.cfg.privacy, batches
         sigma = float(p.noise_multiplier)
         self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate)
         if self.epsilon() > p.target_epsilon * 1.0001:
@@ -143,5 +148,6 @@ class FinetuneTrainer(Trainer):
 
 def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on every worker."""
-    FinetuneTrainer(config["cfg"], config["base_dir"], config["n_train_sequences"], config["n_val_sequences"]).fit()
+    FinetuneTrainer(config["cfg"], Path(config["dataset_dir"]), Path(config["checkpoint_dir"]),
+                    config["n_val_sequences"], Path(config["base_dir"])).fit()
 

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,13 +116,18 @@ def check_dataset(cfg: TrainConfig) -> Dataset:
             f"the dataset's tokenizer has {m['vocab_size']} tokens but model.vocab_size={cfg.model.vocab_size}; "
             f"set model.vocab_size>={m['vocab_size']}."
         )
+    check_batch_fits(cfg, ds)
+    return ds
+
+
+def check_batch_fits(cfg: TrainConfig, ds: Dataset) -> None:
+    """TrainingFailed when the train split holds fewer sequences than one global batch."""
     if ds.sequences("train") < global_batch_size(cfg):
         raise TrainingFailed(
-            f"dataset {dataset_dir} has {ds.sequences('train')} training sequences, fewer than one "
+            f"dataset {ds.path} has {ds.sequences('train')} training sequences, fewer than one "
             f"global batch ({global_batch_size(cfg)}); add data or lower train.global_batch_size "
             "(or train.micro_batch_size)."
         )
-    return ds
 
 
 def run_dir(cfg: TrainConfig, run_id: str | None) -> Path:
@@ -190,16 +195,18 @@ def tracked_run(cfg: TrainConfig, resolved_yaml: str, plan: TrainingPlan, ds: Da
         yield TrackedRun(run.info.run_id, uri, run_dir(cfg, run.info.run_id) / "checkpoints")
 
 
-def make_trainer(cfg: TrainConfig, ds: Dataset, run: TrackedRun) -> TorchTrainer:
-    """The Ray Train TorchTrainer: elastic scaling from the profile, failures, our checkpoint directory."""
+def make_trainer(cfg: TrainConfig, ds: Dataset, run: TrackedRun, loop: Callable[[dict[str, Any]], None]
+                 = train_loop_per_worker, extra_config: dict[str, Any] | None = None) -> TorchTrainer:
+    """The Ray Train TorchTrainer: elastic scaling from the profile, failures, our checkpoint directory.
+    `loop` runs on every worker with the config dict (fine-tuning passes its own, and `extra_config`)."""
     cl = cfg.cluster
     n_workers: int | tuple[int, int] = cl.num_workers if cl.min_workers is None else (cl.min_workers, cl.num_workers)
     os.environ[WORKER_START_TIMEOUT_ENV] = str(cl.worker_start_timeout_s)  # propagated to the controller
     name = run.checkpoint_dir.parent.name + (f"-resume-{int(time.time())}" if run.resume_cause else "")
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"cfg": cfg, "dataset_dir": str(ds.path), "checkpoint_dir": str(run.checkpoint_dir),
-                           "n_val_sequences": ds.sequences("val")},
+                           "n_val_sequences": ds.sequences("val"), **(extra_config or {})},
         torch_config=TorchConfig(backend=cl.backend),
         scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=cl.gpus_per_worker > 0,
                                      resources_per_worker=worker_resources(cl),
@@ -213,10 +220,11 @@ def make_trainer(cfg: TrainConfig, ds: Dataset, run: TrackedRun) -> TorchTrainer
     )
 
 
-def fit(cfg: TrainConfig, ds: Dataset, run: TrackedRun) -> tuple[Result, Path]:
-    """Train; returns Ray's result and the latest good checkpoint (TrainingFailed if there is none)."""
+def fit(cfg: TrainConfig, ds: Dataset, run: TrackedRun, loop: Callable[[dict[str, Any]], None]
+        = train_loop_per_worker, extra_config: dict[str, Any] | None = None) -> tuple[Result, Path]:
+    """Train (`make_trainer`); returns Ray's result and the latest good checkpoint (TrainingFailed if none)."""
     try:
-        result = make_trainer(cfg, ds, run).fit()
+        result = make_trainer(cfg, ds, run, loop, extra_config).fit()
     except Exception as err:
         raise TrainingFailed(f"training failed: {err} (continue it with train.resume="
                              f"{run.run_id or 'latest'} once the cause is fixed)") from err

@@ -1,4 +1,4 @@
-"""`python -m pipelines.finetune` end to end (real Ray Train, MLflow, Ray Data) on the trained tiny model:
+"""`python -m pipelines.finetune` end to end (real Ray Train, MLflow, the training ingest) on the trained tiny model:
 LoRA on the preprocessed shards from the registry (peft adapter == merged model, new registered
 version tagged with its base, loadable like any version), DP-SGD on a chat JSONL file (epsilon per
 step, within the target), and the settings refused before Ray starts."""
@@ -89,6 +89,8 @@ def test_settings_that_break_the_privacy_guarantee_are_refused(compose) -> None:
     register_configs()
     with pytest.raises(ConfigError, match="privacy.enabled=true refuses balance.aux_loss_coef=0.01"):
         to_finetune_config(compose("finetune", ["privacy=dp", "balance.aux_loss_coef=0.01"]))
+    with pytest.raises(ConfigError, match="train.resume='latest': a fine-tuning run is not resumed"):
+        to_finetune_config(compose("finetune", ["train.resume=latest"]))
     ok = to_finetune_config(compose("finetune", ["privacy=dp"]))
     cases = {"balance.update_expert_bias": lambda c: setattr(c.balance, "update_expert_bias", True),
              "model.moe.capacity_factor": lambda c: setattr(c.model.moe, "capacity_factor", 1.25),
@@ -114,3 +116,19 @@ def test_an_unreachable_epsilon_is_refused_before_training() -> None:
         plan_noise(PrivacyConfig(enabled=True, noise_multiplier=0.5, expected_batch_size=10), 100, 1000)
     q, sigma, eps = plan_noise(PrivacyConfig(enabled=True, target_epsilon=8.0, expected_batch_size=10), 100, 50)
     assert q == 0.1 and sigma > 0 and eps <= 8.0 * 1.0001
+
+
+def test_files_with_fewer_examples_than_a_global_batch_are_refused_before_training(
+        trained_tiny: TrainedTiny, compose, tmp_path: Path) -> None:
+    from pipelines.core.model_source import ResolvedModel
+    from pipelines.finetune.config import register_configs
+    from pipelines.finetune.driver import finetune_dataset
+    from pipelines.train.driver import TrainingFailed
+
+    register_configs()
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                       {"role": "assistant", "content": f"a{i}"}]}) for i in range(5)))
+    cfg = to_finetune_config(compose("finetune", [f"files.paths=[{chat}]", "train.micro_batch_size=8"]))
+    with pytest.raises(TrainingFailed, match="has 4 training sequences, fewer than one global batch"):
+        finetune_dataset(cfg, ResolvedModel(trained_tiny.model_dir, "tiny"), tmp_path / "work")
