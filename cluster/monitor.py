@@ -227,12 +227,18 @@ def run(cfg: MonitorConfig) -> int:
     return 0 if prom.proc is None or prom.proc.returncode in (0, -15) else 1
 
 
-def main() -> None:
-    import hydra
+def register_configs() -> None:
+    """Register the monitor schema in Hydra's ConfigStore (conf/monitor.yaml composes against it)."""
     from hydra.core.config_store import ConfigStore
-    from omegaconf import DictConfig, OmegaConf
 
     ConfigStore.instance().store(name="monitor_schema", node=MonitorConfig)
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    register_configs()
 
     @hydra.main(config_path="../conf", config_name="monitor", version_base="1.3")
     def _main(dcfg: DictConfig) -> None:

@@ -83,8 +83,10 @@ def train_tiny(compose, root: Path):
     return outcome
 
 
-def serve_load(tracking_uri: str) -> int:
-    """Deploy the trained model from the registry, send 12 completions and 2 malformed requests; tokens served."""
+def serve_load(tracking_uri: str, prometheus_url: str) -> int:
+    """Deploy the trained model from the registry, send 12 completions and 2 malformed requests, then one
+    completion a second until Prometheus has two scrapes of every serving series in each dashboard
+    expression's rate window (a quiet machine answers the first 12 within one scrape); tokens served."""
     from ray import serve
 
     from serve.app import build_app
@@ -107,6 +109,17 @@ def serve_load(tracking_uri: str) -> int:
         for bad in ({"model": "tiny-monitor", "prompt": "x", "max_tokens": -1},
                     {"model": "tiny-monitor", "prompt": "x", "temperature": -5}):
             assert client.post("/v1/completions", json=bad).status_code == 400
+        serving = [e for e in dashboards.expressions() if "_serve_" in e]
+        deadline = time.monotonic() + 180
+        while (missing := [e for e in serving if not query(prometheus_url, e)]) and time.monotonic() < deadline:
+            r = client.post("/v1/completions", json={"model": "tiny-monitor", "prompt": "def g(x):", "max_tokens": 8,
+                                                     "temperature": 0.0})
+            assert r.status_code == 200, r.text
+            tokens += r.json()["usage"]["completion_tokens"]
+            assert client.post("/v1/completions", json={"model": "tiny-monitor", "prompt": "x",
+                                                        "max_tokens": -1}).status_code == 400  # the 4xx panel's
+            time.sleep(1.0)
+        assert not missing, f"serving expressions without data after 180 s of load: {missing}"
     return tokens
 
 
@@ -169,7 +182,7 @@ def served(observed: Observed, trained):
     from ray import serve
 
     try:
-        tokens = serve_load(trained.tracking_uri)
+        tokens = serve_load(trained.tracking_uri, observed.url)
         wait_for_series(observed.url, ["ray_moe_serve_time_per_output_token_seconds_count",
                                        'ray_moe_serve_requests_total{status="400"}',
                                        "ray_moe_serve_expert_load_max_ratio", "ray_serve_deployment_replica_healthy"])

@@ -151,14 +151,16 @@ def test_every_entry_point_uses_the_shared_hydra_run_dir(name: str) -> None:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from cluster.monitor import register_configs as register_monitor_configs
     from cluster.submit import register_configs as register_submit_configs
     from pipelines.data.config import register_configs as register_data_configs
     from pipelines.evaluation.config import register_configs as register_evaluation_configs
+    from pipelines.finetune.config import register_configs as register_finetune_configs
     from pipelines.train.config import register_configs as register_train_configs
     from serve.config import register_configs as register_serve_configs
 
     for register in (register_train_configs, register_data_configs, register_serve_configs, register_submit_configs,
-                     register_evaluation_configs):
+                     register_evaluation_configs, register_finetune_configs, register_monitor_configs):
         register()
     assert "hydra:" not in (REPO / "conf" / f"{name}.yaml").read_text()  # one place: conf/hydra/default.yaml
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -79,9 +79,10 @@ def _kill_one_worker(started_after: float = 0.0) -> int:
 
 def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, compose, tmp_path: Path,
                                                                   dataset_root: Path) -> None:
-    steps = 24
+    # enough steps that the kill lands mid-run on a quiet machine too (the tiny model trains ~10 steps/s)
+    steps = 96
     cfg, yaml_text, plan = tiny_config(compose, tmp_path, dataset_root, f"train.steps={steps}",
-                                       "train.eval_every=40", "train.checkpoint_every=6", "train.max_failures=2")
+                                       "train.eval_every=200", "train.checkpoint_every=6", "train.max_failures=2")
     result: dict[str, TrainingOutcome | BaseException] = {}
 
     def target() -> None:
@@ -96,9 +97,10 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, co
     deadline = time.time() + 300
     # two checkpoints on disk: the first one has certainly been registered by the controller
     while len(_checkpointed_steps(tmp_path / "runs")) < 2 and time.time() < deadline and thread.is_alive():
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert len(_checkpointed_steps(tmp_path / "runs")) >= 2, "no checkpoint was written"
     _kill_one_worker(started_after=started)
+    assert thread.is_alive(), "the run ended before the kill: the test needs more steps"
     thread.join(timeout=600)
     outcome = result["outcome"]
     assert isinstance(outcome, TrainingOutcome), outcome

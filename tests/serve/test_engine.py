@@ -113,6 +113,9 @@ class Poisoned(torch.nn.Module):
             raise RuntimeError(f"poisoned token {self.poison}")
         return self.inner(tokens, kv_cache=kv_cache)
 
+    def moe_layers(self):  # the engine reads the layers' expert-load counters
+        return self.inner.moe_layers()
+
 
 def test_failing_requests_in_a_batch_leave_the_others_as_they_would_be_alone(ray_cluster, model):
     """Requests that fail in prefill, in a later decode step, and in their own detokenizer are mixed
