@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -65,12 +66,41 @@ def test_submit_without_credentials_names_the_fix(tmp_path: Path, monkeypatch: p
         main(["+cluster=a100", "target=train"])
 
 
+# The Prometheus operator's PodMonitor (monitoring.coreos.com/v1) as its CRD defines the fields rendered here (its
+# schema is not in ../shared/): an API server prunes unknown fields silently, so a misspelt key would vanish.
+PODMONITOR_SPEC = {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels", "sampleLimit"}
+PODMONITOR_ENDPOINT = {"port", "targetPort", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings",
+                       "metricRelabelings", "params"}
+RELABEL_ACTIONS = {"replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase", "uppercase",
+                   "keepequal", "dropequal"}
+DURATION = re.compile(r"(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?")  # Prometheus's duration format
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def assert_valid_podmonitor(monitor: dict) -> None:
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    assert DNS_SUBDOMAIN.fullmatch(monitor["metadata"]["name"]) and monitor["metadata"]["namespace"]
+    spec = monitor["spec"]
+    assert set(spec) <= PODMONITOR_SPEC, set(spec) - PODMONITOR_SPEC
+    assert spec["selector"]["matchLabels"]  # required; an empty selector would scrape every pod it may see
+    assert spec["podMetricsEndpoints"]
+    for endpoint in spec["podMetricsEndpoints"]:
+        assert set(endpoint) <= PODMONITOR_ENDPOINT, set(endpoint) - PODMONITOR_ENDPOINT
+        assert isinstance(endpoint["port"], str) and endpoint["path"].startswith("/")
+        assert endpoint["interval"] and DURATION.fullmatch(endpoint["interval"])
+        for rule in endpoint.get("relabelings", []):
+            assert rule["action"] in RELABEL_ACTIONS
+            assert all(LABEL_NAME.fullmatch(label) for label in rule["sourceLabels"])
+            assert LABEL_NAME.fullmatch(rule["targetLabel"])
+
+
 @pytest.mark.parametrize("profile", ["h100", "mi300x"])
 def test_a_prometheus_operator_podmonitor_scrapes_the_head_and_every_worker(profile: str) -> None:
     cluster = compose_profile(profile, ["cluster.monitoring.prometheus_host=http://prometheus.monitoring.svc:9090"]).cluster
     monitor = render_podmonitor(cluster, f"moe-{profile}-metrics")
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    assert_valid_podmonitor(monitor)
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [cluster.namespace]}
     # (the same renderings validate against KubeRay's schemas in test_manifests_validate_for_every_gpu_profile)
     for manifest in (render_raycluster(cluster, "c"), render_rayjob(cluster, "j", []), render_rayservice(cluster, "s")):
@@ -92,3 +122,4 @@ def test_submit_dry_run_prints_the_podmonitor_after_the_manifest(capsys: pytest.
     raycluster, monitor = yaml.safe_load_all(capsys.readouterr().out)
     assert_valid(raycluster)
     assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["name"] == "elastic-moe-a100-cluster-metrics"
+    assert_valid_podmonitor(monitor)
