@@ -206,7 +206,8 @@ def run(cfg: MonitorConfig) -> int:
     except (ConnectionError, RuntimeError) as err:
         hint = "" if isinstance(err, MonitorError) else (
             f" (no running Ray cluster at ray_address={cfg.ray_address!r}: start one first, e.g. `make train` or "
-            "`python -m serve.deploy`, or set ray_address=HOST:PORT)")
+            "`python -m serve.deploy`, or set ray_address=HOST:PORT; a cluster on another machine that uses token "
+            "authentication also needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
         print(f"error: {err}{hint}", file=sys.stderr)
         return 1
     try:

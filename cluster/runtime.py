@@ -12,7 +12,9 @@ A local Ray gets the options' `MonitoringConfig` as the environment its dashboar
 (RAY_PROMETHEUS_HOST, RAY_GRAFANA_HOST, ...; variables already set win), so its time-series charts
 query the Prometheus that `python -m cluster.monitor` runs. Ray 2.60 starts a local cluster with
 token authentication on (RAY_AUTH_MODE=disabled turns it off); `RayRuntime.dashboard_message()` is
-the one line every entry point prints, with how to get the token (`ray get-auth-token`).
+the one line every entry point prints, with how to get the token (`ray get-auth-token`). A process that
+connects to a Ray on this machine by its address (the printed `ray_address=HOST:PORT`) uses the local
+token as Ray does for a cluster it finds itself (`use_local_token`), so no variable needs setting by hand.
 
 `connect(cluster)` is the training flavour: options from the cluster profile (dashboard on for
 a local run), then `check_resources`; when no cluster is reachable, or it lacks the GPUs the
@@ -94,6 +96,46 @@ def token_auth_enabled() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
+def local_cluster_addresses() -> set[str]:
+    """The GCS addresses of the Ray clusters running on this machine (Ray reads its raylets' command lines)."""
+    from ray._private import services
+
+    found = set()
+    for address in services.find_gcs_addresses():
+        try:
+            found.add(services.canonicalize_bootstrap_address(address))
+        except (ValueError, OSError):
+            pass
+    return found
+
+
+def use_local_token(address: str) -> bool:
+    """Reach a Ray cluster on this machine with its token, as Ray does for a local cluster it finds itself.
+
+    Ray 2.60 turns token authentication on in a driver when RAY_AUTH_MODE is unset, the cluster was found
+    automatically (`address="auto"`) and a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token, which a local `ray.init` writes), but never for an address given explicitly: from a
+    fresh shell, `ray.init(address=HOST:PORT)` to the local Ray that `make train` started was refused
+    (InvalidAuthToken). This applies Ray's rule to an explicit address that is one of this machine's running
+    clusters. A remote address keeps Ray's rule (its token is set by hand: RAY_AUTH_MODE=token and the token),
+    so the local token is never sent to another machine. True when this call turned token authentication on.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None or address == "auto" or "://" in address:
+        return False  # set by hand (or by this process's ray.init), or Ray's own rule applies
+    from ray._private import services
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    try:
+        canonical = services.canonicalize_bootstrap_address(address)
+    except (ValueError, OSError):
+        return False  # ray.init names the bad address
+    if canonical not in local_cluster_addresses():
+        return False
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def session_dir() -> str | None:
     """The connected Ray session's directory (where Ray writes its Prometheus service-discovery file)."""
     node = getattr(ray._private.worker.global_worker, "node", None)  # Ray has no public accessor
@@ -108,6 +150,7 @@ def start_or_connect(opts: RayOptions) -> RayRuntime:
     runtime_env = {"env_vars": worker_env(opts.env_vars)}
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
+        use_local_token(address)
         ctx = ray.init(address=address, runtime_env=runtime_env, log_to_driver=opts.log_to_driver)
         started = False
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -257,7 +258,16 @@ def test_dashboards_are_valid_grafana_json() -> None:
     assert {"Loss", "Tokens per second", "MFU", "Gradient norm", "World size", "Restarts"} <= set(titles)
 
 
+def fresh_shell_env() -> dict[str, str]:
+    """This environment without the RAY_* variables the session's Ray set (RAY_AUTH_MODE=token among them) or the
+    test configuration added: what a user's second terminal has. Where the token lives stays."""
+    keep = {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k in keep}
+
+
 def test_monitor_command_starts_prints_its_url_and_stops_on_ctrl_c(ray_cluster, tmp_path: Path) -> None:
+    """As the README says: in a second terminal, the address the dashboard line printed; no variable set by hand
+    (the session's token-authenticated Ray is reached with the local token)."""
     import psutil
 
     require_prometheus()
@@ -266,7 +276,7 @@ def test_monitor_command_starts_prints_its_url_and_stops_on_ctrl_c(ray_cluster, 
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.monitor", f"ray_address={address}", f"storage_dir={tmp_path}",
          f"monitoring.prometheus_host=http://127.0.0.1:{port}", "scrape_interval_s=1", "dashboards=false"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=fresh_shell_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in proc.stdout:  # type: ignore[union-attr]
