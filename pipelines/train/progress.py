@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class TrainProgress(UserCallback):
         self.tracking_uri, self.run_id, self.total_steps = tracking_uri, run_id, total_steps
         self.checkpoint_dir = checkpoint_dir
         self._client: MlflowClient | None = None
-        self._gauges: dict[str, Any] = {}
+        self._gauges = LiveGauges()
         self._cause, self._since = resume_cause, time.time()  # what interrupted training, and when
         self._world, self._last_report = 0, time.time()
         self.events: list[dict[str, Any]] = []
@@ -121,6 +122,8 @@ class TrainProgress(UserCallback):
                 self._sync(int(m[key]))
         scalars = scalar_metrics(m)
         self._set_gauges(scalars)
+        if int(m["step"]) >= self.total_steps:
+            self._gauges.stop()  # the final report: its values age out of Prometheus once the run is over
         self._world, self._last_report = int(m.get("world_size", self._world)), now
 
     def _mlflow(self) -> MlflowClient:
@@ -147,16 +150,56 @@ class TrainProgress(UserCallback):
             self._mlflow().set_tag(self.run_id, "warning.checkpoint_fallback", "; ".join(event["skipped_checkpoints"]))
 
     def _set_gauges(self, scalars: dict[str, float]) -> None:
-        from ray.util.metrics import Gauge
-
         for key, value in scalars.items():
             name, tags = gauge_name(key)
-            if name is None:
-                continue
-            if name not in self._gauges:
-                self._gauges[name] = Gauge(name, description=f"elastic-moe training {key}",
-                                           tag_keys=tuple(tags))
-            self._gauges[name].set(value, tags=tags)
+            if name is not None:
+                self._gauges.set(name, value, tags, description=f"elastic-moe training {key}")
+
+
+GAUGE_REFRESH_S = 1.0  # Ray exports metrics at most once a second
+
+
+class LiveGauges:
+    """Ray gauges that stay exported with their last value between two sets, until `stop()`.
+
+    Ray 2.60 exports a gauge's value for about two metric-export intervals after it was set (its metrics
+    agent drops a value not refreshed within that time), so gauges set once per training report showed in
+    Prometheus as 10 s dashes with 30 s gaps during `make train`. A daemon thread, started with the first
+    gauge, sets every gauge's last value again each second while the gauges are live: from a `set` to
+    `stop()`. A pickled copy (the callback travels to the train controller) starts empty.
+    """
+
+    def __init__(self) -> None:
+        self._gauges: dict[str, Any] = {}
+        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._thread: threading.Thread | None = None
+        self._live = False
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return LiveGauges, ()
+
+    def set(self, name: str, value: float, tags: dict[str, str], description: str) -> None:
+        from ray.util.metrics import Gauge
+
+        if name not in self._gauges:
+            self._gauges[name] = Gauge(name, description=description, tag_keys=tuple(tags))
+        self._gauges[name].set(value, tags=tags)
+        self._values[(name, tuple(sorted(tags.items())))] = value
+        self._live = True
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._refresh, name="moe-live-gauges", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """No more refreshes: each gauge's last value leaves the metrics agent within two export intervals."""
+        self._live = False
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            if self._live:
+                for (name, tags), value in list(self._values.items()):
+                    self._gauges[name].set(value, tags=dict(tags))
 
 
 # Reported metric -> Ray gauge (Prometheus adds `ray_`): units or `_ratio` in the name; one `layer` label

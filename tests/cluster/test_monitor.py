@@ -222,6 +222,24 @@ def test_training_series_show_throughput_and_falling_loss(observed: Observed, tr
     assert set(world) == {2.0}
 
 
+def test_a_training_gauge_stays_exported_between_reports_until_stopped(observed: Observed) -> None:
+    """Ray's agent drops a gauge value not set again within two export intervals (2 s here): a training gauge,
+    set once per report, must stay in Prometheus until the run's last report stops it, then leave."""
+    from pipelines.train.progress import LiveGauges
+
+    name = "moe_test_live_gauge_ratio"  # this test's own series, exported by the test process (a Ray driver)
+    gauges = LiveGauges()
+    gauges.set(name, 0.25, {}, description="tests/cluster/test_monitor.py")
+    wait_for_series(observed.url, [f"ray_{name}"], timeout_s=60)
+    time.sleep(8.0)  # 8 export intervals without a set: only the refresh keeps it
+    assert query(observed.url, f"ray_{name}"), "the gauge left Prometheus between two sets"
+    gauges.stop()
+    deadline = time.monotonic() + 60
+    while query(observed.url, f"ray_{name}") and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert not query(observed.url, f"ray_{name}"), "a stopped gauge is still exported"
+
+
 def test_serving_series_match_the_load(observed: Observed, served: int) -> None:
     o = observed
     generated = query(o.url, "sum(ray_moe_serve_generated_tokens_total)")
