@@ -316,6 +316,17 @@ def test_monitor_command_starts_prints_its_url_and_stops_on_ctrl_c(ray_cluster, 
             proc.kill()
 
 
+def test_the_local_token_is_never_used_for_another_machines_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.runtime import local_cluster_addresses, use_local_token
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    remote = "203.0.113.7:6379"  # TEST-NET-3: no Ray of this machine
+    assert remote not in local_cluster_addresses()
+    assert use_local_token(remote) is False and "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a mode set by hand is kept
+    assert use_local_token(remote) is False and os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
 def test_a_missing_prometheus_names_the_install_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(MonitorError, match=r"apt-get install -y prometheus"):
         find_prometheus("prometheus-not-installed")
