@@ -215,6 +215,9 @@ def run(cfg: MonitorConfig) -> int:
     except MonitorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if not runtime.started_locally:
+            disconnect()
     with prom:
         print(f"Prometheus: {prom.url} (scraping Ray session {runtime.session_dir} via {prom.discovery}; "
               f"graph: {prom.url}/graph?g0.expr=ray_moe_train_tokens_per_second)", flush=True)
@@ -226,6 +229,14 @@ def run(cfg: MonitorConfig) -> int:
         except KeyboardInterrupt:
             print("stopping Prometheus", flush=True)
     return 0 if prom.proc is None or prom.proc.returncode in (0, -15) else 1
+
+
+def disconnect() -> None:
+    """Leave the Ray cluster once Prometheus runs: it reads Ray's discovery file itself, and a connected driver
+    is ended by Ray a minute after the cluster stops (the monitor was, leaving prometheus running without it)."""
+    import ray
+
+    ray.shutdown()  # a driver connected to a running cluster only disconnects
 
 
 def register_configs() -> None:

@@ -123,7 +123,7 @@ class TrainProgress(UserCallback):
         scalars = scalar_metrics(m)
         self._set_gauges(scalars)
         if int(m["step"]) >= self.total_steps:
-            self._gauges.stop()  # the final report: its values age out of Prometheus once the run is over
+            self._gauges.stop()  # the final report: exported a while longer, then its values age out
         self._world, self._last_report = int(m.get("world_size", self._world)), now
 
     def _mlflow(self) -> MlflowClient:
@@ -157,6 +157,7 @@ class TrainProgress(UserCallback):
 
 
 GAUGE_REFRESH_S = 1.0  # Ray exports metrics at most once a second
+GAUGE_LINGER_S = 30.0  # after the final report: long enough for Prometheus to scrape the final values
 
 
 class LiveGauges:
@@ -164,16 +165,17 @@ class LiveGauges:
 
     Ray 2.60 exports a gauge's value for about two metric-export intervals after it was set (its metrics
     agent drops a value not refreshed within that time), so gauges set once per training report showed in
-    Prometheus as 10 s dashes with 30 s gaps during `make train`. A daemon thread, started with the first
-    gauge, sets every gauge's last value again each second while the gauges are live: from a `set` to
-    `stop()`. A pickled copy (the callback travels to the train controller) starts empty.
+    Prometheus as 10 s dashes with 30 s gaps during `make train`, and a value set once just before the
+    end was not scraped at all. A daemon thread, started with the first gauge, sets every gauge's last
+    value again each second from a `set` until `linger_s` after `stop()`. A pickled copy (the callback
+    travels to the train controller) starts empty.
     """
 
     def __init__(self) -> None:
         self._gauges: dict[str, Any] = {}
         self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._thread: threading.Thread | None = None
-        self._live = False
+        self._live_until = 0.0  # time.monotonic() until which the refresh runs
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return LiveGauges, ()
@@ -185,19 +187,19 @@ class LiveGauges:
             self._gauges[name] = Gauge(name, description=description, tag_keys=tuple(tags))
         self._gauges[name].set(value, tags=tags)
         self._values[(name, tuple(sorted(tags.items())))] = value
-        self._live = True
+        self._live_until = math.inf
         if self._thread is None:
             self._thread = threading.Thread(target=self._refresh, name="moe-live-gauges", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
-        """No more refreshes: each gauge's last value leaves the metrics agent within two export intervals."""
-        self._live = False
+    def stop(self, linger_s: float = GAUGE_LINGER_S) -> None:
+        """Refresh for `linger_s` more seconds; then each last value leaves within two export intervals."""
+        self._live_until = time.monotonic() + linger_s
 
     def _refresh(self) -> None:
         while True:
             time.sleep(GAUGE_REFRESH_S)
-            if self._live:
+            if time.monotonic() < self._live_until:
                 for (name, tags), value in list(self._values.items()):
                     self._gauges[name].set(value, tags=dict(tags))
 

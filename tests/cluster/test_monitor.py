@@ -233,7 +233,9 @@ def test_a_training_gauge_stays_exported_between_reports_until_stopped(observed:
     wait_for_series(observed.url, [f"ray_{name}"], timeout_s=60)
     time.sleep(8.0)  # 8 export intervals without a set: only the refresh keeps it
     assert query(observed.url, f"ray_{name}"), "the gauge left Prometheus between two sets"
-    gauges.stop()
+    gauges.set(name, 0.75, {}, description="tests/cluster/test_monitor.py")  # the final report's value,
+    gauges.stop(linger_s=6.0)  # set just before the stop, reaches Prometheus
+    wait_for_value(observed.url, f"ray_{name}", 0.75, timeout_s=60)
     deadline = time.monotonic() + 60
     while query(observed.url, f"ray_{name}") and time.monotonic() < deadline:
         time.sleep(1.0)
