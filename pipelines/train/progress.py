@@ -165,8 +165,8 @@ class LiveGauges:
 
     Ray 2.60 exports a gauge's value for about two metric-export intervals after it was set (its metrics
     agent drops a value not refreshed within that time), so gauges set once per training report showed in
-    Prometheus as 10 s dashes with 30 s gaps during `make train`, and a value set once just before the
-    end was not scraped at all. A daemon thread, started with the first gauge, sets every gauge's last
+    Prometheus as 10 s dashes with 30 s gaps during `make train`, and a value set only once (the final
+    report's) can be missed by every scrape. A daemon thread, started with the first gauge, sets every gauge's last
     value again each second from a `set` until `linger_s` after `stop()`. A pickled copy (the callback
     travels to the train controller) starts empty.
     """
