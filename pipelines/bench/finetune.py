@@ -5,9 +5,10 @@ and a DP-SGD LoRA step against the non-private one, one process, fp32, interleav
   - lora: rank-8 adapters on every target (moe/lora.py), AdamW over the adapters only;
   - dp:   the same adapters, DP-SGD as pipelines/finetune runs it: exact per-example gradients,
           clipping, Gaussian noise (pipelines/finetune/privacy.py), AdamW.
-Each step is forward + backward + optimizer step on the same batch. Optimizer-state bytes are the
-AdamW moments after a step. Goals (issue #18): LoRA step time <= 0.8x the full step's; LoRA optimizer
-state < 2% of the full one's.
+Each step is forward + backward + optimizer step on the same batch; each row gives the medians of
+the whole step and of its three phases (dp: clipping and noise count as optimizer time).
+Optimizer-state bytes are the AdamW moments after a step. Goals (issue #18): LoRA step time <= 0.8x
+the full step's; LoRA optimizer state < 2% of the full one's.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def _preset(name: str) -> ModelConfig:
     return ModelConfig(**d, moe=moe)
 
 
-def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int
+             ) -> tuple[Callable[[], tuple[float, float, float]], torch.optim.Optimizer]:
+    """The step of `kind` (returning its forward, backward and optimizer seconds) and its optimizer."""
     model = build_model(cfg, seed=0)
     if kind == "full":
         accumulate_expert_grads_in_place(model)
@@ -47,21 +50,29 @@ def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int) -> tup
     inputs, targets = batch[:, :-1], batch[:, 1:]
     gen = secret_generator()
 
-    def plain() -> None:
+    def plain() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=kind != "full")
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    def private() -> None:
+    def private() -> tuple[float, float, float]:  # optimizer: clipping and noise, then AdamW
+        t0 = time.perf_counter()
         sums = [torch.zeros_like(p) for p in params]
         with capture_per_example(len(inputs), inputs.shape[1]):
             ce = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="none")
+            t1 = time.perf_counter()
             ce.view(len(inputs), -1).mean(1).sum().backward()
+        t2 = time.perf_counter()
         clip_into(params, sums, 1.0)
         noisy_mean(params, sums, 1.0, len(inputs), 0, gen)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     return (private if kind == "dp" else plain), opt
 
@@ -84,17 +95,18 @@ def run(args: list[str]) -> BenchResult:
     steps = {k: _step_fn(k, cfg, batch, a.rank) for k in ("full", "lora", "dp")}
     for fn, _ in steps.values():  # warm up (allocates optimizer state and gradients)
         fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
+    phases: dict[str, list[tuple[float, float, float]]] = {k: [] for k in steps}
     for _ in range(a.rounds):  # interleaved: machine noise hits every candidate alike
         for k, (fn, _) in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+            phases[k].append(fn())
+    med = {k: statistics.median(sum(p) for p in v) for k, v in phases.items()}
+    part = {k: [statistics.median(p[i] for p in v) for i in range(3)] for k, v in phases.items()}
     opt_bytes = {k: _optimizer_bytes(o) for k, (_, o) in steps.items()}
     tokens = a.batch * a.seq
     rows = [{"step": k, "ms": round(1e3 * med[k], 1), "tokens/s": round(tokens / med[k]),
              "vs full": round(med[k] / med["full"], 3), "vs lora": round(med[k] / med["lora"], 3),
+             "forward ms": round(1e3 * part[k][0], 1), "backward ms": round(1e3 * part[k][1], 1),
+             "optimizer ms": round(1e3 * part[k][2], 1),
              "optimizer MiB": round(opt_bytes[k] / 2**20, 2),
              "optimizer vs full": round(opt_bytes[k] / opt_bytes["full"], 4)} for k in steps]
     goals = {"lora_step_vs_full": Goal(med["lora"] / med["full"], 0.8, higher_is_better=False),
