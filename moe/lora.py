@@ -11,7 +11,8 @@ Targets (`LoRAConfig.targets`):
                 A (E, H, r) and B (E, r, D). This is exactly a LoRA of transformers' fused
                 `gate_up_proj` and `down_proj`, so the adapter exports to peft as it is.
 A linear adapter (A (r, in), B (out, r), in nn.Linear's layout) adds scale * B A dropout(x) to the
-module's output through a forward hook (one GEMM onto the base output). The expert adapter replaces
+module's output: it replaces the module's `forward` (an instance attribute) by `LoRALinear`, which adds
+the low-rank terms onto the base GEMMs' outputs, forward and backward. The expert adapter replaces
 the experts' local compute (`GroupedExperts.local_gather_combine`, also what expert parallelism
 calls on the expert rank) by `LoRAExperts`: the per-expert kernel of moe/experts.py with each
 expert's low-rank terms added onto its base GEMMs, on the rows routed to that expert only (W + dW
@@ -26,7 +27,7 @@ head too unless `train_router` / `train_embeddings` say otherwise. `trainable_fr
 the adapter parameters of the whole (unsharded) model against all its parameters.
 
 Per-example gradients (differential privacy): while a `PerExampleCapture` is active, the backward
-of the linear adapters' autograd function (`LowRank`) and of the expert kernel (`LoRAExperts`) also
+of the linear adapters' autograd function (`LoRALinear`) and of the expert kernel (`LoRAExperts`) also
 writes each example's gradient of A and B into `param.grad_sample` (examples x param shape, through
 one `SampleSink`), exactly the gradient that example alone would give.
 """
@@ -80,7 +81,7 @@ class LoRAConfig:
 
 # ---- per-example gradients ----------------------------------------------------------------------
 class PerExampleCapture:
-    """While active (`capture_per_example`), `LowRank` adds each example's A and B gradients into
+    """While active (`capture_per_example`), the adapters' backward adds each example's A and B gradients into
     `param.grad_sample`. Rows of a flattened (tokens, features) input belong to example
     `row // tokens_per_example` (the batch is (n_examples, tokens_per_example) tokens)."""
 
@@ -111,7 +112,7 @@ def capture_per_example(n_examples: int, tokens_per_example: int) -> Iterator[Pe
 
 @dataclass
 class SampleSink:
-    """Where `LowRank`'s per-example gradients go: the parameters, the expert index (None for a
+    """Where an adapter's per-example gradients go: the parameters, the expert index (None for a
     linear adapter, whose A/B are stored transposed), and each row's example id."""
 
     capture: PerExampleCapture
@@ -137,31 +138,41 @@ class SampleSink:
         self.capture.add(self.b, self.expert, scale * db.view(n, z_NR.shape[1], -1))
 
 
-class LowRank(torch.autograd.Function):
-    """y + scale * (x @ A) @ B for the base output y (N, out), rows x (N, in), A (in, r), B (r, out), in
-    one GEMM onto y (no separate low-rank output to add); with a `SampleSink` the backward also writes
-    every example's gradient of A and B. The scale rides on the rank-r factors, never on (N, in/out)."""
+class LoRALinear(torch.autograd.Function):
+    """A frozen nn.Linear with its adapter in one function: y = x W^T (+ bias) + scale * (m x) A^T B^T
+    for rows x (N, in), W (out, in), A (r, in), B (out, r) and the dropout mask m of the low-rank input
+    (or none). The low-rank term is added onto the base GEMM's output in place, and backward adds the
+    low-rank input gradient onto the base one (dx = g W + scale * m (g B) A), so the adapter costs no
+    extra (N, in) or (N, out) tensor; no gradient of W or the bias (frozen). With a `SampleSink` the
+    backward also writes every example's gradient of A and B."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,  # noqa: D102
-                scale: float, sink: SampleSink | None) -> torch.Tensor:
-        z = x @ a
-        ctx.save_for_backward(x, a, b, z)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,  # noqa: D102
+                b: torch.Tensor, scale: float, mask: torch.Tensor | None, sink: SampleSink | None) -> torch.Tensor:
+        xm = x if mask is None else x * mask
+        z = xm @ a.t()
+        y = F.linear(x, w, bias).addmm_(z, b.t(), alpha=scale)
+        ctx.save_for_backward(xm, w, a, b, z, *(() if mask is None else (mask,)))
         ctx.scale, ctx.sink = scale, sink
-        return torch.addmm(y, z, b, alpha=scale)
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
-        x, a, b, z = ctx.saved_tensors
+        xm, w, a, b, z, *mask = ctx.saved_tensors
         s = ctx.scale
-        gz = g @ b.t()  # (N, r)
+        gz = g @ b  # (N, r)
         if ctx.sink is not None:
-            ctx.sink.write(x, z, g, gz, s)
-        gz_s = gz * s
-        dx = gz_s @ a.t() if ctx.needs_input_grad[1] else None
-        da = x.t() @ gz_s if ctx.needs_input_grad[2] else None
-        db = torch.mm(z.t(), g).mul_(s) if ctx.needs_input_grad[3] else None
-        return g, dx, da, db, None, None
+            ctx.sink.write(xm, z, g, gz, s)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = g @ w
+            if mask:
+                dx.add_((gz @ a).mul_(mask[0]), alpha=s)
+            else:
+                dx.addmm_(gz, a, alpha=s)
+        da = torch.mm(gz.t(), xm).mul_(s) if ctx.needs_input_grad[3] else None
+        db = torch.mm(g.t(), z).mul_(s) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None, None, None
 
 
 def _active_capture() -> PerExampleCapture | None:
@@ -190,19 +201,26 @@ class LinearAdapter(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
         self.scale, self.dropout, self.merged = cfg.scale, cfg.dropout, False
         self.original: torch.Tensor | None = None
-        self.handle = base.register_forward_hook(self._hook)
+        self.base = [base]  # a list: not a submodule (the adapter is the base's child)
+        base.forward = self.forward_base  # instance attribute: the base's calls run the adapted projection
 
-    def _hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    def forward_base(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted projection of x (..., in) -> (..., out)."""
+        base = self.base[0]
         if self.merged:
-            return out
-        x = inputs[0]
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, True)
+            return nn.Linear.forward(base, x)
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            raise ValueError("a linear adapter computes no gradient of its base weight, which LoRA freezes; "
+                             "unfreeze it only after remove_lora(model).")
+        x_NI = x.reshape(-1, x.shape[-1])
+        mask = None
+        if self.dropout and self.training:  # dropout of the low-rank input
+            keep = 1.0 - self.dropout
+            mask = x_NI.new_empty(x_NI.shape).bernoulli_(keep).div_(keep)
         cap = _active_capture()
         sink = None if cap is None else SampleSink(cap, self.A, self.B, None, torch.empty(0))
-        y = LowRank.apply(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.A.t(), self.B.t(),
-                          self.scale, sink)
-        return y.view(out.shape)
+        y = LoRALinear.apply(x_NI, base.weight, base.bias, self.A, self.B, self.scale, mask, sink)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta(self) -> torch.Tensor:
         """The weight update in nn.Linear's layout (out, in)."""
@@ -420,7 +438,7 @@ def remove_lora(model: nn.Module, merge: bool) -> None:
     for name, adapter in adapters_of(model).items():
         mod = model.get_submodule(name)
         if isinstance(adapter, LinearAdapter):
-            adapter.handle.remove()
+            del mod.forward  # back to the class's method
         else:
             del mod.local_gather_combine  # back to the class's method
         adapter.original = None

@@ -251,11 +251,12 @@ def test_lora_under_ep2_equals_one_process(tmp_path) -> None:
     spawn(_ep2_finetune, 2, str(tmp_path))
 
 
-def test_expert_kernel_with_dropout_masks_equals_autograd() -> None:
-    """The fused expert-adapter kernel (`LoRAExperts`, here with dropout masks on the low-rank inputs)
-    gives the output and the input, combine-weight and adapter gradients of plain autograd over the
-    same per-expert formula; a model with dropout trains through it; unfrozen base experts are refused."""
-    from moe.lora import LoRAExperts
+def test_fused_adapter_kernels_with_dropout_masks_equal_autograd() -> None:
+    """The fused adapter functions (`LoRAExperts`, `LoRALinear`; here with dropout masks on the
+    low-rank inputs) give the output and the input, combine-weight and adapter gradients of plain
+    autograd over the same formula; a model with dropout trains through them; unfrozen base weights
+    are refused (the kernels compute no gradient for them)."""
+    from moe.lora import LoRAExperts, LoRALinear
 
     model, adapters = lora_model()
     ad = adapters["layers.1.ffn.experts"]
@@ -285,10 +286,24 @@ def test_expert_kernel_with_dropout_masks_equals_autograd() -> None:
                                strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5, msg=p)
 
+    lin = adapters["layers.0.attn.wq"]
+    base = model.get_submodule("layers.0.attn.wq")
+    x = torch.randn(7, base.in_features, generator=gen).requires_grad_(True)
+    mask = torch.empty(x.shape).bernoulli_(0.7, generator=gen) / 0.7
+    out = LoRALinear.apply(x, base.weight, None, lin.A, lin.B, lin.scale, mask, None)
+    ref = x @ base.weight.t() + lin.scale * ((x * mask) @ lin.A.t()) @ lin.B.t()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    g = torch.randn(out.shape, generator=gen)
+    for p, mine, theirs in zip(("x", "A", "B"), torch.autograd.grad(out, [x, lin.A, lin.B], g),
+                               torch.autograd.grad(ref, [x, lin.A, lin.B], g), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5, msg=p)
+
     dropped, _ = lora_model(lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.3))
     x_tok = tokens(dropped.cfg)
     dropped.train()(x_tok).sum().backward()
-    assert dropped.get_parameter("layers.1.ffn.experts.lora.A13").grad.abs().sum() > 0
-    dropped.get_parameter("layers.1.ffn.experts.w1").requires_grad_(True)
-    with pytest.raises(ValueError, match="remove_lora"):
-        dropped(x_tok)
+    assert all(p.grad.abs().sum() > 0 for n, p in dropped.named_parameters() if n.endswith(("A13", "lora.A")))
+    for frozen in ("layers.1.ffn.experts.w1", "layers.0.attn.wq.weight"):
+        dropped.get_parameter(frozen).requires_grad_(True)
+        with pytest.raises(ValueError, match="remove_lora"):
+            dropped(x_tok)
+        dropped.get_parameter(frozen).requires_grad_(False)
