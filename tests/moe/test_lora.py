@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from moe.config import ModelConfig
 from moe.lora import (
+    TARGETS,
     LoRAConfig,
     adapters_of,
     apply_lora,
@@ -93,8 +94,9 @@ def merged_weights(model: torch.nn.Module, adapters: dict, leaves: dict[str, tor
     return out
 
 
-def test_adapter_gradients_equal_autograd_through_the_merged_weights() -> None:
-    model, adapters = lora_model()
+@pytest.mark.parametrize("targets", [list(TARGETS), ["attn", "shared_ffn"]])  # the latter: routed experts frozen
+def test_adapter_gradients_equal_autograd_through_the_merged_weights(targets: list[str]) -> None:
+    model, adapters = lora_model(lora=LoRAConfig(rank=4, alpha=8.0, targets=targets))
     x = tokens(model.cfg)
     logits = model(x[:, :-1])
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
