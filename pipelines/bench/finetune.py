@@ -6,7 +6,8 @@ and a DP-SGD LoRA step against the non-private one, one process, fp32, interleav
   - dp:   the same adapters, DP-SGD as pipelines/finetune runs it: exact per-example gradients,
           clipping, Gaussian noise (pipelines/finetune/privacy.py), AdamW.
 Each step is forward + backward + optimizer step on the same batch; each row gives the medians of
-the whole step and of its three phases (dp: clipping and noise count as optimizer time).
+the whole step and of its three phases (dp: clipping and noise count as optimizer time), and the
+process's CPU time per step (with one thread, the work itself: what a loaded machine leaves intact).
 Optimizer-state bytes are the AdamW moments after a step. Goals (issue #18): LoRA step time <= 0.8x
 the full step's; LoRA optimizer state < 2% of the full one's.
 """
@@ -96,17 +97,22 @@ def run(args: list[str]) -> BenchResult:
     for fn, _ in steps.values():  # warm up (allocates optimizer state and gradients)
         fn()
     phases: dict[str, list[tuple[float, float, float]]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(a.rounds):  # interleaved: machine noise hits every candidate alike
         for k, (fn, _) in steps.items():
+            c0 = time.process_time()
             phases[k].append(fn())
+            cpu[k].append(time.process_time() - c0)
     med = {k: statistics.median(sum(p) for p in v) for k, v in phases.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     part = {k: [statistics.median(p[i] for p in v) for i in range(3)] for k, v in phases.items()}
     opt_bytes = {k: _optimizer_bytes(o) for k, (_, o) in steps.items()}
     tokens = a.batch * a.seq
     rows = [{"step": k, "ms": round(1e3 * med[k], 1), "tokens/s": round(tokens / med[k]),
              "vs full": round(med[k] / med["full"], 3), "vs lora": round(med[k] / med["lora"], 3),
              "forward ms": round(1e3 * part[k][0], 1), "backward ms": round(1e3 * part[k][1], 1),
-             "optimizer ms": round(1e3 * part[k][2], 1),
+             "optimizer ms": round(1e3 * part[k][2], 1), "cpu ms": round(1e3 * med_cpu[k], 1),
+             "cpu vs full": round(med_cpu[k] / med_cpu["full"], 3),
              "optimizer MiB": round(opt_bytes[k] / 2**20, 2),
              "optimizer vs full": round(opt_bytes[k] / opt_bytes["full"], 4)} for k in steps]
     goals = {"lora_step_vs_full": Goal(med["lora"] / med["full"], 0.8, higher_is_better=False),
