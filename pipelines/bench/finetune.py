@@ -2,6 +2,8 @@
 and a DP-SGD LoRA step against the non-private one, one process, fp32, interleaved rounds, medians.
 
   - full: every parameter trains (AdamW, expert gradients kept allocated as the trainer does);
+  - frozen: the same model with every weight frozen and no adapters, backward through every layer
+          (input gradients only): the floor a LoRA step approaches as rank / d_model shrinks;
   - lora: rank-8 adapters on every target (moe/lora.py), AdamW over the adapters only;
   - dp:   the same adapters, DP-SGD as pipelines/finetune runs it: exact per-example gradients,
           clipping, Gaussian noise (pipelines/finetune/privacy.py), AdamW.
@@ -39,15 +41,19 @@ def _preset(name: str) -> ModelConfig:
 
 
 def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int
-             ) -> tuple[Callable[[], tuple[float, float, float]], torch.optim.Optimizer]:
+             ) -> tuple[Callable[[], tuple[float, float, float]], torch.optim.Optimizer | None]:
     """The step of `kind` (returning its forward, backward and optimizer seconds) and its optimizer."""
     model = build_model(cfg, seed=0)
     if kind == "full":
         accumulate_expert_grads_in_place(model)
+    elif kind == "frozen":  # LoRA's floor: no adapters, input gradients down to the embedding output
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.tok_emb.register_forward_hook(lambda _mod, _inp, out: out.requires_grad_(True))
     else:
         apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank), seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     inputs, targets = batch[:, :-1], batch[:, 1:]
     gen = secret_generator()
 
@@ -57,8 +63,9 @@ def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=kind != "full")
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=kind != "full")
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     def private() -> tuple[float, float, float]:  # optimizer: clipping and noise, then AdamW
@@ -78,8 +85,8 @@ def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int
     return (private if kind == "dp" else plain), opt
 
 
-def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+def _optimizer_bytes(opt: torch.optim.Optimizer | None) -> int:
+    return 0 if opt is None else sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                if torch.is_tensor(t) and t.ndim > 0)
 
 
@@ -93,7 +100,7 @@ def run(args: list[str]) -> BenchResult:
     a = p.parse_args(args)
     cfg = _preset(a.preset)
     batch = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
-    steps = {k: _step_fn(k, cfg, batch, a.rank) for k in ("full", "lora", "dp")}
+    steps = {k: _step_fn(k, cfg, batch, a.rank) for k in ("full", "frozen", "lora", "dp")}
     for fn, _ in steps.values():  # warm up (allocates optimizer state and gradients)
         fn()
     phases: dict[str, list[tuple[float, float, float]]] = {k: [] for k in steps}
