@@ -209,6 +209,7 @@ class _PerExpertSwiGLU(torch.autograd.Function):
     two pre-activations (N, H) are kept for backward. Each expert's weight gradient is written into
     its own slice (autograd through `w1[e]` would build a zero-filled (E, ...) tensor per expert),
     or, with `accumulate` and an existing `.grad`, added into that slice in place (module docstring).
+    Frozen weights (a LoRA run whose adapters leave the routed experts out) get no weight gradient.
     """
 
     @staticmethod
