@@ -209,6 +209,7 @@ class _PerExpertSwiGLU(torch.autograd.Function):
     two pre-activations (N, H) are kept for backward. Each expert's weight gradient is written into
     its own slice (autograd through `w1[e]` would build a zero-filled (E, ...) tensor per expert),
     or, with `accumulate` and an existing `.grad`, added into that slice in place (module docstring).
+    Frozen weights (a LoRA run whose adapters leave the routed experts out) get no weight gradient.
     """
 
     @staticmethod
@@ -242,15 +243,18 @@ class _PerExpertSwiGLU(torch.autograd.Function):
         slices = ctx.slices
         g = g.contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_dw = any(ctx.needs_input_grad[3:6])  # frozen experts (LoRA on other targets): input gradients only
         dx = None
         if need_x:
             dx = torch.empty_like(x) if token_N is None else torch.zeros_like(x)  # slices cover all N rows
         dw_N1 = torch.empty_like(w_N1) if need_w else None
-        in_place = ctx.params is not None and all(w.grad is not None for w in ctx.params)
+        in_place = need_dw and ctx.params is not None and all(w.grad is not None for w in ctx.params)
         if in_place:
             dw1, dw3, dw2 = (w.grad for w in ctx.params)
-        else:
+        elif need_dw:
             dw1, dw3, dw2 = (_empty_grad_like(w, slices) for w in (w1, w3, w2))
+        else:
+            dw1 = dw3 = dw2 = None
         for e, lo, hi in slices:
             tok = None if token_N is None else token_N[lo:hi]
             x_n = x[lo:hi] if tok is None else x[tok]
@@ -259,14 +263,16 @@ class _PerExpertSwiGLU(torch.autograd.Function):
             silu_n = F.silu(a_n)
             h_n = silu_n * b_n  # unweighted hidden activation
             dhw_n = g_n @ w2[e].t()  # gradient w.r.t. the weighted hidden activation
-            _mm_into(dw2[e], (h_n * w_n1).t(), g_n, in_place)
+            if dw2 is not None:
+                _mm_into(dw2[e], (h_n * w_n1).t(), g_n, in_place)
             if dw_N1 is not None:
                 torch.sum(dhw_n * h_n, dim=-1, keepdim=True, out=dw_N1[lo:hi])
             dh_n = dhw_n.mul_(w_n1)
             db_n = silu_n.mul_(dh_n)
             da_n = torch.ops.aten.silu_backward(dh_n.mul_(b_n), a_n)
-            _mm_into(dw1[e], x_n.t(), da_n, in_place)
-            _mm_into(dw3[e], x_n.t(), db_n, in_place)
+            if dw1 is not None:
+                _mm_into(dw1[e], x_n.t(), da_n, in_place)
+                _mm_into(dw3[e], x_n.t(), db_n, in_place)
             if dx is not None:
                 if tok is None:
                     torch.mm(da_n, w1[e].t(), out=dx[lo:hi])

@@ -2,12 +2,16 @@
 and a DP-SGD LoRA step against the non-private one, one process, fp32, interleaved rounds, medians.
 
   - full: every parameter trains (AdamW, expert gradients kept allocated as the trainer does);
+  - frozen: the same model with every weight frozen and no adapters, backward through every layer
+          (input gradients only): the floor a LoRA step approaches as rank / d_model shrinks;
   - lora: rank-8 adapters on every target (moe/lora.py), AdamW over the adapters only;
   - dp:   the same adapters, DP-SGD as pipelines/finetune runs it: exact per-example gradients,
           clipping, Gaussian noise (pipelines/finetune/privacy.py), AdamW.
-Each step is forward + backward + optimizer step on the same batch. Optimizer-state bytes are the
-AdamW moments after a step. Goals (issue #18): LoRA step time <= 0.8x the full step's; LoRA optimizer
-state < 2% of the full one's.
+Each step is forward + backward + optimizer step on the same batch; each row gives the medians of
+the whole step and of its three phases (dp: clipping and noise count as optimizer time), and the
+process's CPU time per step (with one thread, the work itself: what a loaded machine leaves intact).
+Optimizer-state bytes are the AdamW moments after a step. Goals (issue #18): LoRA step time <= 0.8x
+the full step's; LoRA optimizer state < 2% of the full one's.
 """
 
 from __future__ import annotations
@@ -36,38 +40,53 @@ def _preset(name: str) -> ModelConfig:
     return ModelConfig(**d, moe=moe)
 
 
-def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+def _step_fn(kind: str, cfg: ModelConfig, batch: torch.Tensor, rank: int
+             ) -> tuple[Callable[[], tuple[float, float, float]], torch.optim.Optimizer | None]:
+    """The step of `kind` (returning its forward, backward and optimizer seconds) and its optimizer."""
     model = build_model(cfg, seed=0)
     if kind == "full":
         accumulate_expert_grads_in_place(model)
+    elif kind == "frozen":  # LoRA's floor: no adapters, input gradients down to the embedding output
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.tok_emb.register_forward_hook(lambda _mod, _inp, out: out.requires_grad_(True))
     else:
         apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank), seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     inputs, targets = batch[:, :-1], batch[:, 1:]
     gen = secret_generator()
 
-    def plain() -> None:
+    def plain() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
         loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        t1 = time.perf_counter()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=kind != "full")
+        t2 = time.perf_counter()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=kind != "full")
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    def private() -> None:
+    def private() -> tuple[float, float, float]:  # optimizer: clipping and noise, then AdamW
+        t0 = time.perf_counter()
         sums = [torch.zeros_like(p) for p in params]
         with capture_per_example(len(inputs), inputs.shape[1]):
             ce = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), reduction="none")
+            t1 = time.perf_counter()
             ce.view(len(inputs), -1).mean(1).sum().backward()
+        t2 = time.perf_counter()
         clip_into(params, sums, 1.0)
         noisy_mean(params, sums, 1.0, len(inputs), 0, gen)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     return (private if kind == "dp" else plain), opt
 
 
-def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+def _optimizer_bytes(opt: torch.optim.Optimizer | None) -> int:
+    return 0 if opt is None else sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                if torch.is_tensor(t) and t.ndim > 0)
 
 
@@ -81,20 +100,26 @@ def run(args: list[str]) -> BenchResult:
     a = p.parse_args(args)
     cfg = _preset(a.preset)
     batch = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
-    steps = {k: _step_fn(k, cfg, batch, a.rank) for k in ("full", "lora", "dp")}
+    steps = {k: _step_fn(k, cfg, batch, a.rank) for k in ("full", "frozen", "lora", "dp")}
     for fn, _ in steps.values():  # warm up (allocates optimizer state and gradients)
         fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
+    phases: dict[str, list[tuple[float, float, float]]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(a.rounds):  # interleaved: machine noise hits every candidate alike
         for k, (fn, _) in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+            c0 = time.process_time()
+            phases[k].append(fn())
+            cpu[k].append(time.process_time() - c0)
+    med = {k: statistics.median(sum(p) for p in v) for k, v in phases.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    part = {k: [statistics.median(p[i] for p in v) for i in range(3)] for k, v in phases.items()}
     opt_bytes = {k: _optimizer_bytes(o) for k, (_, o) in steps.items()}
     tokens = a.batch * a.seq
     rows = [{"step": k, "ms": round(1e3 * med[k], 1), "tokens/s": round(tokens / med[k]),
              "vs full": round(med[k] / med["full"], 3), "vs lora": round(med[k] / med["lora"], 3),
+             "forward ms": round(1e3 * part[k][0], 1), "backward ms": round(1e3 * part[k][1], 1),
+             "optimizer ms": round(1e3 * part[k][2], 1), "cpu ms": round(1e3 * med_cpu[k], 1),
+             "cpu vs full": round(med_cpu[k] / med_cpu["full"], 3),
              "optimizer MiB": round(opt_bytes[k] / 2**20, 2),
              "optimizer vs full": round(opt_bytes[k] / opt_bytes["full"], 4)} for k in steps]
     goals = {"lora_step_vs_full": Goal(med["lora"] / med["full"], 0.8, higher_is_better=False),

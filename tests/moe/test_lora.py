@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from moe.config import ModelConfig
 from moe.lora import (
+    TARGETS,
     LoRAConfig,
     adapters_of,
     apply_lora,
@@ -93,8 +94,9 @@ def merged_weights(model: torch.nn.Module, adapters: dict, leaves: dict[str, tor
     return out
 
 
-def test_adapter_gradients_equal_autograd_through_the_merged_weights() -> None:
-    model, adapters = lora_model()
+@pytest.mark.parametrize("targets", [list(TARGETS), ["attn", "shared_ffn"]])  # the latter: routed experts frozen
+def test_adapter_gradients_equal_autograd_through_the_merged_weights(targets: list[str]) -> None:
+    model, adapters = lora_model(lora=LoRAConfig(rank=4, alpha=8.0, targets=targets))
     x = tokens(model.cfg)
     logits = model(x[:, :-1])
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
@@ -249,3 +251,61 @@ def test_lora_under_ep2_equals_one_process(tmp_path) -> None:
     from tests.moe.distributed import spawn
 
     spawn(_ep2_finetune, 2, str(tmp_path))
+
+
+def test_fused_adapter_kernels_with_dropout_masks_equal_autograd() -> None:
+    """The fused adapter functions (`LoRAExperts`, `LoRALinear`; here with dropout masks on the
+    low-rank inputs) give the output and the input, combine-weight and adapter gradients of plain
+    autograd over the same formula; a model with dropout trains through them; unfrozen base weights
+    are refused (the kernels compute no gradient for them)."""
+    from moe.lora import LoRAExperts, LoRALinear
+
+    model, adapters = lora_model()
+    ad = adapters["layers.1.ffn.experts"]
+    ex, s, h = ad.experts[0], ad.scale, ad.experts[0].hidden
+    gen = torch.Generator().manual_seed(7)
+    counts = [3, 0, 4, 2, 5, 1, 0, 5]
+    n = sum(counts)
+    x = torch.randn(10, ex.d_model, generator=gen).requires_grad_(True)
+    token_N = torch.randint(0, 10, (n,), generator=gen)
+    w_N = torch.rand(n, generator=gen).requires_grad_(True)
+    masks = tuple(torch.empty(n, k).bernoulli_(0.7, generator=gen) / 0.7 for k in (ex.d_model, h))
+    params = [x, w_N, ad.A13, ad.B13, ad.A2, ad.B2]
+    out = LoRAExperts.apply(x, token_N, w_N, ad.A13, ad.B13, ad.A2, ad.B2, ex.w1, ex.w3, ex.w2, counts, s, masks, ad)
+    g = torch.randn(out.shape, generator=gen)
+    ours = torch.autograd.grad(out, params, g)
+    ref, lo = torch.zeros_like(x), 0
+    for e, c in enumerate(counts):
+        rows = slice(lo, lo + c)
+        x_n = x[token_N[rows]]
+        z1 = (x_n * masks[0][rows]) @ ad.A13[e]
+        hw = (torch.nn.functional.silu(x_n @ ex.w1[e] + s * z1 @ ad.B13[e, :, :h])
+              * (x_n @ ex.w3[e] + s * z1 @ ad.B13[e, :, h:]) * w_N[rows, None])
+        ref = ref.index_add(0, token_N[rows], hw @ ex.w2[e] + s * ((hw * masks[1][rows]) @ ad.A2[e]) @ ad.B2[e])
+        lo += c
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for p, mine, theirs in zip(("x", "w_N", "A13", "B13", "A2", "B2"), ours, torch.autograd.grad(ref, params, g),
+                               strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5, msg=p)
+
+    lin = adapters["layers.0.attn.wq"]
+    base = model.get_submodule("layers.0.attn.wq")
+    x = torch.randn(7, base.in_features, generator=gen).requires_grad_(True)
+    mask = torch.empty(x.shape).bernoulli_(0.7, generator=gen) / 0.7
+    out = LoRALinear.apply(x, base.weight, None, lin.A, lin.B, lin.scale, mask, None)
+    ref = x @ base.weight.t() + lin.scale * ((x * mask) @ lin.A.t()) @ lin.B.t()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    g = torch.randn(out.shape, generator=gen)
+    for p, mine, theirs in zip(("x", "A", "B"), torch.autograd.grad(out, [x, lin.A, lin.B], g),
+                               torch.autograd.grad(ref, [x, lin.A, lin.B], g), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5, msg=p)
+
+    dropped, _ = lora_model(lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.3))
+    x_tok = tokens(dropped.cfg)
+    dropped.train()(x_tok).sum().backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in dropped.named_parameters() if n.endswith(("A13", "lora.A")))
+    for frozen in ("layers.1.ffn.experts.w1", "layers.0.attn.wq.weight"):
+        dropped.get_parameter(frozen).requires_grad_(True)
+        with pytest.raises(ValueError, match="remove_lora"):
+            dropped(x_tok)
+        dropped.get_parameter(frozen).requires_grad_(False)
