@@ -52,6 +52,7 @@ from pipelines.data.metrics import record_run
 from pipelines.data.minhash import lsh_params
 from pipelines.data.shards import SplitOutput, write_in_order, write_shuffled
 from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit
+from pipelines.data.staging import path_blocks
 from pipelines.data.tally import SplitTally, tally
 from pipelines.data.tokenize_phase import TokenizePlan, cut_units, tokenize_and_pack, unit_count
 from pipelines.data.tokenizer import file_sha256, load_tokenizer, special_id, train_tokenizer
@@ -199,7 +200,7 @@ def tokenizer_sample(cfg: PreprocessConfig, corpus: StagedCorpus, stats: dict[st
 
     rate = min(1.0, cfg.tokenizer.sample_bytes / max(corpus.facts.splits.train_bytes, 1))
     staging = [f for f, _, _ in corpus.facts.splits.files]
-    ds = ray.data.from_arrow([pa.table({"path": staging[i:i + 8]}) for i in range(0, len(staging), 8)])
+    ds = ray.data.from_arrow(path_blocks(staging))
     ds = ds.map_batches(sample_texts, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"dropped_dir": str(corpus.dropped_dir), "val_fraction": cfg.data.val_fraction,
                                    "rate": rate})

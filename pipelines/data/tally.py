@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.data.dedup_cluster import load_dropped
 from pipelines.data.split import SPLITS, TRAIN, assign_split, repeats
+from pipelines.data.staging import path_blocks
 
 _COLUMNS = ["source", "uid", "hash", "reason", "n_bytes"]
 
@@ -81,7 +82,7 @@ def tally(staging: list[str], dropped_dir: str, val_fraction: float, weights: li
 
     t = SplitTally(reasons=Counter(), docs={s: Counter() for s in SPLITS}, weighted=dict.fromkeys(SPLITS, 0),
                    per_source=[Counter() for _ in weights], train_bytes=0, files=[], file_bytes=[])
-    ds = ray.data.from_arrow([pa.table({"path": staging[i:i + 8]}) for i in range(0, len(staging), 8)])
+    ds = ray.data.from_arrow(path_blocks(staging))
     ds = ds.map_batches(count_files, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"dropped_dir": dropped_dir, "val_fraction": val_fraction, "weights": weights})
     per_file: list[tuple[str, int, int, int] | None] = [None] * len(staging)  # in staging order, however they came
