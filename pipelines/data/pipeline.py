@@ -165,6 +165,8 @@ def _parquet_files(d: Path) -> list[Path]:
 
 
 def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> int:
+    """The bad records of the staging files (and the source paths that matched nothing) -> `out`
+    as JSON lines; -> how many."""
     dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
     bad = pc.field("reason").isin(list(BAD_INPUT_REASONS))
     n = 0
@@ -339,6 +341,8 @@ def write_dataset(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, 
     """Phase D: the kept documents, tokenized with `tokenizer` and packed by the actor pool (one
     file per unit), then written as train/ and val/ shards under `work` by Ray tasks; then the
     quarantine file, and the staged documents and unit files are removed."""
+    import ray
+
     facts = corpus.facts
     plan = _tokenize_plan(cfg, corpus, tokenizer, work / "_units")
     with _timed(facts.stage_seconds, "tokenize_pack"):
@@ -347,7 +351,9 @@ def write_dataset(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, 
         outputs = _write_splits(cfg, plan.unit_dir, counts, work)
     with _timed(facts.stage_seconds, "quarantine_cleanup"):
         if cfg.reader.quarantine:
-            facts.n_quarantined = write_quarantine(corpus.docs, corpus.missing, work / QUARANTINE_FILE)
+            # A Ray task: the scan touches every staged record, which the driver never does.
+            facts.n_quarantined = ray.get(ray.remote(write_quarantine).remote(corpus.docs, corpus.missing,
+                                                                              work / QUARANTINE_FILE))
         for d in (corpus.docs, corpus.dropped_dir.parent, Path(plan.unit_dir)):
             shutil.rmtree(d, ignore_errors=True)
     return outputs
