@@ -38,7 +38,7 @@ from pipelines.bench import BenchResult, Goal
 from pipelines.data import dedup, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, SourceConfig, compose_preprocess_config
-from pipelines.data.dedup_cluster import load_dropped
+from pipelines.data.dedup_cluster import decisions_digest, digest_dir
 from pipelines.data.filters import filter_batch
 from pipelines.data.pack import TokenizePack
 from pipelines.data.pipeline import (
@@ -90,17 +90,6 @@ class PlainShardWriter:
         return self.tokens
 
 
-def dropped_digest(dropped: dict[str, str]) -> str:
-    """One hash of a dedup decision (uid -> reason), to compare the two sides' kept sets."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(f"{u}:{r}" for u, r in sorted(dropped.items())).encode()).hexdigest()
-
-
-def _digest_of_dir(dropped_dir: str) -> str:
-    return dropped_digest(load_dropped(dropped_dir))
-
-
 def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer: Path, out: Path
                ) -> tuple[int, dict[str, float], str]:
     """The same stages in one process; -> (real tokens written, seconds per stage, dedup digest)."""
@@ -132,7 +121,7 @@ def plain_loop(cfg: PreprocessConfig, files: list[sources.InputFile], tokenizer:
         packed = timed("pack", tp.pack, ids, batch.column("split").to_pylist(), batch.column("copies").to_pylist())
         timed("write", writer.add, packed)
     tokens = timed("write", writer.close)
-    return tokens, dict(t), dropped_digest(result.dropped)
+    return tokens, dict(t), decisions_digest(result.dropped)
 
 
 def ray_build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: list[tuple[int, str]],
@@ -143,7 +132,7 @@ def ray_build(cfg: PreprocessConfig, files: list[sources.InputFile], missing: li
 
     corpus = stage_corpus(cfg, files, missing, work)
     # On a worker: the decisions are no driver step of the pipeline, and the scale rows measure the driver.
-    digest = ray.get(ray.remote(_digest_of_dir).remote(str(corpus.dropped_dir)))
+    digest = ray.get(ray.remote(digest_dir).remote(str(corpus.dropped_dir)))
     writers = write_dataset(cfg, corpus, tokenizer, work)
     return build_manifest(cfg, corpus.facts, writers, fingerprints, "bench", "bench", tokenizer), digest
 

@@ -182,3 +182,15 @@ def _read_dropped(files: tuple[tuple[str, int, int], ...]) -> dict[str, str]:
         return {}
     t = pa.concat_tables([pq.read_table(f, schema=_DROPPED_SCHEMA) for f, _, _ in files])
     return dict(zip(t.column("uid").to_pylist(), t.column("reason").to_pylist()))
+
+
+def decisions_digest(dropped: dict[str, str]) -> str:
+    """One hash of a dedup decision (uid -> reason), to compare two runs' kept sets."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{u}:{r}" for u, r in sorted(dropped.items())).encode()).hexdigest()
+
+
+def digest_dir(dropped_dir: str) -> str:
+    """Ray task: `decisions_digest` of the decisions under `dropped_dir` (they stay on the worker)."""
+    return decisions_digest(load_dropped(dropped_dir))

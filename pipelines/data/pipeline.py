@@ -24,7 +24,6 @@ interrupted run never leaves a half output that "latest" could pick up.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -36,24 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from cluster.runtime import RayOptions, start_or_connect
 from moe.files import TOKENIZER_FILE
 from pipelines.data import dedup, manifest, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, RuntimeConfig
-from pipelines.data.dedup_cluster import load_dropped, run_dedup
+from pipelines.data.dedup_cluster import run_dedup
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.metrics import record_run
 from pipelines.data.minhash import lsh_params
 from pipelines.data.shards import SplitOutput, write_in_order, write_shuffled
-from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit
-from pipelines.data.staging import path_blocks
-from pipelines.data.tally import SplitTally, tally
+from pipelines.data.split import SPLITS, TRAIN
+from pipelines.data.staging import path_blocks, write_bad_records
+from pipelines.data.tally import SplitTally, sample_texts, tally
 from pipelines.data.tokenize_phase import TokenizePlan, cut_units, tokenize_and_pack, unit_count
 from pipelines.data.tokenizer import file_sha256, load_tokenizer, special_id, train_tokenizer
 
@@ -165,34 +160,15 @@ def _parquet_files(d: Path) -> list[Path]:
 
 
 def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> int:
-    """The bad records of the staging files (and the source paths that matched nothing) -> `out`
-    as JSON lines; -> how many."""
-    dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
-    bad = pc.field("reason").isin(list(BAD_INPUT_REASONS))
-    n = 0
-    with out.open("w") as fh:
-        for src, path in missing:
-            fh.write(json.dumps({"source": src, "path": path, "record": -1, "reason": sources.UNREADABLE_PATH,
-                                 "excerpt": "no file matches this path or glob"}) + "\n")
-            n += 1
-        for batch in dataset.to_batches(columns=["source", "path", "record", "reason", "excerpt"], filter=bad):
-            for row in batch.to_pylist():
-                fh.write(json.dumps(row) + "\n")
-                n += 1
-    return n
+    """The source paths that matched nothing, then the bad records of the staging files -> `out` as
+    JSON lines, written by a Ray task (the scan reads every staged record, which the driver never
+    does); -> how many."""
+    import ray
 
-
-def sample_texts(batch: pa.Table, dropped_dir: str, val_fraction: float, rate: float) -> pa.Table:
-    """Ray Data UDF: staging file paths -> the texts of their train-split documents chosen for the
-    tokenizer sample (content hash below `rate`), in order."""
-    dropped = load_dropped(dropped_dir)
-    out: list[str] = []
-    for path in batch.column("path").to_pylist():
-        t = pq.read_table(path, columns=["uid", "hash", "reason", "text"], filters=[("reason", "=", "")])
-        for uid, h, text in zip(*(t.column(c).to_pylist() for c in ("uid", "hash", "text"))):
-            if uid not in dropped and assign_split(h, val_fraction) == TRAIN and hash_unit(h, "tok") < rate:
-                out.append(text)
-    return pa.table({"text": pa.array(out, pa.string())})
+    head = [{"source": src, "path": path, "record": -1, "reason": sources.UNREADABLE_PATH,
+             "excerpt": "no file matches this path or glob"} for src, path in missing]
+    files = [str(p) for p in _parquet_files(docs)]
+    return ray.get(ray.remote(write_bad_records).remote(files, list(BAD_INPUT_REASONS), head, str(out)))
 
 
 def tokenizer_sample(cfg: PreprocessConfig, corpus: StagedCorpus, stats: dict[str, int]) -> Iterator[str]:
@@ -341,8 +317,6 @@ def write_dataset(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, 
     """Phase D: the kept documents, tokenized with `tokenizer` and packed by the actor pool (one
     file per unit), then written as train/ and val/ shards under `work` by Ray tasks; then the
     quarantine file, and the staged documents and unit files are removed."""
-    import ray
-
     facts = corpus.facts
     plan = _tokenize_plan(cfg, corpus, tokenizer, work / "_units")
     with _timed(facts.stage_seconds, "tokenize_pack"):
@@ -351,9 +325,7 @@ def write_dataset(cfg: PreprocessConfig, corpus: StagedCorpus, tokenizer: Path, 
         outputs = _write_splits(cfg, plan.unit_dir, counts, work)
     with _timed(facts.stage_seconds, "quarantine_cleanup"):
         if cfg.reader.quarantine:
-            # A Ray task: the scan touches every staged record, which the driver never does.
-            facts.n_quarantined = ray.get(ray.remote(write_quarantine).remote(corpus.docs, corpus.missing,
-                                                                              work / QUARANTINE_FILE))
+            facts.n_quarantined = write_quarantine(corpus.docs, corpus.missing, work / QUARANTINE_FILE)
         for d in (corpus.docs, corpus.dropped_dir.parent, Path(plan.unit_dir)):
             shutil.rmtree(d, ignore_errors=True)
     return outputs
