@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipelines.data.dedup import EXACT_DUPLICATE, NEAR_DUPLICATE
 from pipelines.data.minhash import lsh_params
+from pipelines.data.staging import path_blocks, read_paths
 
 if TYPE_CHECKING:  # Ray workers import this module; they need no Hydra
     from pipelines.data.config import DedupConfig
@@ -140,18 +141,21 @@ def run_dedup(staging: list[str], cfg: DedupConfig, work: Path) -> Path:
 
     dropped = work / DROPPED_DIR
     dropped.mkdir(parents=True, exist_ok=True)
-    if not (cfg.exact or cfg.near):
+    if not (cfg.exact or cfg.near) or not staging:
         return dropped
-    keys = ray.data.read_parquet(staging, columns=KEY_COLUMNS).map_batches(good_keys, batch_format="pyarrow",
-                                                                          batch_size=None)
+    keys = (ray.data.from_arrow(path_blocks(staging))
+            .map_batches(read_paths, batch_format="pyarrow", batch_size=None, fn_kwargs={"columns": KEY_COLUMNS})
+            .map_batches(good_keys, batch_format="pyarrow", batch_size=None))
     if cfg.exact:
         keys = keys.groupby("hash").map_groups(mark_exact, batch_format="pyarrow")
     else:
         keys = keys.map_batches(no_exact, batch_format="pyarrow", batch_size=None)
     keys.write_parquet(str(work / "keys"))
-    if not list((work / "keys").glob("*.parquet")):  # no good document: nothing to decide
+    key_files = sorted(str(f) for f in (work / "keys").glob("*.parquet"))
+    if not key_files:  # no good document: nothing to decide
         return dropped
-    marked = ray.data.read_parquet(str(work / "keys"))
+    marked = ray.data.from_arrow(path_blocks(key_files)).map_batches(read_paths, batch_format="pyarrow",
+                                                                      batch_size=None)
     if cfg.exact:
         marked.map_batches(exact_dropped, batch_format="pyarrow", batch_size=None).write_parquet(str(dropped))
     if cfg.near:
@@ -178,3 +182,15 @@ def _read_dropped(files: tuple[tuple[str, int, int], ...]) -> dict[str, str]:
         return {}
     t = pa.concat_tables([pq.read_table(f, schema=_DROPPED_SCHEMA) for f, _, _ in files])
     return dict(zip(t.column("uid").to_pylist(), t.column("reason").to_pylist()))
+
+
+def decisions_digest(dropped: dict[str, str]) -> str:
+    """One hash of a dedup decision (uid -> reason), to compare two runs' kept sets."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{u}:{r}" for u, r in sorted(dropped.items())).encode()).hexdigest()
+
+
+def digest_dir(dropped_dir: str) -> str:
+    """Ray task: `decisions_digest` of the decisions under `dropped_dir` (they stay on the worker)."""
+    return decisions_digest(load_dropped(dropped_dir))

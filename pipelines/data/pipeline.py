@@ -24,7 +24,6 @@ interrupted run never leaves a half output that "latest" could pick up.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -36,23 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from cluster.runtime import RayOptions, start_or_connect
 from moe.files import TOKENIZER_FILE
 from pipelines.data import dedup, manifest, sources
 from pipelines.data.clean import normalize_batch
 from pipelines.data.config import PreprocessConfig, RuntimeConfig
-from pipelines.data.dedup_cluster import load_dropped, run_dedup
+from pipelines.data.dedup_cluster import run_dedup
 from pipelines.data.filters import FILTER_NAMES, filter_batch
 from pipelines.data.metrics import record_run
 from pipelines.data.minhash import lsh_params
 from pipelines.data.shards import SplitOutput, write_in_order, write_shuffled
-from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit
-from pipelines.data.tally import SplitTally, tally
+from pipelines.data.split import SPLITS, TRAIN
+from pipelines.data.staging import path_blocks, write_bad_records
+from pipelines.data.tally import SplitTally, sample_texts, tally
 from pipelines.data.tokenize_phase import TokenizePlan, cut_units, tokenize_and_pack, unit_count
 from pipelines.data.tokenizer import file_sha256, load_tokenizer, special_id, train_tokenizer
 
@@ -164,32 +160,15 @@ def _parquet_files(d: Path) -> list[Path]:
 
 
 def write_quarantine(docs: Path, missing: list[tuple[int, str]], out: Path) -> int:
-    dataset = pads.dataset([str(p) for p in _parquet_files(docs)], format="parquet")
-    bad = pc.field("reason").isin(list(BAD_INPUT_REASONS))
-    n = 0
-    with out.open("w") as fh:
-        for src, path in missing:
-            fh.write(json.dumps({"source": src, "path": path, "record": -1, "reason": sources.UNREADABLE_PATH,
-                                 "excerpt": "no file matches this path or glob"}) + "\n")
-            n += 1
-        for batch in dataset.to_batches(columns=["source", "path", "record", "reason", "excerpt"], filter=bad):
-            for row in batch.to_pylist():
-                fh.write(json.dumps(row) + "\n")
-                n += 1
-    return n
+    """The source paths that matched nothing, then the bad records of the staging files -> `out` as
+    JSON lines, written by a Ray task (the scan reads every staged record, which the driver never
+    does); -> how many."""
+    import ray
 
-
-def sample_texts(batch: pa.Table, dropped_dir: str, val_fraction: float, rate: float) -> pa.Table:
-    """Ray Data UDF: staging file paths -> the texts of their train-split documents chosen for the
-    tokenizer sample (content hash below `rate`), in order."""
-    dropped = load_dropped(dropped_dir)
-    out: list[str] = []
-    for path in batch.column("path").to_pylist():
-        t = pq.read_table(path, columns=["uid", "hash", "reason", "text"], filters=[("reason", "=", "")])
-        for uid, h, text in zip(*(t.column(c).to_pylist() for c in ("uid", "hash", "text"))):
-            if uid not in dropped and assign_split(h, val_fraction) == TRAIN and hash_unit(h, "tok") < rate:
-                out.append(text)
-    return pa.table({"text": pa.array(out, pa.string())})
+    head = [{"source": src, "path": path, "record": -1, "reason": sources.UNREADABLE_PATH,
+             "excerpt": "no file matches this path or glob"} for src, path in missing]
+    files = [str(p) for p in _parquet_files(docs)]
+    return ray.get(ray.remote(write_bad_records).remote(files, list(BAD_INPUT_REASONS), head, str(out)))
 
 
 def tokenizer_sample(cfg: PreprocessConfig, corpus: StagedCorpus, stats: dict[str, int]) -> Iterator[str]:
@@ -199,7 +178,7 @@ def tokenizer_sample(cfg: PreprocessConfig, corpus: StagedCorpus, stats: dict[st
 
     rate = min(1.0, cfg.tokenizer.sample_bytes / max(corpus.facts.splits.train_bytes, 1))
     staging = [f for f, _, _ in corpus.facts.splits.files]
-    ds = ray.data.from_arrow([pa.table({"path": staging[i:i + 8]}) for i in range(0, len(staging), 8)])
+    ds = ray.data.from_arrow(path_blocks(staging))
     ds = ds.map_batches(sample_texts, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"dropped_dir": str(corpus.dropped_dir), "val_fraction": cfg.data.val_fraction,
                                    "rate": rate})

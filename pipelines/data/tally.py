@@ -5,7 +5,8 @@ documents by split and by dedup reason, the documents per split counted with the
 repeats, the train-split bytes, and the kept documents (those phase D tokenizes) with their bytes
 times their repeats. The driver folds the counts into one `SplitTally` as the rows stream in and
 keeps two numbers per staging file for the tokenize plan: its memory grows with the number of
-staging files, never with the documents.
+staging files, never with the documents. `sample_texts` picks phase C's tokenizer sample per
+staging file on the workers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.data.dedup_cluster import load_dropped
-from pipelines.data.split import SPLITS, TRAIN, assign_split, repeats
+from pipelines.data.split import SPLITS, TRAIN, assign_split, hash_unit, repeats
+from pipelines.data.staging import path_blocks
 
 _COLUMNS = ["source", "uid", "hash", "reason", "n_bytes"]
 
@@ -81,7 +83,7 @@ def tally(staging: list[str], dropped_dir: str, val_fraction: float, weights: li
 
     t = SplitTally(reasons=Counter(), docs={s: Counter() for s in SPLITS}, weighted=dict.fromkeys(SPLITS, 0),
                    per_source=[Counter() for _ in weights], train_bytes=0, files=[], file_bytes=[])
-    ds = ray.data.from_arrow([pa.table({"path": staging[i:i + 8]}) for i in range(0, len(staging), 8)])
+    ds = ray.data.from_arrow(path_blocks(staging))
     ds = ds.map_batches(count_files, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"dropped_dir": dropped_dir, "val_fraction": val_fraction, "weights": weights})
     per_file: list[tuple[str, int, int, int] | None] = [None] * len(staging)  # in staging order, however they came
@@ -101,3 +103,17 @@ def tally(staging: list[str], dropped_dir: str, val_fraction: float, weights: li
     t.files = [(p, rows, kept) for p, rows, kept, _ in per_file]
     t.file_bytes = [b for _, _, _, b in per_file]
     return t
+
+
+def sample_texts(batch: pa.Table, dropped_dir: str, val_fraction: float, rate: float) -> pa.Table:
+    """Ray Data UDF: staging file paths -> the texts of their train-split documents chosen for the
+    tokenizer sample (content hash below `rate`), in order. (Here, not in `pipeline`, so the
+    workers that run it import no torch.)"""
+    dropped = load_dropped(dropped_dir)
+    out: list[str] = []
+    for path in batch.column("path").to_pylist():
+        t = pq.read_table(path, columns=["uid", "hash", "reason", "text"], filters=[("reason", "=", "")])
+        for uid, h, text in zip(*(t.column(c).to_pylist() for c in ("uid", "hash", "text"))):
+            if uid not in dropped and assign_split(h, val_fraction) == TRAIN and hash_unit(h, "tok") < rate:
+                out.append(text)
+    return pa.table({"text": pa.array(out, pa.string())})

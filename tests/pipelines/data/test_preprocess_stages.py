@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data import filters
@@ -18,6 +19,7 @@ from pipelines.data.minhash import lsh_params, signature
 from pipelines.data.pack import TokenizePack, pack_ids
 from pipelines.data.sources import _iter_lines
 from pipelines.data.split import TRAIN, VAL, assign_split, repeats
+from pipelines.data.staging import MAX_BLOCKS, path_blocks, read_paths, write_bad_records
 from pipelines.data.tokenizer import train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -172,3 +174,28 @@ def test_read_tasks_group_files_in_order_by_bytes(tmp_path: Path) -> None:
     assert read_tasks([], 1000) == []
     # Too few tasks for the cluster: the target shrinks so every CPU gets one.
     assert len(read_tasks(files, bytes_per_task=10_000, min_tasks=4)) == 4
+
+
+def test_staging_path_blocks_keep_order_and_bound_the_block_count(tmp_path: Path) -> None:
+    """Files between phases reach the workers as blocks of paths, in order, 8 per block, and never
+    more than MAX_BLOCKS blocks (a sort-based shuffle of M blocks moves M x M pieces)."""
+    paths = [f"f{i:06d}" for i in range(20)]
+    blocks = path_blocks(paths)
+    assert [len(b) for b in blocks] == [8, 8, 4]
+    many = [f"f{i:06d}" for i in range(MAX_BLOCKS * 8 + 1)]
+    blocks = path_blocks(many)
+    assert len(blocks) <= MAX_BLOCKS and sum(len(b) for b in blocks) == len(many)
+    assert [p for b in blocks for p in b.column("path").to_pylist()] == many
+    files = []
+    for i in range(3):
+        f = tmp_path / f"s{i}.parquet"
+        pq.write_table(pa.table({"reason": ["", "binary_file", ""], "record": [3 * i, 3 * i + 1, 3 * i + 2],
+                                         "source": [0] * 3, "path": [f"p{i}"] * 3, "excerpt": ["", "x", ""]}), f)
+        files.append(str(f))
+    rows = read_paths(pa.table({"path": files}), columns=["record"])
+    assert rows.column("record").to_pylist() == list(range(9))
+    out = tmp_path / "q.jsonl"
+    head = [{"source": 1, "path": "gone/*", "record": -1, "reason": "unreadable_path", "excerpt": "none"}]
+    assert write_bad_records(files, ["binary_file"], head, str(out)) == 4
+    lines = out.read_text().splitlines()
+    assert '"gone/*"' in lines[0] and [line.count('"binary_file"') for line in lines[1:]] == [1, 1, 1]
