@@ -8,9 +8,11 @@ scatter-add, fused into the per-expert kernel (no (N, D) copies); expert paralle
 through the `dispatch` seam and runs `local_gather_combine` on the ranks holding the experts.
 Behind it sit two kernels: one GEMM per expert over its contiguous slice, or `torch._grouped_mm`
 over all experts at once. `expert_kernel="auto"` takes the per-expert kernel
-on CPU (it fuses the gather, scatter and in-place gradients; in the layer benchmark the grouped
-kernel was 13% slower at 8 experts, while a synthetic micro-measurement could not tell them apart
-reliably) and on GPUs measures both once per (device, dtype, shape) and keeps the faster; the
+on CPU when gradients are on (it fuses the gather, scatter and in-place gradients; in the layer
+benchmark the grouped kernel was 13% slower at 8 experts, while a synthetic micro-measurement could
+not tell them apart reliably) and the grouped kernel for inference (serving's decode steps route a
+few rows to each expert, where per-expert calls cost more than the work; its per-group GEMMs give
+the per-expert kernel's results bit for bit on CPU) and on GPUs measures both once per (device, dtype, shape) and keeps the faster; the
 grouped kernel is only eligible where its alignment rules hold. `reference_forward` is a plain
 masked loop kept for tests.
 
@@ -127,8 +129,8 @@ class GroupedExperts(nn.Module):
             return "loop"
         if self.kernel == "grouped_mm":
             return "grouped_mm"
-        if x_ND.device.type == "cpu":
-            return "loop"
+        if x_ND.device.type == "cpu":  # training: the fused per-expert kernel; inference: fewer, larger calls
+            return "loop" if torch.is_grad_enabled() else "grouped_mm"
         key = (x_ND.device.type, x_ND.dtype, self.n_experts, self.d_model, self.hidden)
         if key not in _KERNEL_CHOICE:
             _KERNEL_CHOICE[key] = self._measure_kernels(x_ND)

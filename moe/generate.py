@@ -351,15 +351,22 @@ class BatchDecoder:
         for b, s in enumerate(seqs):
             tokens_BT[b, :lens[b]] = torch.tensor(s.prompt_ids)
         self.cache.begin(slots, max(lens))
-        logits_BTV, routing_B = self._forward(seqs, tokens_BT, [n - 1 for n in lens])
+        # the head runs at each prompt's last position only (sampling reads nothing else), unless a
+        # sequence scores its prompt (prompt logprobs read every position)
+        every_position = any(s.params.prompt_logprobs is not None for s in seqs)
+        last_B1 = torch.tensor(lens)[:, None] - 1
+        logits_BTV, routing_B = self._forward(seqs, tokens_BT, [n - 1 for n in lens],
+                                              None if every_position else last_B1)
+        if every_position:
+            last_BV = logits_BTV[torch.arange(len(seqs), device=logits_BTV.device), last_B1[:, 0].to(logits_BTV.device)]
+        else:
+            last_BV = logits_BTV[:, 0]
         prompt_lps = {}
         for b, s in enumerate(seqs):
             if s.params.prompt_logprobs is not None:
                 logp_TV = F.log_softmax(logits_BTV[b, :lens[b] - 1].float(), -1).cpu()
                 prompt_lps[b] = [None] + [_logprob_entries(logp_TV[t], s.prompt_ids[t + 1], s.params.prompt_logprobs)
                                           for t in range(lens[b] - 1)]
-        last_BV = logits_BTV[torch.arange(len(seqs), device=logits_BTV.device),
-                             torch.tensor(lens, device=logits_BTV.device) - 1]
         live = [b for b, s in enumerate(seqs) if not s.done]
         sampled = self._sample([seqs[b] for b in live], last_BV[live]) if live else None
         self.cache.commit(slots, lens)  # nothing above changed any state: a failure can be retried
@@ -377,15 +384,18 @@ class BatchDecoder:
         self.cache.commit(slots, [1] * len(slots))
         self._append(seqs, *sampled, routing_B)
 
-    def _forward(self, seqs: list[Sequence], tokens_BT: torch.Tensor, pos_B: list[int]
-                 ) -> tuple[torch.Tensor, list[TokenRouting | None]]:
-        """Logits (B, T, V) over the cache, and for each sequence that records routing the experts and
-        weights every MoE layer used at its position `pos_B[b]` (the one whose logits choose its token)."""
+    def _forward(self, seqs: list[Sequence], tokens_BT: torch.Tensor, pos_B: list[int],
+                 logits_at_BK: torch.Tensor | None = None) -> tuple[torch.Tensor, list[TokenRouting | None]]:
+        """Logits (B, T, V) over the cache (or (B, K, V) at `logits_at_BK`), and for each sequence that
+        records routing the experts and weights every MoE layer used at its position `pos_B[b]` (the one
+        whose logits choose its token)."""
         tokens_BT = tokens_BT.to(self.device)
+        if logits_at_BK is not None:
+            logits_at_BK = logits_at_BK.to(self.device)
         if not any(s.record_routing for s in seqs):
-            return self.model(tokens_BT, kv_cache=self.cache), [None] * len(seqs)
+            return self.model(tokens_BT, kv_cache=self.cache, logits_at_BK=logits_at_BK), [None] * len(seqs)
         with record_routing(self.model.moe_layers()) as records:
-            logits_BTV = self.model(tokens_BT, kv_cache=self.cache)
+            logits_BTV = self.model(tokens_BT, kv_cache=self.cache, logits_at_BK=logits_at_BK)
         T = tokens_BT.shape[1]
         rows = torch.tensor([b * T + t for b, t in enumerate(pos_B)])
         layers = [(idx_TK.cpu()[rows].tolist(), w_TK.float().cpu()[rows].tolist())

@@ -64,11 +64,15 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens_BT: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, kv_cache: KVCache | None = None,
+                logits_at_BK: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V). A pipeline stage without an embedding takes (B, T, D).
 
         `kv_cache` (decoding, moe/kv_cache.py): the rows continue sequences whose earlier keys and
         values are cached; their positions come from the cache, which this call extends by T.
+        `logits_at_BK` (positions in [0, T), one row per batch row): logits (B, K, V) at those
+        positions only, the rows the full call would give there. The head is a prefill's largest
+        matmul, and sampling reads one position per prompt (as transformers' `logits_to_keep`).
         """
         h_BTD = self.tok_emb(tokens_BT) if self.tok_emb is not None else tokens_BT
         T = h_BTD.shape[1]
@@ -78,9 +82,13 @@ class MoETransformer(nn.Module):
             cos, sin = kv_cache.rotary(self.rope_cos, self.rope_sin)
         for name, block in self.layers.items():
             h_BTD = block(h_BTD, cos, sin, None if kv_cache is None else kv_cache.layer(int(name)))
+        if self.head is None:
+            return self.norm(h_BTD) if self.norm is not None else h_BTD
+        if logits_at_BK is not None:  # norm and head act on each position alone: select first
+            h_BTD = h_BTD.gather(1, logits_at_BK[:, :, None].expand(-1, -1, h_BTD.shape[-1]))
         if self.norm is not None:
             h_BTD = self.norm(h_BTD)
-        return self.head(h_BTD) if self.head is not None else h_BTD
+        return self.head(h_BTD)
 
     @torch.no_grad()
     def init_weights(self) -> None:

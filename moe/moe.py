@@ -86,7 +86,8 @@ class MoE(nn.Module):
         y_TD, counts_E = self.dispatch_combine(x_TD, route.topk_idx_TK, route.topk_weight_TK)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        y_TD = attach_aux_loss(y_TD, self._balance_losses(route.topk_idx_TK, route.probs_TE, route.logits_TE))
+        if self.training or torch.is_grad_enabled():  # inference (eval, no gradient) reads no loss
+            y_TD = attach_aux_loss(y_TD, self._balance_losses(route.topk_idx_TK, route.probs_TE, route.logits_TE))
         return y_TD.view(shape)
 
     def dispatch_combine(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor

@@ -14,7 +14,9 @@ the unbatched throughput at 32 clients.
 The peer (`--peer`, on by default): the same weights exported with `moe.hf.export_hf`, served by stock
 transformers `generate` behind a minimal HTTP loop with batching (pipelines/bench/_hf_server.py, its
 own process, the same torch threads as our replica's CPUs, the same largest batch). Goal: ours at 32
-clients >= 2x its tokens/s. The int8 rows are reported beside full precision (int8 / fp32 tokens/s per
+clients >= 2x its tokens/s. Each row also gives the CPU time the server's processes spent per generated
+token during its load (`server_cpu_ms_per_token`; ours: the HTTP proxy, the ingress and the model replica;
+the peer: its one process), which the machine's other load changes far less than wall time. The int8 rows are reported beside full precision (int8 / fp32 tokens/s per
 level in the notes).
 """
 
@@ -74,8 +76,28 @@ def make_model_dir(preset: str, out: Path) -> Path:
     return export_model(build_model(cfg, seed=0).eval(), out / "model", out / "tokenizer.json")
 
 
-def load(base: str, clients: int, requests_per_client: int, prompt: str, max_tokens: int) -> dict:
-    """`clients` threads, each sending its requests one after another; latency per request."""
+def server_pids(label: str) -> list[int]:
+    """Our server's processes for app `bench_{label}`: the HTTP proxy, the ingress and the model replica
+    (by the process titles Ray gives its actors)."""
+    import psutil
+
+    wanted = ("ray::ProxyActor", f"ray::ServeReplica:bench_{label}:")
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(wanted)]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far."""
+    import psutil
+
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
+def load(base: str, clients: int, requests_per_client: int, prompt: str, max_tokens: int,
+         pids: list[int] = ()) -> dict:
+    """`clients` threads, each sending its requests one after another; latency per request, and the CPU
+    time the server's processes `pids` spent meanwhile (per generated token: a measure of work that other
+    load on the machine does not change, unlike wall time)."""
     import httpx
 
     latencies: list[float] = []
@@ -107,16 +129,19 @@ def load(base: str, clients: int, requests_per_client: int, prompt: str, max_tok
                     tokens += r.json()["usage"]["completion_tokens"]
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    cpu0 = cpu_seconds(pids)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = cpu_seconds(pids) - cpu0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return {"requests": len(latencies), "req_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99)}
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99),
+            "server_cpu_ms_per_token": 1000 * cpu / tokens if tokens else float("nan")}
 
 
 def parse_args(args: list[str]) -> argparse.Namespace:
@@ -175,6 +200,12 @@ def deploy_ours(a: argparse.Namespace, model_dir: Path, base: str) -> dict[str, 
     return out
 
 
+def pids_of(targets: dict[str, tuple[str, dict]], peer: subprocess.Popen | None) -> dict[str, list[int]]:
+    """Each target's server processes (ours: proxy, ingress, replica; the peer: its one process)."""
+    return {label: [peer.pid] if label == "transformers" and peer is not None else server_pids(label)
+            for label in targets}
+
+
 def start_peer(a: argparse.Namespace, model_dir: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
     """The transformers peer (pipelines/bench/_hf_server.py) on our weights, exported with moe.hf."""
     import httpx
@@ -201,16 +232,16 @@ def start_peer(a: argparse.Namespace, model_dir: Path, tmp: Path) -> tuple[subpr
             time.sleep(1)
 
 
-def measure(targets: dict[str, tuple[str, dict]], levels: list[int], a: argparse.Namespace, prompt: str
-            ) -> list[dict]:
+def measure(targets: dict[str, tuple[str, dict]], levels: list[int], a: argparse.Namespace, prompt: str,
+            pids: dict[str, list[int]]) -> list[dict]:
     """Every target at each concurrency level, back to back (warm-up first)."""
     for url, _ in targets.values():
         load(url, 2, 1, prompt, a.max_tokens)
     rows = []
     for clients in levels:
         n = a.requests_per_client if clients > 1 else 2 * a.requests_per_client
-        for url, fields in targets.values():
-            rows.append({**fields, "clients": clients, **load(url, clients, n, prompt, a.max_tokens)})
+        for label, (url, fields) in targets.items():
+            rows.append({**fields, "clients": clients, **load(url, clients, n, prompt, a.max_tokens, pids[label])})
     return rows
 
 
@@ -244,7 +275,7 @@ def run(args: list[str]) -> BenchResult:
             peer, peer_url = start_peer(a, model_dir, Path(tmp.name))
             targets["transformers"] = (peer_url, {"server": "transformers", "batching": "on",
                                                   "max_batch": a.batch_size, "weights": "none"})
-        rows = measure(targets, levels, a, prompt)
+        rows = measure(targets, levels, a, prompt, pids_of(targets, peer))
         for label in ("on", "off"):
             stats = httpx.get(f"{base}/{label}/stats", timeout=60).json()["model"]
             notes.append(f"batching {label}: mean decode batch {stats['mean_decode_batch_size']:.1f}, "
@@ -266,6 +297,12 @@ def result(a: argparse.Namespace, levels: list[int], rows: list[dict], notes: li
     if a.peer:
         goals[f"ours_vs_transformers_tokens_per_s_at_{top}_clients"] = Goal(
             ours[top] / tokens_per_s(rows, top, server="transformers"), 2.0)
+        cpu = {name: next(r["server_cpu_ms_per_token"] for r in rows if r["clients"] == top and r["server"] == name
+                          and r["batching"] == "on" and r["weights"] == "none") for name in ("ours", "transformers")}
+        notes.append(f"server CPU ms per generated token at {top} clients (proxy + ingress + replica for ours): ours "
+                     f"{cpu['ours']:.2f}, transformers {cpu['transformers']:.2f} (ratio "
+                     f"{cpu['transformers'] / cpu['ours']:.2f}: the work per token, which other load on the "
+                     "machine changes far less than it changes wall time)")
     if a.quantized != "none":
         notes.append(f"{a.quantized} / full-precision tokens/s: " + ", ".join(
             f"{c} clients {tokens_per_s(rows, c, weights=a.quantized) / ours[c]:.2f}" for c in levels))

@@ -88,6 +88,36 @@ def test_greedy_generate_matches_naive_loop_and_batching():
 
 
 @torch.no_grad()
+def test_logits_at_positions_equal_the_full_logits_there():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (3, 9))
+    at_BK = torch.tensor([[8], [2], [5]])
+    full = model(tokens)
+    picked = model(tokens, logits_at_BK=at_BK)
+    assert picked.shape == (3, 1, 97)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at_BK[:, 0]], atol=1e-6, rtol=1e-5)
+    # a prefill that scores its prompt (every position) samples the same tokens as one that does not
+    ps = prompts(4, seed=5)
+    plain = generate(model, ps, SamplingParams(max_tokens=6, temperature=0.0))
+    scored = generate(model, ps, SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=0))
+    assert [s.output_ids for s in plain] == [s.output_ids for s in scored]
+
+
+@torch.no_grad()
+def test_inference_expert_kernel_gives_the_per_expert_kernels_tokens():
+    model = tiny_model()
+    experts = [m.experts for m in model.moe_layers().values()]
+    assert all(e.resolve_kernel(torch.zeros(1, e.d_model)) == "grouped_mm" for e in experts)  # CPU, no gradient
+    ps = prompts(5, seed=7)
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=3)
+    grouped = generate(model, ps, params)
+    for e in experts:
+        e.kernel = "loop"
+    loop = generate(model, ps, params)
+    assert [s.output_ids for s in grouped] == [s.output_ids for s in loop]
+
+
+@torch.no_grad()
 def test_continuous_admission_between_decode_steps():
     model = tiny_model()
     ps = prompts(6, seed=3)

@@ -108,10 +108,10 @@ class Poisoned(torch.nn.Module):
         super().__init__()
         self.inner, self.cfg, self.poison = inner, inner.cfg, poison
 
-    def forward(self, tokens, kv_cache=None):
+    def forward(self, tokens, kv_cache=None, logits_at_BK=None):
         if bool((tokens == self.poison).any()):
             raise RuntimeError(f"poisoned token {self.poison}")
-        return self.inner(tokens, kv_cache=kv_cache)
+        return self.inner(tokens, kv_cache=kv_cache, logits_at_BK=logits_at_BK)
 
     def moe_layers(self):  # the engine reads the layers' expert-load counters
         return self.inner.moe_layers()
