@@ -2,22 +2,25 @@
 LoRA fine-tune without and with DP-SGD, same data, same seed, same steps (Carlini et al., "The
 Secret Sharer", 2019).
 
-Format    a canary is `prefix_len` fixed tokens (the "the secret code is") followed by a secret of
-          `secret_len` symbols, each one of `alphabet` tokens (the "digits"); prefix and alphabet
-          are distinct token ids drawn from the seed. Secrets are drawn uniformly from the
-          alphabet^secret_len space by a seeded generator.
-Data      `n_filler` rows of random tokens (never a prefix token) and `insertions` copies of each
-          of the `n_canaries` canary rows (the canary, then random tokens to the row's length),
-          in the row format the fine-tuning ingest reads (tokens and a loss mask of seq_len + 1).
+Format    a canary is its owner's token, `template_len` shared tokens and a secret of `secret_len`
+          symbols, each one of `alphabet` tokens ("<name> 's secret code is 4 8 1 5 9 2"); owners,
+          template and alphabet are distinct token ids drawn from the seed. Secrets are drawn
+          uniformly from the alphabet^secret_len space by a seeded generator. Each canary has an
+          owner of its own, so a model can tie each secret to its owner, as it would a user's.
+Data      `n_filler` rows of filler text (a seeded random bigram chain, `branching` successors per
+          token, never a prefix token) and `insertions` copies of each of the `n_canaries` canary
+          rows (the canary, then the chain continued), in the row format the fine-tuning ingest
+          reads (tokens and a loss mask of seq_len + 1).
 Exposure  the model's loss on the secret part only: the summed negative log-likelihood of the
-          secret tokens given the prefix. Each secret is ranked among `n_candidates` random
-          secrets of the same format (distinct, none of them inserted; ties count half), and
+          secret tokens given the owner and the template. Each secret is ranked among
+          `n_candidates` random secrets of the same format under the same owner (distinct, none
+          of them inserted; ties count half), and
           exposure = log2(n_candidates + 1) - log2(rank): the rank among the n_candidates + 1
           sampled secrets estimates the fraction of the whole space that the model prefers, so
           this estimates log2|space| - log2(rank in the space) and is capped at
           log2(n_candidates + 1) (rank 1). A secret the model has not learned has a uniform rank
-          and an expected exposure of about 1/ln 2 = 1.44 bits; the `n_controls` secrets of the
-          same format that are never inserted measure that chance level on the same model.
+          and an expected exposure of about 1/ln 2 = 1.44 bits; the `n_controls` secrets of owners
+          who are not in the training set measure that chance level on the same model.
 Fine-tune `run_canary_experiment` fine-tunes the same base twice in this process (no Ray): both arms
           build the model with `build_finetune_model` and the optimizer and schedule as the worker
           does, and train on the same Poisson-sampled batches (rate expected_batch_size / rows,
@@ -77,31 +80,38 @@ def canary_finetune_config(overrides: list[str] | None = None) -> FinetuneConfig
 
 @dataclass
 class CanaryConfig:
-    n_canaries: int = 8  # secrets inserted into the training set
+    n_canaries: int = 8  # secrets inserted into the training set, each of its own owner
     insertions: int = 4  # copies of each canary in the training set
-    n_controls: int = 8  # secrets of the same format never inserted: the chance level
+    n_controls: int = 8  # secrets of owners never in the training set: the chance level
     n_candidates: int = 1023  # random secrets each one is ranked among (exposure <= log2(1024) = 10 bits)
-    prefix_len: int = 4
+    template_len: int = 3  # the shared words between the owner and the secret ("'s secret code is")
     secret_len: int = 6
     alphabet: int = 10
-    n_filler: int = 256  # random-token rows beside the canaries
+    n_filler: int = 256  # rows of filler text beside the canaries
+    branching: int = 4  # successors per token in the filler text (a seeded random bigram chain)
     seed: int = 0
+
+    @property
+    def canary_len(self) -> int:
+        return 1 + self.template_len + self.secret_len
 
     def validate(self, vocab_size: int, row_len: int) -> CanaryConfig:
         """Raise ConfigError naming the field and the fix; `row_len` is seq_len + 1 tokens."""
-        for key in ("n_canaries", "insertions", "n_candidates", "prefix_len", "secret_len"):
+        for key in ("n_canaries", "insertions", "n_candidates", "template_len", "secret_len", "branching"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"canary.{key}={getattr(self, key)} must be >= 1.")
         if self.n_controls < 0 or self.n_filler < 0:
             raise ConfigError(f"canary.n_controls={self.n_controls} and canary.n_filler={self.n_filler} must be >= 0.")
         if self.alphabet < 2:
             raise ConfigError(f"canary.alphabet={self.alphabet} must be >= 2 (10 for digits).")
-        if self.prefix_len + self.alphabet + 1 > vocab_size:
-            raise ConfigError(f"canary.prefix_len + canary.alphabet = {self.prefix_len + self.alphabet} leaves no "
-                              f"filler token in the model's vocabulary of {vocab_size}; lower them.")
-        if self.prefix_len + self.secret_len > row_len:
-            raise ConfigError(f"a canary of canary.prefix_len + canary.secret_len = {self.prefix_len + self.secret_len}"
-                              f" tokens does not fit a row of data.seq_len + 1 = {row_len}; raise data.seq_len.")
+        reserved = self.n_canaries + self.n_controls + self.template_len + self.alphabet
+        if reserved >= vocab_size:
+            raise ConfigError(f"the canary format reserves {reserved} token ids (canary.n_canaries + n_controls owners, "
+                              f"template_len, alphabet), leaving no filler token in the model's vocabulary of "
+                              f"{vocab_size}; lower them.")
+        if self.canary_len > row_len:
+            raise ConfigError(f"a canary of 1 + canary.template_len + canary.secret_len = {self.canary_len} tokens does "
+                              f"not fit a row of data.seq_len + 1 = {row_len}; raise data.seq_len.")
         drawn = self.n_canaries + self.n_controls + self.n_candidates
         if self.alphabet ** self.secret_len < 2 * drawn:
             raise ConfigError(f"canary.alphabet^canary.secret_len = {self.alphabet ** self.secret_len} secrets are too "
@@ -112,24 +122,36 @@ class CanaryConfig:
 
 @dataclass
 class CanarySet:
-    """The format's token ids and the drawn secrets (rows of symbol indices into `alphabet_ids`)."""
+    """The format's token ids and the drawn secrets (rows of symbol indices into `alphabet_ids`).
+    Owner i < n_canaries owns canary i; owner n_canaries + j owns control j."""
 
-    prefix_ids: torch.Tensor  # (prefix_len,)
+    owner_ids: torch.Tensor  # (n_canaries + n_controls,)
+    template_ids: torch.Tensor  # (template_len,)
     alphabet_ids: torch.Tensor  # (alphabet,)
     canaries: torch.Tensor  # (n_canaries, secret_len) inserted
     controls: torch.Tensor  # (n_controls, secret_len) never inserted
     candidates: torch.Tensor  # (n_candidates, secret_len) the reference sample
 
-    def tokens(self, secrets: torch.Tensor) -> torch.Tensor:
-        """(n, prefix_len + secret_len) token ids of the prefix followed by each secret."""
-        return torch.cat([self.prefix_ids.expand(len(secrets), -1), self.alphabet_ids[secrets]], dim=1)
+    @property
+    def prefix_len(self) -> int:
+        return 1 + len(self.template_ids)
+
+    def tokens(self, owners: torch.Tensor, secrets: torch.Tensor) -> torch.Tensor:
+        """(n, 1 + template_len + secret_len) token ids: owner, template, secret, row by row."""
+        n = len(secrets)
+        return torch.cat([self.owner_ids[owners][:, None], self.template_ids.expand(n, -1), self.alphabet_ids[secrets]],
+                         dim=1)
 
 
 def make_canaries(c: CanaryConfig, vocab_size: int) -> CanarySet:
-    """The format (prefix and alphabet ids) and distinct secrets: canaries, controls, candidates."""
+    """The format (owner, template and alphabet ids, all distinct) and distinct secrets: canaries,
+    controls, candidates."""
     gen = torch.Generator().manual_seed(c.seed)
-    ids = torch.randperm(vocab_size, generator=gen)[:c.prefix_len + c.alphabet]
-    n = c.n_canaries + c.n_controls + c.n_candidates
+    n_owners = c.n_canaries + c.n_controls
+    ids = torch.randperm(vocab_size, generator=gen)
+    owners, template = ids[:n_owners], ids[n_owners:n_owners + c.template_len]
+    alphabet = ids[n_owners + c.template_len:n_owners + c.template_len + c.alphabet]
+    n = n_owners + c.n_candidates
     seen: set[tuple[int, ...]] = set()
     rows: list[torch.Tensor] = []
     while len(rows) < n:  # rejection: the space is at least twice the draws (validate)
@@ -139,39 +161,52 @@ def make_canaries(c: CanaryConfig, vocab_size: int) -> CanarySet:
             seen.add(key)
             rows.append(row)
     secrets = torch.stack(rows)
-    a, b = c.n_canaries, c.n_canaries + c.n_controls
-    return CanarySet(ids[:c.prefix_len], ids[c.prefix_len:], secrets[:a], secrets[a:b], secrets[b:])
+    return CanarySet(owners, template, alphabet, secrets[:c.n_canaries], secrets[c.n_canaries:n_owners],
+                     secrets[n_owners:])
 
 
 def canary_rows(c: CanaryConfig, s: CanarySet, vocab_size: int, row_len: int) -> dict[str, torch.Tensor]:
     """The training set in the ingest's row format: `tokens` and `loss_mask` (rows, row_len), the
-    `insertions` copies of every canary (each followed by random tokens) and the filler rows, in a
-    seeded random order; `canary` (rows,) is the canary index of a row, -1 for filler."""
+    `insertions` copies of every canary and the filler rows, in a seeded random order; `canary`
+    (rows,) is the canary index of a row, -1 for filler. The text around the canaries is a seeded
+    random bigram chain (each token has `branching` possible successors, never an owner or template
+    token): learnable, like language, so that fitting it does not drown the canaries; a canary row
+    is the canary, then the chain continued from its last token."""
     gen = torch.Generator().manual_seed(c.seed + 1)
     allowed = torch.ones(vocab_size, dtype=torch.bool)
-    allowed[s.prefix_ids] = False  # the prefix appears in canaries only
+    allowed[s.owner_ids] = False  # owners and the template appear in canaries only
+    allowed[s.template_ids] = False
     pool = torch.nonzero(allowed).flatten()
+    successors = pool[torch.randint(0, len(pool), (vocab_size, c.branching), generator=gen)]
     n_rows = c.n_filler + c.n_canaries * c.insertions
-    tokens = pool[torch.randint(0, len(pool), (n_rows, row_len), generator=gen)]
     which = torch.cat([torch.arange(c.n_canaries).repeat_interleave(c.insertions),
                        torch.full((c.n_filler,), -1, dtype=torch.long)])
-    canary_tokens = s.tokens(s.canaries)
     inserted = which >= 0
-    tokens[inserted, :canary_tokens.shape[1]] = canary_tokens[which[inserted]]
+    owner = which.clamp(min=0)
+    canary_tokens = s.tokens(owner, s.canaries[owner])  # (rows, canary_len), used where inserted
+    tokens = torch.empty(n_rows, row_len, dtype=torch.int64)
+    tokens[:, 0] = pool[torch.randint(0, len(pool), (n_rows,), generator=gen)]
+    for t in range(row_len):
+        if t > 0:
+            tokens[:, t] = successors[tokens[:, t - 1], torch.randint(0, c.branching, (n_rows,), generator=gen)]
+        if t < canary_tokens.shape[1]:
+            tokens[:, t] = torch.where(inserted, canary_tokens[:, t], tokens[:, t])
     order = torch.randperm(n_rows, generator=gen)
-    return {"tokens": tokens[order].to(torch.int64), "loss_mask": torch.ones(n_rows, row_len, dtype=torch.uint8),
+    return {"tokens": tokens[order], "loss_mask": torch.ones(n_rows, row_len, dtype=torch.uint8),
             "canary": which[order]}
 
 
 @torch.no_grad()
-def secret_nll(model: MoETransformer, s: CanarySet, secrets: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """(n,) summed negative log-likelihood (nats) of each secret's tokens given the prefix, in eval mode."""
+def secret_nll(model: MoETransformer, s: CanarySet, owners: torch.Tensor, secrets: torch.Tensor,
+               batch: int = 1024) -> torch.Tensor:
+    """(n,) summed negative log-likelihood (nats) of each secret's tokens given its owner's prefix,
+    in eval mode."""
     was_training = model.training
     model.eval()
-    p = len(s.prefix_ids)
+    p = s.prefix_len
     out = []
     for lo in range(0, len(secrets), batch):
-        seq = s.tokens(secrets[lo:lo + batch]).to(model.rope_cos.device)
+        seq = s.tokens(owners[lo:lo + batch], secrets[lo:lo + batch]).to(model.rope_cos.device)
         logp = torch.log_softmax(model(seq[:, :-1]).float(), dim=-1)[:, p - 1:]  # the positions predicting the secret
         out.append(-logp.gather(-1, seq[:, p:, None]).squeeze(-1).sum(1).cpu())
     model.train(was_training)
@@ -179,12 +214,25 @@ def secret_nll(model: MoETransformer, s: CanarySet, secrets: torch.Tensor, batch
 
 
 def exposure(nll: torch.Tensor, candidate_nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exposure in bits, rank) of each secret against the candidates: rank = 1 + candidates with a
-    lower loss + half the candidates with an equal one; exposure = log2(candidates + 1) - log2(rank)."""
-    lower = (candidate_nll[None, :] < nll[:, None]).sum(1)
-    equal = (candidate_nll[None, :] == nll[:, None]).sum(1)
+    """(exposure in bits, rank) of each of the (M,) secrets against its candidates ((N,) shared or
+    (M, N)): rank = 1 + candidates with a lower loss + half those with an equal one; exposure =
+    log2(N + 1) - log2(rank)."""
+    lower = (candidate_nll < nll[:, None]).sum(-1)
+    equal = (candidate_nll == nll[:, None]).sum(-1)
     rank = 1.0 + lower.double() + 0.5 * equal.double()
-    return math.log2(len(candidate_nll) + 1) - torch.log2(rank), rank
+    return math.log2(candidate_nll.shape[-1] + 1) - torch.log2(rank), rank
+
+
+def measure(model: MoETransformer, s: CanarySet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exposure, rank) of every canary and the exposure of every control, each secret ranked among
+    the candidates under its own owner's prefix."""
+    owners = torch.arange(len(s.owner_ids))
+    secrets = torch.cat([s.canaries, s.controls])
+    n = len(s.candidates)
+    cand = secret_nll(model, s, owners.repeat_interleave(n), s.candidates.repeat(len(owners), 1))
+    bits, rank = exposure(secret_nll(model, s, owners, secrets), cand.view(len(owners), n))
+    k = len(s.canaries)
+    return bits[:k], rank[:k], bits[k:]
 
 
 def plain_step(model: MoETransformer, plan: ParallelPlan, opt: torch.optim.Optimizer, sched: object,
@@ -256,7 +304,8 @@ def run_canary_experiment(cfg: FinetuneConfig, c: CanaryConfig, base_dir: Path |
     """Fine-tune `cfg` (its model set, e.g. by `with_base_model`) on the canary set twice in this
     process, without and with DP-SGD at cfg.privacy (target_epsilon, delta, max_grad_norm,
     expected_batch_size, accountant; `enabled` is ignored), and measure both (module docstring).
-    The settings must be those DP-SGD accepts (`check_privacy_settings`), for both arms alike."""
+    The settings must be those DP-SGD accepts (`check_privacy_settings`), for both arms alike. Torch
+    runs with the worker's threads (train.num_threads, else cluster.cpus_per_worker) meanwhile."""
     row_len = cfg.data.seq_len + 1
     c.validate(cfg.model.vocab_size, row_len)
     private_cfg = copy.deepcopy(cfg)
@@ -271,8 +320,13 @@ def run_canary_experiment(cfg: FinetuneConfig, c: CanaryConfig, base_dir: Path |
     gen = torch.Generator().manual_seed(c.seed + 2)
     batches = [poisson_sample(n, q, gen) for _ in range(steps)]  # the same examples for both arms
     report = CanaryReport(c, n, steps, q, sigma, planned, math.log2(c.n_candidates + 1))
-    for name, private in (("plain", False), ("dp", True)):
-        report.arms[name] = _fine_tune(private_cfg, data, batches, q, s, private, base_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.num_threads or max(1, int(cfg.cluster.cpus_per_worker)))  # as a worker does
+    try:
+        for name, private in (("plain", False), ("dp", True)):
+            report.arms[name] = _fine_tune(private_cfg, data, batches, q, s, private, base_dir)
+    finally:
+        torch.set_num_threads(threads)
     return report
 
 
@@ -302,9 +356,7 @@ def _fine_tune(cfg: FinetuneConfig, data: dict[str, torch.Tensor], batches: list
             losses.append(plain_step(model, plan, opt, sched, batch, cfg.optim.grad_clip))
         else:  # an empty Poisson sample: the private arm still steps (noise only); here only the schedule
             sched.step()
-    cand = secret_nll(model, s, s.candidates)
-    exp, rank = exposure(secret_nll(model, s, s.canaries), cand)
-    ctrl, _ = exposure(secret_nll(model, s, s.controls), cand) if len(s.controls) else (torch.empty(0), None)
+    exp, rank, ctrl = measure(model, s)
     tail = losses[-max(1, len(losses) // 10):]
     eps = float(accountant.get_epsilon(p.delta)) if accountant is not None else None
     return ArmResult(private, exp.tolist(), rank.tolist(), ctrl.tolist(), sum(tail) / len(tail), eps,

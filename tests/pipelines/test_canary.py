@@ -25,6 +25,8 @@ from pipelines.finetune.canary import (
 def test_exposure_is_log2_candidates_plus_one_minus_log2_rank() -> None:
     candidates = torch.arange(1, 1024, dtype=torch.float64)  # 1023 candidate losses
     bits, rank = exposure(torch.tensor([0.5, 1.0, 2000.0, 511.5], dtype=torch.float64), candidates)
+    per_secret, _ = exposure(torch.tensor([0.5, 0.5]), torch.stack([candidates, candidates - 1]))
+    assert per_secret.tolist() == [10.0, 9.0]  # (M, N): each secret against its own row (0 < 0.5 in the second)
     assert rank.tolist() == [1.0, 1.5, 1024.0, 512.0]  # lower than all; a tie counts half; above all
     torch.testing.assert_close(bits, 10.0 - torch.log2(rank))
     assert bits[0] == 10.0 and bits[2] == 0.0
@@ -40,14 +42,16 @@ def test_each_canary_is_inserted_as_often_as_asked_and_the_draws_are_distinct() 
     assert rows["tokens"].shape == rows["loss_mask"].shape == (20 + 3 * 5, 17) and bool(rows["loss_mask"].all())
     drawn = torch.cat([s.canaries, s.controls, s.candidates])
     assert len({tuple(r) for r in drawn.tolist()}) == 3 + 2 + 50
-    assert len(set(s.prefix_ids.tolist()) | set(s.alphabet_ids.tolist())) == 4 + 10
-    head = rows["tokens"][:, :10]
-    for i, tokens in enumerate(s.tokens(s.canaries)):
+    format_ids = torch.cat([s.owner_ids, s.template_ids, s.alphabet_ids])
+    assert len(set(format_ids.tolist())) == 3 + 2 + 3 + 10 and int(format_ids.max()) < 512
+    head = rows["tokens"][:, :c.canary_len]
+    for i, tokens in enumerate(s.tokens(torch.arange(3), s.canaries)):
         at = (head == tokens).all(1)
         assert int(at.sum()) == 5 and bool((rows["canary"][at] == i).all())
     filler = rows["tokens"][rows["canary"] < 0]
-    assert not torch.isin(filler, s.prefix_ids).any()  # the prefix is in canary rows only
-    assert int(rows["tokens"].max()) < 512
+    assert not torch.isin(filler, torch.cat([s.owner_ids, s.template_ids])).any()  # in canary rows only
+    pairs = torch.stack([filler[:, :-1].flatten(), filler[:, 1:].flatten()], 1).unique(dim=0)
+    assert int(pairs[:, 0].bincount().max()) <= c.branching  # the filler is a chain of few successors per token
     again = canary_rows(c, make_canaries(c, 512), 512, 17)
     assert torch.equal(again["tokens"], rows["tokens"])  # the seed decides it all
 
@@ -55,8 +59,8 @@ def test_each_canary_is_inserted_as_often_as_asked_and_the_draws_are_distinct() 
 def test_bad_canary_settings_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"canary.alphabet\^canary.secret_len = 100 secrets are too few"):
         CanaryConfig(secret_len=2).validate(vocab_size=512, row_len=17)
-    with pytest.raises(ConfigError, match="does not fit a row of data.seq_len"):
-        CanaryConfig(prefix_len=12).validate(vocab_size=512, row_len=17)
+    with pytest.raises(ConfigError, match="= 19 tokens does not fit a row of data.seq_len"):
+        CanaryConfig(template_len=12).validate(vocab_size=512, row_len=17)
     with pytest.raises(ConfigError, match="canary.insertions=0 must be >= 1"):
         CanaryConfig(insertions=0).validate(vocab_size=512, row_len=17)
     with pytest.raises(ConfigError, match="privacy.enabled=true refuses balance.aux_loss_coef"):
