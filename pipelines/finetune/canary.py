@@ -65,7 +65,7 @@ from pipelines.train.optim import build_optimizer, build_schedule
 # The canary fine-tune's settings on top of conf/finetune.yaml: short rows, DP-SGD's expected batch
 # of 32 (the plain arm trains on the same Poisson batches), a learning rate at which the plain arm
 # memorizes within train.steps.
-CANARY_OVERRIDES = ["data.seq_len=12", "train.steps=100", "optim.lr=0.01", "optim.warmup_steps=0",
+CANARY_OVERRIDES = ["data.seq_len=12", "train.steps=150", "optim.lr=0.01", "optim.warmup_steps=0",
                     "train.micro_batch_size=64", "privacy.expected_batch_size=32", "privacy.target_epsilon=8"]
 
 
