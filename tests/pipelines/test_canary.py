@@ -68,7 +68,9 @@ def test_bad_canary_settings_name_the_key() -> None:
 
 
 def test_dp_sgd_at_epsilon_8_lowers_the_canaries_exposure() -> None:
-    """The canary test: the defaults of the canary benchmark, one run, both arms."""
+    """The canary test: the defaults of the canary benchmark, one run, both arms. Measured (seed 0,
+    README): 9.88 bits and 7/8 at rank 1 without DP (deterministic), 1.20-1.38 bits with DP in three
+    runs (OS-entropy noise); about 15-20 s on 2 loaded cores."""
     report = run_canary_experiment(canary_finetune_config(), CanaryConfig())
     plain, dp = report.arms["plain"], report.arms["dp"]
     print("\n".join(report.summary_lines()))
