@@ -8,7 +8,7 @@ Format    a canary is its owner's token, `template_len` shared tokens and a secr
           uniformly from the alphabet^secret_len space by a seeded generator. Each canary has an
           owner of its own, so a model can tie each secret to its owner, as it would a user's.
 Data      `n_filler` rows of filler text (a seeded random bigram chain, `branching` successors per
-          token, never a prefix token) and `insertions` copies of each of the `n_canaries` canary
+          token, never an owner or template token) and `insertions` copies of each of the `n_canaries` canary
           rows (the canary, then the chain continued), in the row format the fine-tuning ingest
           reads (tokens and a loss mask of seq_len + 1).
 Exposure  the model's loss on the secret part only: the summed negative log-likelihood of the
