@@ -7,16 +7,22 @@ sample of the whole set). Each example's adapter gradient (exact, `moe.lora.capt
 clipped to max_grad_norm C; the clipped sums are added over the ranks, Gaussian noise of standard
 deviation noise_multiplier x C is added once (drawn on rank 0 from OS entropy, never from the run's
 seed), and the result is divided by the expected batch size. The accountant composes the steps.
+`dp_sgd_step` is that one step, optimizer and schedule included: the Ray Train worker
+(pipelines/finetune/worker.py) and the in-process canary measurement (pipelines/finetune/canary.py)
+both call it.
 """
 
 from __future__ import annotations
 
 import secrets
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from moe.lora import capture_per_example
+from moe.loss import IGNORE_INDEX
 from pipelines.finetune.config import PrivacyConfig
 
 
@@ -113,3 +119,56 @@ def noisy_mean(params: list[torch.nn.Parameter], sums: list[torch.Tensor], noise
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
         offset += p.numel()
+
+
+def clipped_example_sums(model: torch.nn.Module, params: list[torch.nn.Parameter], batch: dict[str, torch.Tensor],
+                         sums: list[torch.Tensor], max_norm: float, micro_batch_size: int, device: torch.device
+                         ) -> float:
+    """Per-example gradients of each example's mean token loss (over its loss mask), clipped into
+    `sums`, `micro_batch_size` examples at a time; returns the sum of the examples' losses."""
+    loss_sum = 0.0
+    for lo in range(0, len(batch["tokens"]), micro_batch_size):
+        tokens = batch["tokens"][lo:lo + micro_batch_size].to(device)
+        mask = batch["loss_mask"][lo:lo + micro_batch_size].to(device)
+        targets = torch.where(mask[:, 1:] > 0, tokens[:, 1:], IGNORE_INDEX)
+        with capture_per_example(len(tokens), targets.shape[1]):
+            logits = model(tokens[:, :-1])
+            ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+            per_example = ce.view(len(tokens), -1).sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
+            per_example.sum().backward()
+        clip_into(params, sums, max_norm)
+        for t in params:
+            t.grad = None
+        loss_sum += float(per_example.detach().sum())
+    return loss_sum
+
+
+def dp_sgd_step(model: torch.nn.Module, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                sched: Any, batch: dict[str, torch.Tensor], p: PrivacyConfig, accountant: Any, sample_rate: float,
+                step: int, micro_batch_size: int, device: torch.device, rank: int,
+                generator: torch.Generator | None) -> tuple[float, float]:
+    """One DP-SGD step on this rank's Poisson sample `batch` (rows `tokens`, `loss_mask`): the
+    accountant composes it first (PrivacyBudgetError, naming `step`, when that would pass
+    p.target_epsilon), then the clipped per-example sums, the noised mean over the ranks
+    (`p.noise_multiplier` x `p.max_grad_norm`, rank 0's `generator`), the optimizer and the schedule
+    step. Collective under torch.distributed. Returns (this rank's sum of example losses, the norm
+    of the noised gradient)."""
+    if p.noise_multiplier is None:
+        raise PrivacyBudgetError("privacy.noise_multiplier is unset; plan it first with plan_noise (the driver does).")
+    sigma = float(p.noise_multiplier)
+    accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spent = float(accountant.get_epsilon(p.delta))
+    if spent > p.target_epsilon * 1.0001:
+        raise PrivacyBudgetError(f"step {step} would spend epsilon {spent:.3f}, over "
+                                 f"privacy.target_epsilon={p.target_epsilon}; the run stops here.")
+    sums = [torch.zeros_like(t) for t in params]
+    loss_sum = clipped_example_sums(model, params, batch, sums, p.max_grad_norm, micro_batch_size, device)
+    noisy_mean(params, sums, sigma * p.max_grad_norm, p.expected_batch_size, rank, generator)
+    grad_norm = float(torch.sqrt(sum(t.grad.pow(2).sum() for t in params)))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
