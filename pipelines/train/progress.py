@@ -27,14 +27,16 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric
 from ray.train import UserCallback
 
 from moe.checkpoint import STEP_PREFIX
 from pipelines.train.timeline import phase_seconds
+
+if TYPE_CHECKING:  # mlflow is imported where it is used: the workers import this module (METRICS_FILE,
+    # scalar_metrics) and would otherwise pay for importing mlflow, about a second, at every (re)start
+    from mlflow import MlflowClient
 
 
 def format_eta(seconds: float) -> str:
@@ -68,6 +70,8 @@ MARK_TAG = "metrics.logged_through"
 
 def sync_metrics(client: MlflowClient, run_id: str, checkpoint: Path) -> None:
     """Log the checkpoint's metric rows above the run's mark, then move the mark (idempotent)."""
+    from mlflow.entities import Metric
+
     rows = json.loads((checkpoint / METRICS_FILE).read_text())
     done = int(client.get_run(run_id).data.tags.get(MARK_TAG, -1))
     new = [r for r in rows if r["step"] > done]
@@ -134,6 +138,8 @@ class TrainProgress(UserCallback):
 
     def _mlflow(self) -> MlflowClient:
         if self._client is None:
+            from mlflow import MlflowClient
+
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 

@@ -28,6 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +58,7 @@ from pipelines.train.timeline import StartTimeline
 
 IMPORTED_AT = time.time()  # the end of the `import` phase of this process's start (pipelines/train/timeline.py)
 LEDGER_FILE = "ledger.npy"
+PEAK_DIR = "matmul_peak"  # in the run directory: the measured CPU matmul peak per host and thread count
 log = logging.getLogger(__name__)
 
 
@@ -104,6 +108,25 @@ class MetricsWindow:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
+def cached_matmul_peak(run_dir: Path) -> float:
+    """This process's CPU matmul peak (`moe.flops.measure_matmul_peak`), measured once per run, host and
+    thread count and kept in `run_dir/matmul_peak/`: a restart reads it instead of measuring again (about
+    a second), and MFU stays comparable across restarts."""
+    path = run_dir / PEAK_DIR / f"{socket.gethostname()}-{torch.get_num_threads()}threads.json"
+    try:
+        cached = float(json.loads(path.read_text())["flops"])
+        if math.isfinite(cached) and cached > 0:
+            return cached
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not measured yet on this host (or an unreadable file): measure
+    peak = measure_matmul_peak()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"flops": peak}))
+    os.replace(tmp, path)  # the ranks of one host may race; each writes a whole file
+    return peak
+
+
 class Trainer:
     """One rank's training run; every public method is collective (all ranks call it in step).
 
@@ -143,7 +166,7 @@ class Trainer:
         self.moe_names = self.plan.moe_layer_names  # the whole model's, whichever stages this rank holds
         self.load_matrix = torch.tensor(self.state.expert_load, dtype=torch.float64) if self.state.expert_load \
             else torch.zeros(len(self.moe_names), cfg.model.moe.n_routed_experts, dtype=torch.float64)
-        peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops else measure_matmul_peak()
+        peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops else cached_matmul_peak(self.store.root.parent)
         self.peak_total = float(all_reduce_(torch.tensor([peak], dtype=torch.float64))[0])
         self.timeline.mark("matmul_peak")
         if len(self.state.rng) == self.world:  # same size: every rank continues its own random stream
