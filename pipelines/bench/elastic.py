@@ -266,6 +266,7 @@ def run(argv: list[str]) -> BenchResult:
 
     from cluster.runtime import RayOptions, start_or_connect
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-elastic-") as tmp:
         work = Path(tmp)
         io = _checkpoint_io(work)
@@ -279,10 +280,11 @@ def run(argv: list[str]) -> BenchResult:
             finally:
                 ray.shutdown()
                 cluster.shutdown()
-    return _result(results, io, knobs)
+    return _result(results, io, knobs, (load_before, os.getloadavg()))
 
 
-def _result(results: dict[str, dict[str, Any]], io: dict[str, float], knobs: dict[str, Any]) -> BenchResult:
+def _result(results: dict[str, dict[str, Any]], io: dict[str, float], knobs: dict[str, Any],
+            loads: tuple[tuple[float, ...], ...]) -> BenchResult:
     ours, floor = results["ours"], results["floor"]
     rows = []
     for key, name in (("kill", "kill -9 of a worker"), ("node_loss", "loss of a node (2 -> 1)")):
@@ -304,7 +306,9 @@ def _result(results: dict[str, dict[str, Any]], io: dict[str, float], knobs: dic
               "ratio": ""}]
     notes = [f"knobs: resize check {knobs['resize_s']} s, worker start timeout {knobs['start_timeout_s']} s, "
              f"max_failures {knobs['max_failures']}; cluster: head + 2 nodes x 1 train_slot, 1 CPU each",
-             f"small preset: {io['params']:,} parameters"]
+             f"small preset: {io['params']:,} parameters",
+             "machine load average (1, 5, 15 min) at start " + ", ".join(f"{x:.1f}" for x in loads[0]) +
+             "; at end " + ", ".join(f"{x:.1f}" for x in loads[1])]
     goals = {"recovery_kill_vs_floor": Goal(ours["kill"] / floor["kill"], 1.5, higher_is_better=False),
              "recovery_node_loss_vs_floor": Goal(ours["node_loss"] / floor["node_loss"], 1.5, higher_is_better=False)}
     return BenchResult("elastic", rows, goals, notes)
