@@ -3,7 +3,8 @@
     setup       the layout of this world size (pipelines/train/layout.py); build the model on the
                 meta device, parallelize it, materialize only the local shards; optimizer and
                 schedule; resume from the latest good checkpoint (falling back past damaged ones)
-                or start fresh
+                or start fresh; the CPU matmul peak for MFU (measured once per run and host,
+                `cached_matmul_peak`). Each phase is marked in `StartTimeline` (pipelines/train/timeline.py)
     train_step  one optimizer step on the step's global batch: this data rank's slice, in
                 `accumulation` micro-batches (forward, backward), then gradient sync, clip, step,
                 load balancing; under pp the pipeline schedule (gpipe, 1f1b, interleaved) runs
