@@ -81,7 +81,7 @@ def _kill_one_worker(started_after: float = 0.0) -> int:
 
 def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, compose, tmp_path: Path,
                                                                   dataset_root: Path) -> None:
-    steps = 24
+    steps = 60  # long enough that the kill below lands mid-run on a quiet machine (24 finished first)
     cfg, yaml_text, plan = tiny_config(compose, tmp_path, dataset_root, f"train.steps={steps}",
                                        "train.eval_every=40", "train.checkpoint_every=6", "train.max_failures=2")
     result: dict[str, TrainingOutcome | BaseException] = {}
