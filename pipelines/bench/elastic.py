@@ -6,11 +6,17 @@ Ray Train knobs (worker start timeout, resize check interval, failure config):
 
 - ours: the real driver (`run_training`, tiny model, min 1 / max 2 workers): a worker is killed with
   SIGKILL after a checkpoint, then, once it has recovered, a node is removed. Recovery is the time
-  from the kill (the removal) to the next completed training step, read from the run's restart
-  events (`next_step_at`).
+  from the kill (the removal) to the completion of the next training step on rank 0, read from the
+  run's restart events (`next_step_at`), which also say when the restarted worker began importing the
+  training stack (`worker_started_at`) and where its time went (`worker_phases`,
+  pipelines/train/timeline.py).
 - floor: Ray Train restarting a trivial loop (one report per step, no model, no checkpoint) under the
   same kill and the same node removal: the time Ray itself needs to notice, tear down, place and
-  start a worker group.
+  start a worker group. Measured at the same points: the completion of rank 0's step (before its
+  report), and the loop's start.
+
+Both sides' recovery is split into Ray's part (failure -> the worker's code starts) and the worker's
+(-> first step completed; ours by phase).
 
 and, in this process, the checkpoint of the `small` preset (15.6M parameters, AdamW state):
 save (staging, DCP, manifest with checksums, commit) and load (verify, DCP) time and size.
@@ -49,16 +55,21 @@ def _wait(cond: Any, timeout: float = 300) -> None:
 
 
 def _floor_loop(config: dict[str, Any]) -> None:
-    """The trivial loop: one report per step; rank 0 appends `time world_size` per step to a file."""
+    """The trivial loop: one report per step; rank 0 appends its start time to one file and, per step,
+    `time world_size` (the step completed, before its report) to another."""
     import ray.train
 
     ctx = ray.train.get_context()
+    rank0 = ctx.get_world_rank() == 0
+    if rank0:
+        with open(config["starts"], "a") as f:
+            f.write(f"{time.time()}\n")
     for _ in range(config["steps"]):
         time.sleep(config["step_s"])
-        ray.train.report({"step": 1})
-        if ctx.get_world_rank() == 0:
+        if rank0:
             with open(config["log"], "a") as f:
                 f.write(f"{time.time()} {ctx.get_world_size()}\n")
+        ray.train.report({"step": 1})
 
 
 def _floor(cluster: Any, nodes: list[Any], knobs: dict[str, Any], work: Path, step_s: float) -> dict[str, float]:
@@ -66,9 +77,9 @@ def _floor(cluster: Any, nodes: list[Any], knobs: dict[str, Any], work: Path, st
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    log = work / "floor.log"
+    log, starts = work / "floor.log", work / "floor.starts"
     trainer = TorchTrainer(
-        _floor_loop, train_loop_config={"steps": 100000, "step_s": step_s, "log": str(log)},
+        _floor_loop, train_loop_config={"steps": 100000, "step_s": step_s, "log": str(log), "starts": str(starts)},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1, "train_slot": 1},
                                      elastic_resize_monitor_interval_s=knobs["resize_s"]),
@@ -92,7 +103,12 @@ def _floor(cluster: Any, nodes: list[Any], knobs: dict[str, Any], work: Path, st
     cluster.remove_node(nodes[1])
     _wait(lambda: any(t > t_loss and w == 1 for t, w in lines()))
     loss_s = min(t for t, w in lines() if t > t_loss and w == 1) - t_loss
-    return {"kill": kill_s, "node_loss": loss_s}
+
+    def started(t0: float, done: float) -> float:  # the last loop start before that step
+        return max(t for t in map(float, starts.read_text().split()) if t0 < t <= t0 + done) - t0
+
+    return {"kill": kill_s, "node_loss": loss_s, "kill_ray": started(t_kill, kill_s),
+            "node_loss_ray": started(t_loss, loss_s)}
 
 
 def _first_after_gap(times: list[float], t0: float, step_s: float) -> float:
@@ -149,9 +165,13 @@ def _ours(cluster: Any, nodes: list[Any], knobs: dict[str, Any], work: Path, dat
     _wait(lambda: any(s["world_size"] == 1 for s in states()))
     thread.join()
     events = _events(box["outcome"])
-    kill = min(e["next_step_at"] for e in events if e["next_step_at"] > t_kill) - t_kill
-    loss = min(e["next_step_at"] for e in events if e["next_step_at"] > t_loss) - t_loss
-    return {"kill": kill, "node_loss": loss, "events": len(events)}
+    out: dict[str, Any] = {"events": len(events)}
+    for key, t0 in (("kill", t_kill), ("node_loss", t_loss)):
+        event = min((e for e in events if e["next_step_at"] > t0), key=lambda e: e["next_step_at"])
+        out[key] = event["next_step_at"] - t0
+        out[f"{key}_ray"] = event["worker_started_at"] - t0
+        out[f"{key}_phases"] = event["worker_phases"]
+    return out
 
 
 def _events(outcome: Any) -> list[dict[str, Any]]:
@@ -246,6 +266,7 @@ def run(argv: list[str]) -> BenchResult:
 
     from cluster.runtime import RayOptions, start_or_connect
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-elastic-") as tmp:
         work = Path(tmp)
         io = _checkpoint_io(work)
@@ -259,14 +280,22 @@ def run(argv: list[str]) -> BenchResult:
             finally:
                 ray.shutdown()
                 cluster.shutdown()
-    return _result(results, io, knobs)
+    return _result(results, io, knobs, (load_before, os.getloadavg()))
 
 
-def _result(results: dict[str, dict[str, float]], io: dict[str, float], knobs: dict[str, Any]) -> BenchResult:
+def _result(results: dict[str, dict[str, Any]], io: dict[str, float], knobs: dict[str, Any],
+            loads: tuple[tuple[float, ...], ...]) -> BenchResult:
     ours, floor = results["ours"], results["floor"]
-    rows = [{"what": f"recovery after {name} (s to next step)", "ours": round(ours[key], 2),
-             "floor (trivial loop)": round(floor[key], 2), "ratio": round(ours[key] / floor[key], 2)}
-            for key, name in (("kill", "kill -9 of a worker"), ("node_loss", "loss of a node (2 -> 1)"))]
+    rows = []
+    for key, name in (("kill", "kill -9 of a worker"), ("node_loss", "loss of a node (2 -> 1)")):
+        rows.append({"what": f"recovery after {name} (s to next step)", "ours": round(ours[key], 2),
+                     "floor (trivial loop)": round(floor[key], 2), "ratio": round(ours[key] / floor[key], 2)})
+        rows.append({"what": "  Ray: failure -> worker code starts", "ours": round(ours[f"{key}_ray"], 2),
+                     "floor (trivial loop)": round(floor[f"{key}_ray"], 2), "ratio": ""})
+        rows.append({"what": "  worker: start -> step done", "ours": round(ours[key] - ours[f"{key}_ray"], 2),
+                     "floor (trivial loop)": round(floor[key] - floor[f"{key}_ray"], 2), "ratio": ""})
+        rows += [{"what": f"    {phase}", "ours": seconds, "floor (trivial loop)": "", "ratio": ""}
+                 for phase, seconds in ours[f"{key}_phases"].items()]
     rows += [{"what": "checkpoint save (small preset, AdamW)", "ours": round(io["save"], 3), "floor (trivial loop)": "",
               "ratio": ""},
              {"what": "checkpoint load (verify + DCP)", "ours": round(io["load"], 3), "floor (trivial loop)": "",
@@ -277,7 +306,9 @@ def _result(results: dict[str, dict[str, float]], io: dict[str, float], knobs: d
               "ratio": ""}]
     notes = [f"knobs: resize check {knobs['resize_s']} s, worker start timeout {knobs['start_timeout_s']} s, "
              f"max_failures {knobs['max_failures']}; cluster: head + 2 nodes x 1 train_slot, 1 CPU each",
-             f"small preset: {io['params']:,} parameters"]
+             f"small preset: {io['params']:,} parameters",
+             "machine load average (1, 5, 15 min) at start " + ", ".join(f"{x:.1f}" for x in loads[0]) +
+             "; at end " + ", ".join(f"{x:.1f}" for x in loads[1])]
     goals = {"recovery_kill_vs_floor": Goal(ours["kill"] / floor["kill"], 1.5, higher_is_better=False),
              "recovery_node_loss_vs_floor": Goal(ours["node_loss"] / floor["node_loss"], 1.5, higher_is_better=False)}
     return BenchResult("elastic", rows, goals, notes)

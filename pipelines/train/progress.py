@@ -15,8 +15,9 @@ chart, and keeps the MLflow record of the run as one trajectory:
 - every restart becomes an event (`restart_event`, an artifact `events/restart-NNN.json` and the
   metrics `restart/*`): its cause (the workers' exception; a resize, which is how Ray Train's elastic
   policy also handles a node lost between two health checks; or `train.resume`), the
-  world size before and after, the step it resumed from and the seconds from the failure (or the
-  last report before a resize, or the resumed process's start) to the next completed step. A damaged
+  world size before and after, the step it resumed from, the seconds from the failure (or the
+  last report before a resize, or the resumed process's start) to the next completed step (when rank 0
+  completed it) and where the restarted worker's share of them went (`worker_phases`). A damaged
   checkpoint that was skipped is logged as a warning event and the tag `warning.checkpoint_fallback`.
 """
 
@@ -27,13 +28,16 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric
 from ray.train import UserCallback
 
 from moe.checkpoint import STEP_PREFIX
+from pipelines.train.timeline import phase_seconds
+
+if TYPE_CHECKING:  # mlflow is imported where it is used: the workers import this module (METRICS_FILE,
+    # scalar_metrics) and would otherwise pay for importing mlflow, about a second, at every (re)start
+    from mlflow import MlflowClient
 
 
 def format_eta(seconds: float) -> str:
@@ -67,6 +71,8 @@ MARK_TAG = "metrics.logged_through"
 
 def sync_metrics(client: MlflowClient, run_id: str, checkpoint: Path) -> None:
     """Log the checkpoint's metric rows above the run's mark, then move the mark (idempotent)."""
+    from mlflow.entities import Metric
+
     rows = json.loads((checkpoint / METRICS_FILE).read_text())
     done = int(client.get_run(run_id).data.tags.get(MARK_TAG, -1))
     new = [r for r in rows if r["step"] > done]
@@ -80,11 +86,18 @@ def sync_metrics(client: MlflowClient, run_id: str, checkpoint: Path) -> None:
 
 
 def restart_event(m: dict[str, Any], cause: str, since: float, now: float, world_before: int) -> dict[str, Any]:
-    """The record of one restart from the first report after it (`restart/*` keys, see the worker)."""
+    """The record of one restart from the first report after it (`restart/*` keys, see the worker).
+
+    `next_step_at` is when rank 0 completed the first step (its timeline; `now`, the report's arrival,
+    without one), `worker_phases` the restarted rank 0's seconds per start phase (pipelines/train/timeline.py),
+    `worker_started_at` when it began importing the training stack."""
+    marks = dict(m.get("restart/timeline") or {})
+    done = float(marks.get("first_step", now))
     return {"cause": cause, "world_size_before": int(m.get("restart/world_size_before") or world_before),
             "world_size_after": int(m["world_size"]), "resumed_from_step": int(m["restart/resumed_from"]),
-            "first_step_after": int(m["step"]), "seconds_to_next_step": round(now - since, 3),
-            "interrupted_at": since, "next_step_at": now,
+            "first_step_after": int(m["step"]), "seconds_to_next_step": round(done - since, 3),
+            "interrupted_at": since, "next_step_at": done, "reported_at": now,
+            "worker_started_at": marks.get("start"), "worker_phases": phase_seconds(marks),
             "skipped_checkpoints": list(m.get("restart/skipped_checkpoints") or [])}
 
 
@@ -128,6 +141,8 @@ class TrainProgress(UserCallback):
 
     def _mlflow(self) -> MlflowClient:
         if self._client is None:
+            from mlflow import MlflowClient
+
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 

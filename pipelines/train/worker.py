@@ -3,7 +3,8 @@
     setup       the layout of this world size (pipelines/train/layout.py); build the model on the
                 meta device, parallelize it, materialize only the local shards; optimizer and
                 schedule; resume from the latest good checkpoint (falling back past damaged ones)
-                or start fresh
+                or start fresh; the CPU matmul peak for MFU (measured once per run and host,
+                `cached_matmul_peak`). Each phase is marked in `StartTimeline` (pipelines/train/timeline.py)
     train_step  one optimizer step on the step's global batch: this data rank's slice, in
                 `accumulation` micro-batches (forward, backward), then gradient sync, clip, step,
                 load balancing; under pp the pipeline schedule (gpipe, 1f1b, interleaved) runs
@@ -28,6 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +55,11 @@ from pipelines.train.config import TrainConfig, layout_at, pipeline_config
 from pipelines.train.evaluation import Evaluator, autocast
 from pipelines.train.optim import build_optimizer, build_schedule
 from pipelines.train.progress import METRICS_FILE, scalar_metrics
+from pipelines.train.timeline import StartTimeline
 
+IMPORTED_AT = time.time()  # the end of the `import` phase of this process's start (pipelines/train/timeline.py)
 LEDGER_FILE = "ledger.npy"
+PEAK_DIR = "matmul_peak"  # in the run directory: the measured CPU matmul peak per host and thread count
 log = logging.getLogger(__name__)
 
 
@@ -102,12 +109,33 @@ class MetricsWindow:
         return self.tokens / max(time.perf_counter() - self.start, 1e-9)
 
 
+def cached_matmul_peak(run_dir: Path) -> float:
+    """This process's CPU matmul peak (`moe.flops.measure_matmul_peak`), measured once per run, host and
+    thread count and kept in `run_dir/matmul_peak/`: a restart reads it instead of measuring again (about
+    a second), and MFU stays comparable across restarts."""
+    path = run_dir / PEAK_DIR / f"{socket.gethostname()}-{torch.get_num_threads()}threads.json"
+    try:
+        cached = float(json.loads(path.read_text())["flops"])
+        if math.isfinite(cached) and cached > 0:
+            return cached
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not measured yet on this host (or an unreadable file): measure
+    peak = measure_matmul_peak()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"flops": peak}))
+    os.replace(tmp, path)  # the ranks of one host may race; each writes a whole file
+    return peak
+
+
 class Trainer:
     """One rank's training run; every public method is collective (all ranks call it in step).
 
     `dataset_dir` holds the preprocessed splits, `checkpoint_dir` the run's `CheckpointStore`."""
 
     def __init__(self, cfg: TrainConfig, dataset_dir: Path, checkpoint_dir: Path, n_val_sequences: int) -> None:
+        self.timeline = StartTimeline(IMPORTED_AT)
+        self.timeline.mark("handoff")
         self.cfg, self.dataset_dir = cfg, Path(dataset_dir)
         self.store = CheckpointStore(Path(checkpoint_dir), keep=cfg.train.keep_checkpoints)
         ctx = ray.train.get_context()
@@ -127,18 +155,21 @@ class Trainer:
         dims = self.layout.dims
         self.dims, self.data_rank = dims, dims.data_rank(self.rank)  # a pipeline's ranks share one data rank
         self.build_model(dims)
+        self.timeline.mark("model")
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_schedule(self.opt, cfg.optim, cfg.train.steps)
         groups = index_split(self.dataset_dir, "train")
         self.order = GlobalOrder(groups, cfg.train.seed, self.layout.global_batch, cfg.train.shuffle_window)
         self.reader = SplitReader(groups, cache_groups=2 * cfg.train.shuffle_window)
         self.ledger = SampleLedger()
+        self.timeline.mark("optimizer_data")
         self.state = self._resume() or TrainerState()
         self.moe_names = self.plan.moe_layer_names  # the whole model's, whichever stages this rank holds
         self.load_matrix = torch.tensor(self.state.expert_load, dtype=torch.float64) if self.state.expert_load \
             else torch.zeros(len(self.moe_names), cfg.model.moe.n_routed_experts, dtype=torch.float64)
-        peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops else measure_matmul_peak()
+        peak = cfg.cluster.peak_tflops * 1e12 if cfg.cluster.peak_tflops else cached_matmul_peak(self.store.root.parent)
         self.peak_total = float(all_reduce_(torch.tensor([peak], dtype=torch.float64))[0])
+        self.timeline.mark("matmul_peak")
         if len(self.state.rng) == self.world:  # same size: every rank continues its own random stream
             torch.set_rng_state(self.state.rng[self.rank].to(torch.uint8).contiguous().clone())
         self.model.train()
@@ -167,6 +198,7 @@ class Trainer:
         if self.rank == 0:
             self.store.clean_staging()
         path, skipped = broadcast_object(self.store.latest_valid() if self.rank == 0 else None)
+        self.timeline.mark("checkpoint_verify")
         for problem in skipped:
             log.warning("damaged checkpoint skipped: %s", problem)
             if self.rank == 0:
@@ -181,6 +213,7 @@ class Trainer:
         state = TrainerState(**extra["trainer"])
         self.ledger = SampleLedger.load(path / LEDGER_FILE)
         self.history = json.loads((path / METRICS_FILE).read_text())
+        self.timeline.mark("checkpoint_load")
         self.restart_info = {"restart/resumed_from": state.step, "restart/world_size_before": state.world_size,
                              "restart/skipped_checkpoints": skipped}
         state.restarts += 1
@@ -320,28 +353,32 @@ class Trainer:
             metrics["checkpoint/step"] = self.state.step
         ray.train.report(metrics)
 
+    def _restart_metrics(self) -> dict[str, Any]:
+        """Once, after a resume: what happened (`restart/*`) and this start's timeline (rank 0's marks)."""
+        if not self.restart_info:
+            return {}
+        info, self.restart_info = self.restart_info, None
+        return {**info, "restart/timeline": dict(self.timeline.marks)}
+
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:
         self.setup()
         t, state = self.cfg.train, self.state
         if state.step == 0:  # the starting point of the validation curve
-            self._report({"step": 0, "val/loss": self.evaluate(), "world_size": self.world,
-                          **(self.restart_info or {})})
-            self.restart_info = None
+            self._report({"step": 0, "val/loss": self.evaluate(), "world_size": self.world, **self._restart_metrics()})
         window, run_start, start_step = MetricsWindow(), time.perf_counter(), state.step
         while state.step < t.steps:
             stats = self.train_step(self.next_batches())
+            self.timeline.mark("first_step")
             window.add(stats)
             last = state.step == t.steps
             if not (state.step % t.log_every == 0 or last):
                 if self.restart_info:  # the first step after a resume: when it completed, and what happened
                     self._report({"step": state.step, "world_size": self.world, "train/restarts": state.restarts,
-                                  **self.restart_info})
-                    self.restart_info = None
+                                  **self._restart_metrics()})
                 continue
             eta = (t.steps - state.step) * (time.perf_counter() - run_start) / max(1, state.step - start_step)
-            metrics = {**self.log(window, stats, eta), **(self.restart_info or {})}
-            self.restart_info = None
+            metrics = {**self.log(window, stats, eta), **self._restart_metrics()}
             if state.step % t.eval_every == 0 or last:
                 metrics["val/loss"] = self.evaluate()
             if last:

@@ -4,7 +4,10 @@ data order and its ledger, and checkpoints that are atomic, checksummed, fall ba
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,8 @@ from moe.config import ConfigError
 from moe.model import build_model
 from pipelines.data.ingest import GlobalOrder, SampleLedger, SplitReader, index_split, rank_slice
 from pipelines.train.config import layout_at, to_train_config
+from pipelines.train.worker import PEAK_DIR, cached_matmul_peak
+from tests.conftest import REPO
 
 
 def _cfg(compose, *overrides: str):
@@ -159,3 +164,20 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path: Path) -> None:
     torch.save({"trainer": _Payload()}, tmp_path / "trainer_state.pt")
     with pytest.raises(pickle.UnpicklingError):
         read_extra(tmp_path)
+
+
+def test_a_restarting_worker_does_not_import_mlflow() -> None:
+    """Importing the worker is part of every restart's recovery; mlflow (about a second) is the controller's."""
+    code = "import sys, pipelines.train.worker; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_the_matmul_peak_is_measured_once_per_run_and_host(tmp_path: Path) -> None:
+    first = cached_matmul_peak(tmp_path)
+    (cached,) = (tmp_path / PEAK_DIR).iterdir()
+    assert first > 0 and json.loads(cached.read_text()) == {"flops": first}
+    assert cached_matmul_peak(tmp_path) == first  # read back, not measured again
+    cached.write_text("{broken")
+    again = cached_matmul_peak(tmp_path)  # an unreadable cache is measured again and replaced
+    assert again > 0 and json.loads(cached.read_text()) == {"flops": again}

@@ -6,6 +6,7 @@ another has a worker killed mid-run and must resume from its checkpoint, losing 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from pipelines.core import tracking
 from pipelines.train.config import to_train_config
 from pipelines.train.driver import TrainingOutcome, run_training
 from pipelines.train.plan import make_plan
+from pipelines.train.timeline import PHASES
 
 STEPS_OVERRIDES = ["train.micro_batch_size=8", "train.log_every=4", "train.eval_batches=2"]
 
@@ -79,8 +81,7 @@ def _kill_one_worker(started_after: float = 0.0) -> int:
 
 def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, compose, tmp_path: Path,
                                                                   dataset_root: Path) -> None:
-    # enough steps that the kill lands mid-run on a quiet machine too (the tiny model trains ~10 steps/s)
-    steps = 96
+    steps = 60  # long enough that the kill below lands mid-run on a quiet machine (24 finished first)
     cfg, yaml_text, plan = tiny_config(compose, tmp_path, dataset_root, f"train.steps={steps}",
                                        "train.eval_every=200", "train.checkpoint_every=6", "train.max_failures=2")
     result: dict[str, TrainingOutcome | BaseException] = {}
@@ -117,6 +118,14 @@ def test_killed_worker_resumes_from_checkpoint_and_loses_nothing(ray_cluster, co
     # the run resumed from a checkpoint (not from scratch: step 0 was evaluated once)
     assert max(m.value for m in client.get_metric_history(outcome.run_id, "train/restarts")) >= 1
     assert [m.step for m in client.get_metric_history(outcome.run_id, "val/loss")].count(0) == 1
+    # the restart event says where the restarted worker's time went, phase by phase, within the recovery
+    events = [json.loads(Path(client.download_artifacts(outcome.run_id, a.path)).read_text())
+              for a in client.list_artifacts(outcome.run_id, "events")]
+    assert events and all(list(e["worker_phases"]) == list(PHASES) for e in events), events
+    for e in events:
+        assert all(v >= 0 for v in e["worker_phases"].values())
+        assert e["interrupted_at"] < e["worker_started_at"] < e["next_step_at"] <= e["reported_at"]
+        assert sum(e["worker_phases"].values()) <= e["seconds_to_next_step"] + 0.01  # rounding
 
 
 def test_expert_parallel_training_logs_load_and_drops(ray_cluster, compose, tmp_path: Path,
