@@ -43,13 +43,15 @@ def test_lora_finetune_from_the_registry_exports_peft_and_registers_a_version(
     from pipelines.core.tracking import TrackingConfig
 
     client = MlflowClient(tracking_uri=trained_tiny.tracking_uri)
-    # the base is the latest version (other tests of the session may have registered versions after the first)
-    latest = max(int(v.version) for v in client.search_model_versions(f"name='{trained_tiny.registered_model}'"))
-    out = run(compose, finetune_overrides(trained_tiny, tmp_path), tmp_path / "work")
-    assert out.steps == 4 and out.model_version == latest + 1 and out.adapter_dir is not None
-    assert 0 < out.trainable_fraction < 0.2
+    # the base: the registered version of the trained tiny run, whose transformers export the peft check loads
+    # (other tests of the session register later versions of the same name)
+    versions = client.search_model_versions(f"name='{trained_tiny.registered_model}'")
+    base = next(v.version for v in versions if v.run_id == trained_tiny.run_id)
+    out = run(compose, finetune_overrides(trained_tiny, tmp_path, f"base.version={base}"), tmp_path / "work")
+    assert out.steps == 4 and out.model_version == max(int(v.version) for v in versions) + 1
+    assert out.adapter_dir is not None and 0 < out.trainable_fraction < 0.2
     mv = client.get_model_version(trained_tiny.registered_model, str(out.model_version))
-    assert mv.tags["base_version"] == str(latest) and mv.tags["task"] == "finetune"
+    assert mv.tags["base_version"] == str(base) and mv.tags["task"] == "finetune"
     assert client.get_run(out.run_id).data.metrics["lora/trainable_fraction"] == pytest.approx(out.trainable_fraction)
     # serving resolves the new version like any other; the peft adapter on the base's transformers export agrees
     resolved = resolve_model(ModelSourceConfig(registered_name=trained_tiny.registered_model,
