@@ -85,14 +85,17 @@ def _floor(cluster: Any, nodes: list[Any], knobs: dict[str, Any], work: Path, st
                                      elastic_resize_monitor_interval_s=knobs["resize_s"]),
         run_config=RunConfig(name="floor", storage_path=str(work / "floor"),
                              failure_config=FailureConfig(max_failures=knobs["max_failures"])))
-    thread = threading.Thread(target=lambda: _run_quietly(trainer), daemon=True)
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _run_quietly(trainer, errors), daemon=True)
     thread.start()
 
     def lines() -> list[tuple[float, int]]:
         return [(float(t), int(w)) for t, w in (ln.split() for ln in log.read_text().splitlines())] \
             if log.exists() else []
 
-    _wait(lambda: len(lines()) >= 10)
+    _wait(lambda: len(lines()) >= 10 or not thread.is_alive())
+    if len(lines()) < 10:
+        raise RuntimeError(f"the trivial loop ended before its 10th step: {errors[0] if errors else 'no error'}")
     t_kill = time.time()
     _kill_a_worker()
     _wait(lambda: any(t > t_kill + step_s * 2 and w == 2 for t, w in lines()[-3:]) and
@@ -119,11 +122,14 @@ def _first_after_gap(times: list[float], t0: float, step_s: float) -> float:
     return points[i] - t0
 
 
-def _run_quietly(trainer: Any) -> None:
+def _run_quietly(trainer: Any, errors: list[BaseException] | None = None) -> None:
+    """Run `trainer.fit()`; the benchmark ends the trivial loop by shutting Ray down, so an error is kept
+    in `errors` (for a wait to report) instead of raised."""
     try:
         trainer.fit()
-    except Exception:  # the benchmark ends the trivial loop by shutting Ray down
-        pass
+    except Exception as err:
+        if errors is not None:
+            errors.append(err)
 
 
 def _ours(cluster: Any, nodes: list[Any], knobs: dict[str, Any], work: Path, data_dir: Path,
@@ -260,6 +266,10 @@ def run(argv: list[str]) -> BenchResult:
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.pop("RAY_ADDRESS", None)
+    # The benchmark's own throwaway clusters (loopback, this process) start without token authentication; say so,
+    # or connecting by address would adopt this machine's ~/.ray/auth_token (cluster.runtime.use_local_token)
+    # and the Ray Train controller of a token-mode driver never starts on them.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     knobs = {"resize_s": 5.0, "start_timeout_s": 30.0, "max_failures": 3}
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(knobs["start_timeout_s"])  # both sides
     import ray
