@@ -42,7 +42,7 @@ from pipelines.data.pipeline import (
 )
 from pipelines.data.sources import resolve_sources
 
-N_DOCS = 600  # documents at 1x
+N_DOCS = 2400  # documents at 1x (the per-document signal above the driver heap's noise of a few hundred KB)
 WORDS = [f"w{i:04d}x" for i in range(3000)]
 
 
