@@ -348,7 +348,7 @@ def _fine_tune(cfg: FinetuneConfig, data: dict[str, torch.Tensor], batches: list
     for step, idx in enumerate(batches, start=1):
         batch = {k: data[k][idx] for k in ("tokens", "loss_mask")}
         if private:
-            loss_sum, _ = dp_sgd_step(model, params, opt, sched, batch, p, accountant, sample_rate, step,
+            loss_sum, _, _ = dp_sgd_step(model, params, opt, sched, batch, p, accountant, sample_rate, step,
                                       cfg.train.micro_batch_size, device, 0, noise)
             plan.reduce_expert_loads()
             losses.append(loss_sum / max(1, len(idx)))

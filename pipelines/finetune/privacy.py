@@ -147,13 +147,13 @@ def clipped_example_sums(model: torch.nn.Module, params: list[torch.nn.Parameter
 def dp_sgd_step(model: torch.nn.Module, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
                 sched: Any, batch: dict[str, torch.Tensor], p: PrivacyConfig, accountant: Any, sample_rate: float,
                 step: int, micro_batch_size: int, device: torch.device, rank: int,
-                generator: torch.Generator | None) -> tuple[float, float]:
+                generator: torch.Generator | None) -> tuple[float, float, float]:
     """One DP-SGD step on this rank's Poisson sample `batch` (rows `tokens`, `loss_mask`): the
     accountant composes it first (PrivacyBudgetError, naming `step`, when that would pass
     p.target_epsilon), then the clipped per-example sums, the noised mean over the ranks
     (`p.noise_multiplier` x `p.max_grad_norm`, rank 0's `generator`), the optimizer and the schedule
     step. Collective under torch.distributed. Returns (this rank's sum of example losses, the norm
-    of the noised gradient)."""
+    of the noised gradient, the epsilon spent after this step)."""
     if p.noise_multiplier is None:
         raise PrivacyBudgetError("privacy.noise_multiplier is unset; plan it first with plan_noise (the driver does).")
     sigma = float(p.noise_multiplier)
@@ -171,4 +171,4 @@ def dp_sgd_step(model: torch.nn.Module, params: list[torch.nn.Parameter], opt: t
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, spent

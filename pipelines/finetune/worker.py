@@ -39,6 +39,7 @@ class FinetuneTrainer(Trainer):
         super().__init__(cfg, dataset_dir, checkpoint_dir, n_val_sequences)
         self.base_dir = Path(base_dir)
         self.accountant = make_accountant(cfg.privacy.accountant) if cfg.privacy.enabled else None
+        self.spent_epsilon: float | None = None  # after the last DP step
 
     def build_model(self, dims: ParallelDims) -> None:
         cfg: FinetuneConfig = self.cfg
@@ -79,10 +80,10 @@ class FinetuneTrainer(Trainer):
         if self.accountant is None:
             return super().train_step(batches)
         (batch,) = batches
-        loss_sum, grad_norm = dp_sgd_step(self.model, self.trainable, self.opt, self.sched, batch, self.cfg.privacy,
-                                          self.accountant, self.sample_rate, self.state.step + 1,
-                                          self.cfg.train.micro_batch_size, self.device, self.rank,
-                                          self.generator if self.rank == 0 else None)
+        loss_sum, grad_norm, self.spent_epsilon = dp_sgd_step(
+            self.model, self.trainable, self.opt, self.sched, batch, self.cfg.privacy, self.accountant,
+            self.sample_rate, self.state.step + 1, self.cfg.train.micro_batch_size, self.device, self.rank,
+            self.generator if self.rank == 0 else None)
         self.plan.reduce_expert_loads()  # keep the counters (and the collective) as in training
         totals = all_reduce_(torch.tensor([loss_sum, float(len(batch["tokens"]))], dtype=torch.float64))
         self.state.step += 1
@@ -92,6 +93,10 @@ class FinetuneTrainer(Trainer):
                          grad_norm=grad_norm, tokens=tokens, loads={})
 
     def epsilon(self) -> float:
+        """The epsilon spent so far: the last step's (the accountant's computation is the DP step's costliest
+        part, so it is done once per step); after a resume, before a step, from the restored history."""
+        if self.spent_epsilon is not None:
+            return self.spent_epsilon
         return float(self.accountant.get_epsilon(self.cfg.privacy.delta)) if self.accountant.history else 0.0
 
     def log(self, window: Any, last: StepStats, eta_s: float) -> dict[str, Any]:
