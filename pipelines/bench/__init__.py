@@ -38,6 +38,7 @@ class BenchResult:
             "name": self.name,
             "rows": self.rows,
             "goals": {k: {"value": g.value, "target": g.target, "met": g.met} for k, g in self.goals.items()},
+            "notes": self.notes,
         }
 
 
