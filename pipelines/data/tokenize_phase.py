@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines.data.dedup_cluster import load_dropped
 from pipelines.data.pack import TokenizePack
-from pipelines.data.shards import unit_file
+from pipelines.data.shards import write_unit
 from pipelines.data.split import SPLITS, split_batch
 
 if TYPE_CHECKING:  # the actors import this module; they need no Hydra
@@ -131,7 +131,7 @@ class TokenizeUnits:
         docs = self._read(*self.plan.units[unit])
         packed = [self.tp(docs.slice(i, self.batch_docs)) for i in range(0, len(docs), self.batch_docs)]
         table = pa.concat_tables(packed)
-        pq.write_table(table, unit_file(self.plan.unit_dir, unit))
+        write_unit(table, self.plan.unit_dir, unit)
         counts = {"unit": unit}
         for split in SPLITS:
             part = table.filter(pc.equal(table.column("split"), split))
