@@ -320,8 +320,8 @@ class TreeCpu:
     """CPU-seconds used by this process and its descendants (a local Ray's GCS, raylet, workers and
     actors) while the block runs, sampled every 200 ms per process: Ray kills actors without
     the kernel adding their time to a parent's, so each process's last sample counts (at most
-    200 ms of a process that exits is missed). The sampling thread's own CPU (about 0.02 CPU-s per
-    second with 20 processes) is left out. `seconds` is None when this process has no
+    200 ms of a process that exits is missed). The sampling thread's own CPU (0.012 CPU-s per second
+    with 11 processes) is left out. `seconds` is None when this process has no
     descendants (a Ray started elsewhere: its workers are not visible here)."""
 
     def __enter__(self) -> TreeCpu:
