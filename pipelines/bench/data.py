@@ -312,13 +312,16 @@ class ScaleRun:
     plain_s: float = 0.0
     plain_cpu: float = 0.0
     load_plain: float = 0.0
+    two_plain_s: float = 0.0  # two plain loops side by side, each in its own process: wall until both end
+    two_plain_cpu: float = 0.0  # their CPU-seconds together
 
 
 class TreeCpu:
     """CPU-seconds used by this process and its descendants (a local Ray's GCS, raylet, workers and
     actors) while the block runs, sampled every 200 ms per process: Ray kills actors without
     the kernel adding their time to a parent's, so each process's last sample counts (at most
-    200 ms of a process that exits is missed). `seconds` is None when this process has no
+    200 ms of a process that exits is missed). The sampling thread's own CPU (0.012 CPU-s per second
+    with 11 processes) is left out. `seconds` is None when this process has no
     descendants (a Ray started elsewhere: its workers are not visible here)."""
 
     def __enter__(self) -> TreeCpu:
@@ -344,14 +347,16 @@ class TreeCpu:
         return out
 
     def _watch(self) -> None:
+        t0 = time.thread_time()
         while not self._stop.wait(0.2):
             self._last.update(self._sample())
+        self._own = time.thread_time() - t0
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
         self._last.update(self._sample())
-        self.seconds = (sum(v - self._first.get(k, 0.0) for k, v in self._last.items())
+        self.seconds = (sum(v - self._first.get(k, 0.0) for k, v in self._last.items()) - self._own
                         if len(self._last) > 1 else None)
 
 
@@ -388,9 +393,40 @@ def _plain_scale_run(cfg: PreprocessConfig, root: Path, tok: Path, work: Path, r
     return dataclasses.replace(run, plain_s=plain_s, plain_cpu=plain_cpu, load_plain=os.getloadavg()[0])
 
 
+def _plain_side(cfg: PreprocessConfig, root: str, tok: str, out: str, barrier) -> tuple[int, float, float, float]:
+    """One of two plain loops run side by side (in a process of its own): waits for the other one,
+    then runs; -> (tokens, start, end (`time.perf_counter`, the same clock in every process), CPU-s)."""
+    c, files, _, _ = _text_corpus(cfg, Path(root))
+    barrier.wait()
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokens, _, _ = plain_loop(c, files, Path(tok), Path(out))
+    t1, cpu = time.perf_counter(), time.process_time() - c0
+    shutil.rmtree(out)
+    return tokens, t0, t1, cpu
+
+
+def two_plain_loops(cfg: PreprocessConfig, roots: list[Path], tok: Path, work: Path) -> list[tuple[float, float]]:
+    """The plain loop twice at once, in two processes, on each of `roots`; -> per root (wall seconds
+    from the first start to the last end, CPU-seconds of both). Two processes that share nothing
+    are the most any design with two busy processes gets from this machine's cores on this work:
+    their rate over one loop's is a floor under the Ray side's overhead, measured in the same run."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = []
+    with ctx.Manager() as manager, ctx.Pool(2) as pool:
+        for root in roots:
+            barrier = manager.Barrier(2)
+            runs = pool.starmap(_plain_side, [(cfg, str(root), str(tok), str(work / f"two-plain-{i}"), barrier)
+                                              for i in range(2)], chunksize=1)
+            out.append((max(r[2] for r in runs) - min(r[1] for r in runs), sum(r[3] for r in runs)))
+    return out
+
+
 def _measure_scale(cfg: PreprocessConfig, files: list[sources.InputFile], tok: Path, work: Path, copies: int
                    ) -> list[ScaleRun]:
-    """Ray x1, Ray x`copies`, then the plain loop x1 and x`copies`: both Ray runs come before any
+    """Ray x1, Ray x`copies`, then the plain loop x1 and x`copies`, then two plain loops side by
+    side x1 and x`copies` (`two_plain_loops`): both Ray runs come before any
     plain loop, so nothing the loop left in this process (it holds every document; the memory it
     frees mostly stays with the process) is in the driver's RSS. Measured on 200 stdlib files: Ray
     x4 peaked at 466 MB right after Ray x1 (458 MB), at 604 MB after a plain x1 run (630 MB peak)."""
@@ -398,6 +434,8 @@ def _measure_scale(cfg: PreprocessConfig, files: list[sources.InputFile], tok: P
     roots = [work / "corpus" / "copy0", work / "corpus"]
     ray_runs = [_ray_scale_run(cfg, root, tok, work) for root in roots]
     runs = [_plain_scale_run(cfg, root, tok, work, run, digest) for root, (run, digest) in zip(roots, ray_runs)]
+    runs = [dataclasses.replace(r, two_plain_s=s, two_plain_cpu=c)
+            for r, (s, c) in zip(runs, two_plain_loops(cfg, roots, tok, work))]
     return [dataclasses.replace(runs[0], copies=1), runs[1]]
 
 
@@ -405,7 +443,8 @@ def _scale_rows(runs: list[ScaleRun]) -> tuple[list[dict], dict[str, Goal], list
     a, b = runs
     rows = [{"stage": f"scale x{r.copies}", "plain_s": r.plain_s, "ray_s": r.ray_s, "tokens": r.tokens,
              "ray_driver_peak_rss_MB": r.ray_rss / 2**20, "load_1min": r.load_ray, "plain_cpu_s": r.plain_cpu,
-             "ray_cpu_s": r.ray_cpu} for r in runs]
+             "ray_cpu_s": r.ray_cpu, "two_plain_s": r.two_plain_s, "two_plain_cpu_s": r.two_plain_cpu}
+            for r in runs]
     dt = b.tokens - a.tokens
 
     def rate(ta: float, tb: float) -> float:  # noise can make the larger run no slower: no rate then
@@ -415,6 +454,10 @@ def _scale_rows(runs: list[ScaleRun]) -> tuple[list[dict], dict[str, Goal], list
     rows.append({"stage": f"scale marginal tokens/s (x1 -> x{b.copies})", "plain_s": plain_rate, "ray_s": ray_rate})
     rows.append({"stage": "scale fixed cost per run (s)", "plain_s": a.plain_s - a.tokens / plain_rate,
                  "ray_s": a.ray_s - a.tokens / ray_rate})
+    # Two plain loops side by side: twice the extra tokens in their extra wall time, over one loop's rate.
+    two_rate = 2 * rate(a.two_plain_s, b.two_plain_s)
+    rows.append({"stage": f"scale marginal ratio ceiling (two plain loops side by side, x1 -> x{b.copies})",
+                 "plain_s": two_rate, "ray_s": two_rate / plain_rate})
     for phase in b.ray_phases:
         rows.append({"stage": f"scale Ray phase {phase} (s)", "x1_s": a.ray_phases.get(phase),
                      f"x{b.copies}_s": b.ray_phases[phase]})
@@ -426,12 +469,17 @@ def _scale_rows(runs: list[ScaleRun]) -> tuple[list[dict], dict[str, Goal], list
         # every core busy the Ray side can be at most cores x (plain's cost / Ray's cost) faster.
         ray_cpu, plain_cpu = (b.ray_cpu - a.ray_cpu) / dt * 1e6, (b.plain_cpu - a.plain_cpu) / dt * 1e6
         cores = os.cpu_count() or 1
-        rows.append({"stage": "scale marginal CPU-s per 1M tokens", "plain_s": plain_cpu, "ray_s": ray_cpu})
+        two_cpu = (b.two_plain_cpu - a.two_plain_cpu) / (2 * dt) * 1e6
+        rows.append({"stage": "scale marginal CPU-s per 1M tokens", "plain_s": plain_cpu, "ray_s": ray_cpu,
+                     "two_plain_s": two_cpu})
         rows.append({"stage": f"scale marginal ratio bound ({cores} cores, all busy)",
                      "ray_s": cores * plain_cpu / ray_cpu if ray_cpu > 0 else float("nan")})
         notes.append("ray_cpu_s: CPU-seconds of the driver and the local Ray's processes during the run; "
-                     "plain_cpu_s: the loop's own; the bound is the marginal ratio the cores could give at "
-                     "most with those CPU costs")
+                     "plain_cpu_s: the loop's own; two_plain_s: per loop, two plain loops side by side; the "
+                     "bound is the marginal ratio the cores could give at most with those CPU costs")
+    notes.append("ceiling: two plain loops side by side (two processes, nothing shared), their marginal "
+                 "tokens/s together over one loop's: what two busy processes get from this machine on this "
+                 "work at that moment, with no overhead at all")
     goals = {f"driver_peak_rss_x{b.copies}_over_x1": Goal(b.ray_rss / a.ray_rss, 1.15, higher_is_better=False),
              "scale_marginal_tokens_per_s_vs_plain": Goal(ray_rate / plain_rate, 1.8)}
     return rows, goals, notes

@@ -7,6 +7,9 @@
          values) -> group by bucket -> in each bucket the first document in (source, path,
          record) order is compared with every other member; a pair at or above `threshold` is
          an edge (written to `edges/`).
+  Grouping is a sort by the key (Ray Data's sort-based shuffle puts equal keys in one block)
+  followed by one vectorized call per sorted block, which is how Ray Data's `map_groups` runs
+  too, minus its Python call per group (`mark_exact`, `bucket_edges`).
   resolve  one Ray task unions the edges; in each connected group every document but the first
          in (source, path, record) order is `near_duplicate`.
 
@@ -50,11 +53,25 @@ def good_keys(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason"])
 
 
-def mark_exact(group: pa.Table) -> pa.Table:
-    """One content-hash group -> the same rows with `dup`: "" for the first in order, else exact_duplicate."""
-    group = group.sort_by(ORDER)
-    dup = [""] + [EXACT_DUPLICATE] * (len(group) - 1)
-    return group.append_column("dup", pa.array(dup, pa.string()))
+def mark_exact(block: pa.Table) -> pa.Table:
+    """Rows of whole content-hash groups -> the same rows with `dup`: "" for the first of each group
+    in (source, path, record) order, else exact_duplicate. Vectorized over the groups of a block
+    (one Python call per block, not per group: per-group calls cost the workers about 1 CPU-s per
+    800 documents); a single group is the one-group case."""
+    block = block.sort_by([("hash", "ascending"), *ORDER])
+    first = _group_starts(block.column("hash"))
+    dup = np.where(first, "", EXACT_DUPLICATE)
+    return block.append_column("dup", pa.array(dup, pa.string()))
+
+
+def _group_starts(key: pa.ChunkedArray) -> np.ndarray:
+    """For a column sorted by `key`: True where a row starts a new group of equal keys."""
+    n = len(key)
+    if n == 0:
+        return np.zeros(0, bool)
+    key = key.combine_chunks()
+    changed = pc.not_equal(key.slice(1), key.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return np.concatenate([[True], changed])
 
 
 def no_exact(batch: pa.Table) -> pa.Table:
@@ -74,19 +91,26 @@ def band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table
     return out.append_column("bucket", pa.array(keys, pa.string()))
 
 
-def bucket_edges(group: pa.Table, threshold: float, num_perm: int) -> pa.Table:
-    """One LSH bucket -> edges (first member in order, other member) whose signatures agree on
-    at least `threshold` of their entries."""
-    if len(group) < 2:
+def bucket_edges(block: pa.Table, threshold: float, num_perm: int) -> pa.Table:
+    """Rows of whole LSH buckets -> edges (first member in order, other member) whose signatures
+    agree on at least `threshold` of their entries, bucket by bucket. Vectorized over the buckets
+    of a block, like `mark_exact`; a single bucket is the one-group case."""
+    if len(block) < 2:
         return _EDGE_SCHEMA.empty_table()
-    group = group.sort_by(ORDER)
-    sig_ND = group.column("minhash").combine_chunks().flatten().to_numpy().reshape(len(group), num_perm)
-    sim_N = (sig_ND[1:] == sig_ND[0]).mean(axis=1)
-    others = np.flatnonzero(sim_N >= threshold) + 1
+    block = block.sort_by([("bucket", "ascending"), *ORDER])
+    starts = _group_starts(block.column("bucket"))
+    idx = np.arange(len(block))
+    first_N = np.maximum.accumulate(np.where(starts, idx, 0))  # each row's bucket's first row
+    members = idx[~starts]
+    if not len(members):
+        return _EDGE_SCHEMA.empty_table()
+    sig_ND = block.column("minhash").combine_chunks().flatten().to_numpy().reshape(len(block), num_perm)
+    sim_M = (sig_ND[members] == sig_ND[first_N[members]]).mean(axis=1)
+    others = members[sim_M >= threshold]
     if not len(others):
         return _EDGE_SCHEMA.empty_table()
-    first = group.take(pa.array(np.zeros(len(others), np.int64)))
-    rest = group.take(pa.array(others, pa.int64()))
+    first = block.take(pa.array(first_N[others], pa.int64()))
+    rest = block.take(pa.array(others, pa.int64()))
     cols = [first.column(c) for c in ("source", "path", "record", "uid")]
     cols += [rest.column(c) for c in ("source", "path", "record", "uid")]
     return pa.table(cols, schema=_EDGE_SCHEMA)
@@ -147,7 +171,7 @@ def run_dedup(staging: list[str], cfg: DedupConfig, work: Path) -> Path:
             .map_batches(read_paths, batch_format="pyarrow", batch_size=None, fn_kwargs={"columns": KEY_COLUMNS})
             .map_batches(good_keys, batch_format="pyarrow", batch_size=None))
     if cfg.exact:
-        keys = keys.groupby("hash").map_groups(mark_exact, batch_format="pyarrow")
+        keys = keys.sort("hash").map_batches(mark_exact, batch_format="pyarrow", batch_size=None)
     else:
         keys = keys.map_batches(no_exact, batch_format="pyarrow", batch_size=None)
     keys.write_parquet(str(work / "keys"))
@@ -162,8 +186,8 @@ def run_dedup(staging: list[str], cfg: DedupConfig, work: Path) -> Path:
         bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
         (marked.map_batches(band_rows, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"num_perm": cfg.num_perm, "bands": bands, "rows": rows})
-         .groupby("bucket").map_groups(bucket_edges, batch_format="pyarrow",
-                                       fn_kwargs={"threshold": cfg.threshold, "num_perm": cfg.num_perm})
+         .sort("bucket").map_batches(bucket_edges, batch_format="pyarrow", batch_size=None,
+                                     fn_kwargs={"threshold": cfg.threshold, "num_perm": cfg.num_perm})
          .write_parquet(str(work / "edges")))
         ray.get(ray.remote(_resolve_task).remote(str(work / "edges"), str(dropped / "near.parquet")))
     return dropped

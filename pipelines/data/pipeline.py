@@ -1,12 +1,12 @@
 """The preprocessing plan: Ray Data stages, corpus-wide decisions, versioned output (`run_preprocess`).
 
   A  (Ray Data, streaming)  files -> read -> normalize -> filter -> sign  -> staging Parquet (_docs/)
-  B  (Ray Data, shuffles)   exact dedup grouped by content hash, near dedup grouped by LSH bucket,
+  B  (Ray Data, shuffles)   exact dedup grouped (sorted) by content hash, near dedup by LSH bucket,
                             groups resolved by one task (`dedup_cluster`) -> dropped uids (_dedup/)
      (Ray Data, per file)   counts by reason, split, source; kept documents per staging file (`tally`)
   C  (Ray Data + driver)    workers pick a hash-chosen sample of the train split (about
                             `tokenizer.sample_bytes`), the driver trains the byte-level BPE on it
-  D  (Ray Data actors)      split + weights -> tokenize + pack, one packed file per work unit
+  D  (Ray actors)           split + weights -> tokenize + pack, one packed file per work unit
                             (`tokenize_phase`); then Ray tasks write train/ and val/ shards with
                             seq_id 0..N-1 planned from the per-unit counts (`shards`; the train
                             split optionally shuffled); manifest last.

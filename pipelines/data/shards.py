@@ -1,7 +1,9 @@
 """The output shards: `<split>/part-NNNNN.parquet` of `rows_per_shard` sequences, seq_id 0..N-1 per split.
 
 Written by Ray tasks, never streamed through the driver. The tokenizer actors leave one packed
-file per work unit (`unit-UUUUU.parquet`, rows in packing order) and report its rows per split;
+file per work unit (`unit-UUUUU.arrow`, rows in packing order; uncompressed Arrow IPC, which the
+shard tasks memory-map: about 10x less CPU to write and read than Parquet, and the files are
+removed when the shards are written) and report its rows per split;
 from those per-unit counts the driver plans each shard as pieces (unit, first row, last row) and
 a task per shard reads its pieces and writes the file with its seq_ids. In order, shard k holds
 sequences k*R .. (k+1)*R-1 of the split in packing order. With `shuffle.enabled` the train split's
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from pipelines.data.pack import PACKED_SCHEMA
@@ -43,7 +46,12 @@ def shard_name(k: int) -> str:
 
 
 def unit_file(unit_dir: str | Path, unit: int) -> str:
-    return str(Path(unit_dir) / f"unit-{unit:05d}.parquet")
+    return str(Path(unit_dir) / f"unit-{unit:05d}.arrow")
+
+
+def write_unit(rows: pa.Table, unit_dir: str | Path, unit: int) -> None:
+    """One unit's packed rows (PACKED_SCHEMA) -> its unit file."""
+    feather.write_feather(rows, unit_file(unit_dir, unit), compression="uncompressed")
 
 
 def write_shard_file(rows: pa.Table, first_seq_id: int, path: str | Path) -> None:
@@ -68,7 +76,7 @@ def plan_shards(unit_rows: list[int], rows_per_shard: int) -> list[list[Piece]]:
 
 def read_unit(unit_dir: str, unit: int, split: str) -> pa.Table:
     """One unit's packed rows of `split`, in packing order."""
-    t = pq.read_table(unit_file(unit_dir, unit))
+    t = feather.read_table(unit_file(unit_dir, unit), memory_map=True)
     return t.filter(pc.equal(t.column("split"), split))
 
 

@@ -1,10 +1,13 @@
-"""Phase D of preprocessing: tokenize and pack kept documents in a Ray Data actor pool.
+"""Phase D of preprocessing: tokenize and pack kept documents in a pool of Ray actors.
 
-The pool's input is one small row per work unit (a range of kept documents cut by bytes on
+The pool's input is one unit index per work unit (a range of kept documents cut by bytes on
 packing boundaries); each actor reads its unit's staged documents itself, applies the dedup
 decisions and split weights, tokenizes with the tokenizer it loaded once, and writes the unit's
 packed rows to its own file (`shards.unit_file`). Only one row of counts per unit comes back to
-the driver, which plans the shards from them (`shards`).
+the driver, which plans the shards from them (`shards`). The actors are plain Ray actors that the
+driver feeds with `ray.wait` (`tokenize_and_pack`); with a Ray Data actor pool (the earlier
+version) the driver ran Ray Data's streaming executor for the whole phase and the actors ran
+Ray Data's map worker around each unit.
 
 The pool starts when phases A to C are done. An earlier version started it before phase A and
 had the actors wait for the plan, to hide their start-up: on 2 cores that only moved the start-up
@@ -20,7 +23,6 @@ files are read by path, so a multi-node cluster needs `data.output_dir` on share
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines.data.dedup_cluster import load_dropped
 from pipelines.data.pack import TokenizePack
-from pipelines.data.shards import unit_file
+from pipelines.data.shards import write_unit
 from pipelines.data.split import SPLITS, split_batch
 
 if TYPE_CHECKING:  # the actors import this module; they need no Hydra
@@ -40,9 +42,10 @@ if TYPE_CHECKING:  # the actors import this module; they need no Hydra
 
 UNIT_BYTES = 32 << 20  # bytes to tokenize per work unit on large corpora (more units than actors balance the pool)
 UNITS_PER_ACTOR = 16  # at least this many units per actor: small units keep every actor busy to the end
-# Units queued at each actor. Ray Data's default (2: one running, one waiting) left actors idle for
-# 0.2-2.3 s whenever the driver, sharing the cores with the actors, was slow to see a unit finish and
-# send the next (measured on the stdlib corpus; with 4, one gap of 0.27 s in two runs). The units
+# Units queued at each actor. Two (one running, one waiting: Ray Data's default when the pool was a
+# Ray Data actor pool) left actors idle for 0.2-2.3 s whenever the driver, sharing the cores with
+# the actors, was slow to see a unit finish and send the next (measured on the stdlib corpus; with
+# 4, one gap of 0.27 s in two runs). The units
 # shrink toward the end, so a deeper queue costs little balance at the tail.
 TASKS_IN_FLIGHT_PER_ACTOR = 4
 _DOC_COLUMNS = ["source", "uid", "hash", "reason", "text"]
@@ -99,8 +102,8 @@ def cut_units(file_kept: np.ndarray, file_bytes: np.ndarray, n_units: int, batch
 
 
 class TokenizeUnits:
-    """Ray Data callable class: a unit index -> split + weights -> tokenize + pack -> the unit's
-    packed file; -> one row of counts per unit (rows and tokens per split).
+    """The tokenizer actor: a unit index -> split + weights -> tokenize + pack -> the unit's packed
+    file; -> the unit's counts (rows and tokens per split).
 
     The actor reads its unit's staged documents itself, so the pool gets one small input per unit
     and every actor is busy. The tokenizer and the dedup decisions are loaded once per actor.
@@ -123,19 +126,18 @@ class TokenizeUnits:
                 parts.append(docs.slice(lo - int(self.starts[i]), hi - lo))
         return pa.concat_tables(parts)
 
-    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for unit in batch.column("unit").to_pylist():
-            docs = self._read(*self.plan.units[unit])
-            packed = [self.tp(docs.slice(i, self.batch_docs)) for i in range(0, len(docs), self.batch_docs)]
-            table = pa.concat_tables(packed)
-            pq.write_table(table, unit_file(self.plan.unit_dir, unit))
-            counts: dict[str, list] = {"unit": [unit]}
-            for split in SPLITS:
-                part = table.filter(pc.equal(table.column("split"), split))
-                counts[f"{split}_rows"] = [len(part)]
-                counts[f"{split}_tokens"] = [int(pc.sum(part.column("n_tokens")).as_py() or 0)]
-            yield pa.table(counts)
-
+    def unit(self, unit: int) -> dict[str, int]:
+        """Work unit `unit` -> its packed file; -> its counts (`unit`, `<split>_rows`, `<split>_tokens`)."""
+        docs = self._read(*self.plan.units[unit])
+        packed = [self.tp(docs.slice(i, self.batch_docs)) for i in range(0, len(docs), self.batch_docs)]
+        table = pa.concat_tables(packed)
+        write_unit(table, self.plan.unit_dir, unit)
+        counts = {"unit": unit}
+        for split in SPLITS:
+            part = table.filter(pc.equal(table.column("split"), split))
+            counts[f"{split}_rows"] = len(part)
+            counts[f"{split}_tokens"] = int(pc.sum(part.column("n_tokens")).as_py() or 0)
+        return counts
 
 def pool_size(cfg: PreprocessConfig, plan: TokenizePlan) -> int:
     """`runtime.tokenize_actors`, but never more actors than units: a small corpus (fewer packing
@@ -145,19 +147,36 @@ def pool_size(cfg: PreprocessConfig, plan: TokenizePlan) -> int:
 
 def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> list[dict[str, int]]:
     """Every unit tokenized, packed and written by the actor pool; -> per unit, in unit order, its
-    rows and tokens per split (`<split>_rows`, `<split>_tokens`)."""
-    import ray.data
+    rows and tokens per split (`<split>_rows`, `<split>_tokens`).
+
+    Plain Ray actors fed by `ray.wait`: each actor has up to `TASKS_IN_FLIGHT_PER_ACTOR` units
+    queued and gets the next unit when one of its units finishes. The driver sleeps in `ray.wait`
+    meanwhile (a Ray Data actor pool ran its streaming executor in the driver for the whole phase)."""
+    import ray
 
     if not plan.units:
         return []
     Path(plan.unit_dir).mkdir(parents=True, exist_ok=True)
-    ds = ray.data.from_arrow([pa.table({"unit": [u]}) for u in range(len(plan.units))])
-    ds = ds.map_batches(
-        TokenizeUnits, batch_format="pyarrow", batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=pool_size(cfg, plan),
-                                           max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
-        fn_constructor_kwargs={"plan": plan, "seq_len": cfg.data.seq_len, "eos_token": cfg.tokenizer.eos_token,
-                               "pad_token": cfg.tokenizer.pad_token, "batch_docs": cfg.runtime.tokenize_batch_docs},
-    )
-    counts = [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) for row in b.to_pylist()]
-    return sorted(counts, key=lambda c: c["unit"])  # in unit order whether or not Ray Data preserved it
+    actor_cls = ray.remote(num_cpus=1)(TokenizeUnits)
+    actors = [actor_cls.remote(plan, cfg.data.seq_len, cfg.tokenizer.eos_token, cfg.tokenizer.pad_token,
+                               cfg.runtime.tokenize_batch_docs) for _ in range(pool_size(cfg, plan))]
+    todo = iter(range(len(plan.units)))
+    pending: dict = {}  # ObjectRef of a unit's counts -> the actor running it
+    try:
+        for _ in range(TASKS_IN_FLIGHT_PER_ACTOR):  # round-robin, so every actor starts on a unit
+            for actor in actors:
+                unit = next(todo, None)
+                if unit is not None:
+                    pending[actor.unit.remote(unit)] = actor
+        counts = []
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done[0])
+            counts.append(ray.get(done[0]))
+            unit = next(todo, None)
+            if unit is not None:
+                pending[actor.unit.remote(unit)] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return sorted(counts, key=lambda c: c["unit"])
