@@ -7,6 +7,7 @@ masking is not discounted, matching the common PaLM/Megatron convention).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -70,3 +71,78 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, trial
             iters += 1
         best = max(best, 2.0 * n**3 * iters / (time.perf_counter() - t0))
     return best
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """`count` forward products (m x k) @ (k x n) per step; training adds the two backward products of each."""
+
+    m: int
+    k: int
+    n: int
+    count: int = 1
+
+    @property
+    def training_flops(self) -> float:
+        return 6.0 * self.m * self.k * self.n * self.count
+
+
+def training_gemms(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1, ep: int = 1) -> list[Gemm]:
+    """The forward GEMMs one rank runs per step on `batch` sequences of `seq_len` tokens (whole model).
+
+    Attention projections, the dense and shared feed-forward have their output (column-wise) or input
+    (row-wise) width divided by tp; the router, the routed experts and the head are not split (tp ranks
+    compute them in full). The routed experts run per expert (the per-expert kernel) on a balanced
+    share: each of this rank's E/ep experts gets ep * T * k / E rows. Attention's score and value
+    products are one (S x hd x S) and one (S x S x hd) product per sequence and local head. With
+    tp = ep = 1 their training FLOPs are `flops_per_token(cfg, seq_len) * batch * seq_len` less
+    the norms' few elementwise FLOPs.
+    """
+    d, m, T = cfg.d_model, cfg.moe, batch * seq_len
+    hq, hkv = cfg.n_heads * cfg.head_dim // tp, cfg.n_kv_heads * cfg.head_dim // tp
+    out: list[Gemm] = []
+    for layer in range(cfg.n_layers):
+        out += [Gemm(T, d, hq), Gemm(T, d, hkv, 2), Gemm(T, hq, d),
+                Gemm(seq_len, cfg.head_dim, seq_len, batch * cfg.n_heads // tp),
+                Gemm(seq_len, seq_len, cfg.head_dim, batch * cfg.n_heads // tp)]
+        if not cfg.is_moe_layer(layer):
+            out += [Gemm(T, d, cfg.dense_hidden // tp, 2), Gemm(T, cfg.dense_hidden // tp, d)]
+            continue
+        out.append(Gemm(T, d, m.n_routed_experts))
+        if m.n_shared_experts:
+            width = m.n_shared_experts * m.expert_hidden // tp
+            out += [Gemm(T, d, width, 2), Gemm(T, width, d)]
+        rows, local = ep * T * m.top_k // m.n_routed_experts, m.n_routed_experts // ep
+        out += [Gemm(rows, d, m.expert_hidden, 2 * local), Gemm(rows, m.expert_hidden, d, local)]
+    out.append(Gemm(T, d, cfg.vocab_size))
+    return [g for g in out if g.m and g.k and g.n and g.count]
+
+
+def _best_time(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    """Shortest of repeated a @ b calls within about `seconds` (at least 3)."""
+    a @ b
+    best, t_end, n = math.inf, time.perf_counter() + seconds, 0
+    while n < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+        n += 1
+    return best
+
+
+def measure_gemm_rate(gemms: list[Gemm], dtype: torch.dtype = torch.float32, seconds: float = 0.05) -> float:
+    """FLOP/s this process's CPU threads reach on `gemms` as training runs them: each forward product and
+    its two backward products (dX = dY @ W^T, dW = X^T @ dY), timed per distinct shape (the shortest of
+    repeated calls, so a moment of contention does not count), weighted by the FLOPs each shape runs.
+    The rate the planner's CPU step time divides the model's FLOPs by (`measure_matmul_peak` is one
+    square GEMM, faster than the model's thin and small ones)."""
+    times: dict[tuple[int, int, int], float] = {}
+    flops = seconds_total = 0.0
+    for g in gemms:
+        for shape in ((g.m, g.k, g.n), (g.m, g.n, g.k), (g.k, g.m, g.n)):
+            if shape not in times:
+                m, k, n = shape
+                times[shape] = _best_time(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), seconds)
+            seconds_total += g.count * times[shape]
+        flops += g.training_flops
+    return flops / seconds_total

@@ -252,9 +252,24 @@ def memory(workload: Workload, layout: Layout, cluster: ClusterConfig) -> Memory
 # ---- step time ------------------------------------------------------------------------------------
 def _bandwidth(cluster: ClusterConfig, span: int) -> float:
     """Bytes/s of a group spanning `span` consecutive ranks."""
-    intra = cluster.gpus_per_node == 0 or span <= cluster.gpus_per_node
-    gbps = cluster.intra_node_gbps if intra else cluster.inter_node_gbps
+    gbps = cluster.intra_node_gbps if _intra(cluster, span) else cluster.inter_node_gbps
     return gbps * 1e9 if gbps > 0 else math.inf
+
+
+def _intra(cluster: ClusterConfig, span: int) -> bool:
+    return cluster.gpus_per_node == 0 or span <= cluster.gpus_per_node
+
+
+COLLECTIVE_STEPS = {"all_reduce": lambda n: 2 * (n - 1), "all_to_all": lambda n: n - 1, "send": lambda n: 1}
+
+
+def latency(cluster: ClusterConfig, kind: str, n: int, span: int) -> float:
+    """Seconds one collective of `kind` over `n` ranks (spanning `span` consecutive ranks) costs before its
+    bytes move: `collective_base_us` + steps x the hop latency (inside a node or across nodes)."""
+    if n <= 1:
+        return 0.0
+    hop = cluster.intra_node_hop_us if _intra(cluster, span) else cluster.inter_node_hop_us
+    return (cluster.collective_base_us + COLLECTIVE_STEPS[kind](n) * hop) * 1e-6
 
 
 def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str) -> float:
@@ -270,47 +285,80 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str) ->
     return 2.0 * (counts.active - counts.embedding - head) + 4.0 * cfg.n_layers * d * seq_len
 
 
-def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float, mem: Memory
-              ) -> StepTime:
+def tp_replicated_flops_per_token(cfg: ModelConfig, recompute: str) -> float:
+    """Training FLOPs per token that tensor parallelism does not split (every tp rank runs them in full):
+    the router, the routed experts and the head (moe/parallel/tensor.py), and their recomputation."""
+    m, d = cfg.moe, cfg.d_model
+    routed = d * m.n_routed_experts + 3 * d * m.expert_hidden * m.top_k  # per MoE layer and token
+    head = cfg.vocab_size * d
+    again = cfg.n_moe_layers * 2 * routed if recompute != "none" else 0
+    return 6.0 * (cfg.n_moe_layers * routed + head) + again
+
+
+def tp_all_reduces_per_layer(cfg: ModelConfig, layer: int) -> int:
+    """All-reduces one tp rank issues per layer and microbatch: one forward per row-wise module (`wo`, `w2`),
+    one backward per column-wise module (`wq`, `wk`, `wv`, `w1`, `w3`: the input gradient is a partial sum)."""
+    split_ffn = not cfg.is_moe_layer(layer) or cfg.moe.n_shared_experts > 0
+    return 4 + (3 if split_ffn else 0)
+
+
+def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float, mem: Memory,
+              achieved_flops: float | None = None) -> StepTime:
+    """`achieved_flops`: the FLOP/s this rank's GEMMs reach, measured at the workload's shapes (CPU);
+    None: the profile's peak x `expected_mfu`."""
     cfg, act = workload.model, ACT_BYTES[cluster.dtype]
     tokens = workload.micro_batch_size * workload.seq_len  # per data-parallel rank (pipeline)
-    flops = tokens * (flops_per_token(cfg, workload.seq_len)
-                      + recompute_flops_per_token(cfg, workload.seq_len, workload.recompute))
-    compute = flops / (layout.pp * layout.tp) / (peak_flops * cluster.expected_mfu)
-    layers = cfg.n_layers / layout.pp
-    moe_layers = cfg.n_moe_layers / layout.pp
+    per_token = flops_per_token(cfg, workload.seq_len) + recompute_flops_per_token(cfg, workload.seq_len,
+                                                                                 workload.recompute)
+    replicated = tp_replicated_flops_per_token(cfg, workload.recompute) if layout.tp > 1 else 0.0
+    rate = achieved_flops if achieved_flops else peak_flops * cluster.expected_mfu
+    compute = tokens * ((per_token - replicated) / layout.tp + replicated) / layout.pp / rate
+    micro = layout.microbatches if layout.pp > 1 else 1  # collectives per layer are issued per microbatch
+    stages = stages_by_rank(cfg, layout.pp, layout.virtual_stages)
+    layer_ids = max(([i for s in st for i in s.layer_ids] for st in stages), key=len)  # the largest stage
+    moe_layers = sum(cfg.is_moe_layer(i) for i in layer_ids)
     tp = 0.0
     if layout.tp > 1:
-        per = 2 * (layout.tp - 1) / layout.tp * tokens * cfg.d_model * act / _bandwidth(cluster, layout.tp)
-        tp = 4 * layers * per
+        per_bytes = 2 * (layout.tp - 1) / layout.tp * tokens * cfg.d_model * act / _bandwidth(cluster, layout.tp)
+        calls = sum(tp_all_reduces_per_layer(cfg, i) for i in layer_ids)
+        tp = calls * (per_bytes + micro * latency(cluster, "all_reduce", layout.tp, layout.tp))
     a2a = 0.0
     if layout.ep > 1:
         rows = tokens * min(cfg.moe.top_k, layout.ep) * (layout.ep - 1) / layout.ep
-        a2a = 4 * moe_layers * rows * cfg.d_model * act / _bandwidth(cluster, layout.tp * layout.ep)
+        span = layout.tp * layout.ep
+        a2a = moe_layers * (4 * rows * cfg.d_model * act / _bandwidth(cluster, span)
+                            + 8 * micro * latency(cluster, "all_to_all", layout.ep, span))
     n_data = layout.dp * layout.ep
     dp = 0.0
     if n_data > 1:
+        span = layout.tp * layout.ep * layout.dp
         grad_bytes = mem.grads * (1 - mem.routed_expert_fraction)  # experts reduce over dp only
-        dp = 2 * (n_data - 1) / n_data * grad_bytes / _bandwidth(cluster, layout.tp * layout.ep * layout.dp)
+        dp = 2 * (n_data - 1) / n_data * grad_bytes / _bandwidth(cluster, span) \
+            + latency(cluster, "all_reduce", n_data, span)
+        dp += 2 * moe_layers * micro * latency(cluster, "all_reduce", n_data, span)  # router statistics
         if layout.dp > 1:
-            dp += 2 * (layout.dp - 1) / layout.dp * mem.grads * mem.routed_expert_fraction / _bandwidth(
-                cluster, layout.tp * layout.ep * layout.dp)
+            dp += 2 * (layout.dp - 1) / layout.dp * mem.grads * mem.routed_expert_fraction / _bandwidth(cluster, span)
+            if layout.ep > 1:  # the sharded experts' own all-reduce (with ep = 1 they share the one above)
+                dp += latency(cluster, "all_reduce", layout.dp, span)
     pp_send = bubble = 0.0
     if layout.pp > 1:
-        pp_send = 2 * tokens * cfg.d_model * act / _bandwidth(cluster, layout.world)
+        pp_send = 2 * tokens * cfg.d_model * act / _bandwidth(cluster, layout.world) \
+            + 2 * micro * layout.virtual_stages * latency(cluster, "send", 2, layout.world)
         bubble = compute * (layout.pp - 1) / (layout.microbatches * layout.virtual_stages)
     return StepTime(compute, tp, a2a, dp, pp_send, bubble)
 
 
-def estimate(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float | None = None
-             ) -> Estimate:
-    """Memory and step time of `layout`; `peak_flops` defaults to the profile's (0 on CPU: no time)."""
+def estimate(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float | None = None,
+             achieved_flops: float | None = None) -> Estimate:
+    """Memory and step time of `layout`; `peak_flops` defaults to the profile's (0 on CPU: no time), and
+    `achieved_flops` (measured at the workload's GEMM shapes, CPU) replaces peak x expected_mfu when given."""
     peak = peak_flops if peak_flops is not None else cluster.peak_tflops * 1e12
     capacity = int(cluster.gpu_memory_gb * GIB * USABLE_FRACTION)
     tokens = workload.micro_batch_size * workload.seq_len * layout.dp * layout.ep
     mem = memory(workload, layout, cluster)
-    return Estimate(layout, mem, step_time(workload, layout, cluster, peak, mem) if peak > 0 else None, capacity,
-                    tokens)
+    timed = peak > 0 or bool(achieved_flops)
+    return Estimate(layout, mem, step_time(workload, layout, cluster, peak, mem, achieved_flops) if timed else None,
+                    capacity, tokens)
 
 
 def fix_for(est: Estimate, workload: Workload) -> str:

@@ -15,6 +15,13 @@ from pipelines.train.planner import GIB, Layout, candidate_layouts, choose_layou
 # profile: (GB per device, peak FLOP/s, intra-node B/s, inter-node B/s)
 PROFILES = {"a100": (80, 312e12, 300e9, 25e9), "h100": (80, 989e12, 450e9, 50e9),
             "mi250": (64, 191.5e12, 100e9, 25e9), "mi300x": (192, 1307e12, 448e9, 50e9)}
+# per-collective latency in seconds over 8 ranks, NCCL's (NVIDIA) and RCCL's (AMD) ring/LL cost model:
+# base + steps x hop (all-reduce 14 steps, all-to-all 7), hop inside a node / across nodes
+NCCL = {"ar intra": (6.6 + 14 * 0.6) * 1e-6, "a2a intra": (6.6 + 7 * 0.6) * 1e-6,
+        "ar inter": (6.6 + 14 * 2.7) * 1e-6, "a2a inter": (6.6 + 7 * 2.7) * 1e-6}
+RCCL = {"ar intra": (12.0 + 14 * 0.8) * 1e-6, "a2a intra": (12.0 + 7 * 0.8) * 1e-6,
+        "ar inter": (12.0 + 14 * 9.5) * 1e-6, "a2a inter": (12.0 + 7 * 9.5) * 1e-6}
+LATENCY = {"a100": NCCL, "h100": NCCL, "mi250": RCCL, "mi300x": RCCL}
 SEQ = ["data.seq_len=2048", "train.micro_batch_size=1"]
 
 
@@ -59,10 +66,12 @@ def test_16b_ep8_memory_and_step_time_by_hand(profile: str) -> None:
     assert m.peak == 16 * P16 + max(A16 * 2048 * 2 + in_flight + transient, grad_buffer) == 65_955_999_744
     assert est.capacity == int(gb * GIB * 0.9)
     assert est.fits == (profile != "mi250")  # 61.4 GiB: over MI250's 57.6 GiB usable
-    t = est.time
+    t, lat = est.time, LATENCY[profile]
     assert t.compute_s == pytest.approx(2048 * flops_per_token(workload.model, 2048) / (peak * 0.4))
-    assert t.all_to_all_s == pytest.approx(4 * 27 * 2048 * 6 * 7 / 8 * 2048 * 2 / intra)  # one node: NVLink/IF
-    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra)
+    # one node (NVLink/IF): per MoE layer 4 transfers of the routed rows, 8 all-to-alls (5 forward, 3 backward)
+    assert t.all_to_all_s == pytest.approx(27 * (4 * 2048 * 6 * 7 / 8 * 2048 * 2 / intra + 8 * lat["a2a intra"]))
+    # the non-expert gradients' all-reduce, plus the router statistics' all-reduce per MoE layer forward and backward
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra + (1 + 2 * 27) * lat["ar intra"])
     assert t.tp_s == t.bubble_s == t.pp_send_s == 0
     assert est.tokens_per_s == pytest.approx(8 * 2048 / t.total_s)
 
@@ -105,11 +114,16 @@ def test_67b_tp8_ep8_by_hand(profile: str) -> None:
                                     grad_buffer)
     assert m.peak == 174_650_884_096  # 162.7 GiB: only MI300X's 172.8 GiB usable holds it
     assert est.fits == (profile == "mi300x")
-    t = est.time
-    assert t.compute_s == pytest.approx(2048 * flops_per_token(workload.model, 2048) / 8 / (peak * 0.4))
-    assert t.tp_s == pytest.approx(4 * 32 * 2 * 7 / 8 * 2048 * 4096 * 2 / intra)  # tp=8: inside a node
-    assert t.all_to_all_s == pytest.approx(4 * 31 * 2048 * 8 * 7 / 8 * 4096 * 2 / inter)  # ep spans 64 ranks
-    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter)
+    t, lat = est.time, LATENCY[profile]
+    # tp does not split the router, the routed experts (8 of 128 per token) and the head: each tp rank runs them
+    replicated = 6 * (31 * (4096 * 128 + 3 * 4096 * 1280 * 8) + 102400 * 4096)
+    per_token = flops_per_token(workload.model, 2048)
+    assert t.compute_s == pytest.approx(2048 * ((per_token - replicated) / 8 + replicated) / (peak * 0.4))
+    # tp=8 inside a node: 7 all-reduces per layer (wo, w2 forward; wq, wk, wv, w1, w3 backward), 32 layers
+    assert t.tp_s == pytest.approx(7 * 32 * (2 * 7 / 8 * 2048 * 4096 * 2 / intra + lat["ar intra"]))
+    # ep spans 64 ranks (8 nodes): the network
+    assert t.all_to_all_s == pytest.approx(31 * (4 * 2048 * 8 * 7 / 8 * 4096 * 2 / inter + 8 * lat["a2a inter"]))
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter + (1 + 2 * 31) * lat["ar inter"])
 
 
 def test_recomputation_is_counted() -> None:
@@ -129,7 +143,9 @@ def test_recomputation_is_counted() -> None:
 
 @pytest.mark.parametrize(("world", "overrides", "chosen"), [
     (1, ["model=tiny", "data=tiny", "+cluster=h100"], Layout(dp=1)),
-    (2, ["model=small", "+cluster=h100"], Layout(dp=1, ep=2)),
+    # small on h100: 0.55 ms a step; ep=2's 24 all-to-alls (3 MoE layers x 8) cost more latency than dp=2's
+    # larger gradient all-reduce saves (dp=2 553 us, ep=2 697 us)
+    (2, ["model=small", "+cluster=h100"], Layout(dp=2)),
     (8, ["model=deepseek_moe_16b", "+cluster=h100"], Layout(dp=1, pp=2, ep=4)),
     (64, ["model=moe_67b", "+cluster=h100"], Layout(dp=1, pp=8, ep=8, microbatches=8)),
 ])
