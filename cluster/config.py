@@ -88,6 +88,7 @@ class ClusterConfig:
     dtype: str = "float32"  # float32 | bfloat16
     peak_tflops: float = 0.0  # dense bf16 peak per device; 0: measure a matmul peak at start (CPU)
     gpu_memory_gb: float = 0.0  # memory per device; 0: not checked (CPU: the planner does not limit it)
+    memory_gbps: float = 0.0  # device memory bandwidth, GB/s: the planner's optimizer-step time; 0: not counted
     intra_node_gbps: float = 0.0  # GB/s per device, one direction, inside a node (NVLink, Infinity Fabric)
     inter_node_gbps: float = 0.0  # GB/s per device, one direction, between nodes (InfiniBand, RoCE)
     # Per-collective latency (the alpha of an alpha-beta model; pipelines/train/planner.py): a collective over n

@@ -2,19 +2,24 @@
 
 For several layouts and two model sizes, real training steps (meta build -> parallelize -> materialize,
 forward, backward, gradient sync, AdamW step, gradients kept allocated as the trainer keeps them)
-run in spawned gloo processes on this CPU, one thread each. Measured per configuration:
-- peak memory: the largest rank's peak resident set growth over the run (`ru_maxrss` minus the RSS
-  just before the model is built), after a warm-up run of the same layout on a model of 1/8 the
-  width has touched the runtime's own pages and buffers; large allocations are forced to mmap
-  (`MALLOC_MMAP_THRESHOLD_`), so freed memory returns to the OS and the RSS peak tracks the live peak;
-- step time: the median over timed steps of the slowest rank.
-Next to them stand the planner's predictions (pipelines/train/planner.py) for the same configuration
-on the local CPU profile, with the two numbers the planner cannot know on a CPU measured in the same
-run: the matmul peak (`moe.flops.measure_matmul_peak`, as MFU is measured on CPU) and the gloo
-all-reduce bandwidth between two processes (as `intra_node_gbps`). The planner's MFU is the
-profile's stated `expected_mfu`. Also reported: TP=2 throughput against one process on the same
-batch (tp=2 uses two cores). Goals: memory within 15% and step time within 30% of the measurement
-(the largest deviation over the rows).
+run in spawned gloo processes on this CPU, one thread each, twice per configuration:
+- memory run: the largest rank's peak resident set growth (`ru_maxrss` minus the RSS just before the
+  model is built), after a warm-up run of the same layout on a model of 1/8 the width has touched the
+  runtime's own pages and buffers; large allocations are forced to mmap (`MALLOC_MMAP_THRESHOLD_`), so
+  freed memory returns to the OS and the RSS peak tracks the live peak;
+- time run, with the allocator as training has it (forced mmap zero-fills fresh pages on every step:
+  about 289,000 page faults and 0.3-0.5 s of a 1.3 s step at d=512): the median over timed steps of the
+  slowest rank's wall time; next to it the same of its CPU time (without waits: what load on this
+  shared machine changes least).
+Next to them stand the planner's predictions (pipelines/train/planner.py) for the same configuration on
+the local CPU profile, with what the planner cannot know about a CPU measured in the same run, each
+independently of the training runs: the compute rate at each row's own GEMM and attention shapes
+(`moe.flops.measure_training_rate`, in place of peak x expected_mfu), the gloo all-reduce bandwidth
+(32 MiB, as `intra_node_gbps`) and latency (one float, as `collective_base_us`) between two processes,
+and the bandwidth an AdamW step reaches (`moe.flops.measure_adamw_bandwidth`, as `memory_gbps`). The
+one-GEMM matmul peak is reported, not used. Also reported: TP=2 throughput against one process on the
+same batch (tp=2 uses two cores). Goals: memory within 15% and step time within 30% of the
+measurement (the largest deviation over the rows).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from cluster.config import ClusterConfig
 from moe.config import ModelConfig, MoEConfig
 from moe.experts import accumulate_expert_grads_in_place
-from moe.flops import measure_gemm_rate, measure_matmul_peak, training_gemms
+from moe.flops import measure_adamw_bandwidth, measure_matmul_peak, measure_training_rate
 from moe.model import build_meta_model, materialize
 from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
@@ -82,19 +87,19 @@ def _build(cfg: ModelConfig, dims: ParallelDims, recompute: str) -> tuple[torch.
 
 
 def _steps(model: torch.nn.Module, plan: object, opt: torch.optim.Optimizer, tokens: torch.Tensor, n: int,
-           world: int) -> list[float]:
-    """n + 1 training steps (the first untimed); the timed steps' wall times."""
+           world: int) -> list[tuple[float, float]]:
+    """n + 1 training steps (the first untimed); the timed steps' (wall, CPU) seconds."""
     times = []
     for step in range(n + 1):
         if world > 1:
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
         plan.sync_gradients()
         opt.step()
         opt.zero_grad(set_to_none=False)
         if step:
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
     return times
 
 
@@ -151,14 +156,16 @@ def _spawn(spec: dict, world: int, env: dict[str, str | None]) -> list[tuple[int
     return results
 
 
-def _measure(spec: dict, world: int) -> tuple[int, float]:
-    """(largest rank's peak bytes, median over steps of the slowest rank's step time), from two runs: the
+def _measure(spec: dict, world: int) -> tuple[int, float, float]:
+    """(largest rank's peak bytes, median over steps of the slowest rank's step time, the same of its CPU
+    seconds: without waits, what load on the machine changes least), from two runs: the
     memory run with large allocations forced to mmap, the time run with the allocator as training has it
     (forced mmap zero-fills fresh pages on every step: about 0.3 s of page faults per step at d=512)."""
     mem = _spawn({**spec, "memory": True, "steps": 1}, world, {"MALLOC_MMAP_THRESHOLD_": "65536"})
     timed = _spawn({**spec, "memory": False}, world, {"MALLOC_MMAP_THRESHOLD_": None})
     steps = list(zip(*(r[2] for r in timed), strict=True))
-    return max(r[1] for r in mem), statistics.median(max(s) for s in steps)
+    return (max(r[1] for r in mem), statistics.median(max(w for w, _ in s) for s in steps),
+            statistics.median(max(c for _, c in s) for s in steps))
 
 
 def _allreduce_rank(rank: int, world: int, init_file: str, nbytes: int, out: mp.Queue) -> None:
@@ -209,8 +216,9 @@ def run(args: list[str]) -> BenchResult:
     a = _parse_args(args)
     torch.set_num_threads(1)
     peak = measure_matmul_peak()
-    bw, lat = measure_gloo_bandwidth(), measure_gloo_latency()
-    cluster = dataclasses.replace(ClusterConfig(), intra_node_gbps=bw / 1e9, collective_base_us=lat * 1e6)
+    bw, lat, adamw = measure_gloo_bandwidth(), measure_gloo_latency(), measure_adamw_bandwidth()
+    cluster = dataclasses.replace(ClusterConfig(), intra_node_gbps=bw / 1e9, collective_base_us=lat * 1e6,
+                                  memory_gbps=adamw / 1e9)
     rows, mem_dev, time_dev, tok_s, rates = [], [], [], {}, {}
     for d in (int(x) for x in a.sizes.split(",")):
         cfg = model_config(d, a.layers)
@@ -218,9 +226,9 @@ def run(args: list[str]) -> BenchResult:
             world = dp * tp * ep
             spec = {"cfg": cfg, "dp": dp, "tp": tp, "ep": ep, "recompute": recompute, "batch": a.batch,
                     "seq": a.seq, "steps": a.steps}
-            mem, step_s = _measure(spec, world)
-            if (d, tp, ep) not in rates:  # this rank's GEMMs at their shapes, measured here on one thread
-                rates[d, tp, ep] = measure_gemm_rate(training_gemms(cfg, a.batch, a.seq, tp, ep))
+            mem, step_s, cpu_s = _measure(spec, world)
+            if (d, tp, ep) not in rates:  # this rank's GEMMs and attention at their shapes, here on one thread
+                rates[d, tp, ep] = measure_training_rate(cfg, a.batch, a.seq, tp, ep)
             est = estimate(Workload(cfg, a.seq, a.batch, recompute), Layout(dp=dp, tp=tp, ep=ep), cluster, peak,
                            rates[d, tp, ep])
             t = est.time
@@ -230,17 +238,18 @@ def run(args: list[str]) -> BenchResult:
                          "measured MiB": round(mem / MIB, 1), "planned MiB": round(est.memory.peak / MIB, 1),
                          "mem ratio": round(est.memory.peak / mem, 3),
                          "measured s": round(step_s, 4), "planned s": round(t.total_s, 4),
-                         "time ratio": round(t.total_s / step_s, 3),
-                         "GEMM GFLOP/s": round(rates[d, tp, ep] / 1e9, 1), "compute s": round(t.compute_s, 4),
-                         "comm s": round(t.total_s - t.compute_s, 4),
+                         "time ratio": round(t.total_s / step_s, 3), "measured CPU s": round(cpu_s, 4),
+                         "GFLOP/s": round(rates[d, tp, ep] / 1e9, 1), "compute s": round(t.compute_s, 4),
+                         "AdamW s": round(t.optimizer_s, 4), "comm s": round(t.total_s - t.compute_s - t.optimizer_s, 4),
                          "tokens/s": round(tokens_s), "vs 1 process": round(tokens_s / one, 3)})
             mem_dev.append(abs(est.memory.peak / mem - 1))
             time_dev.append(abs(t.total_s / step_s - 1))
     goals = {"memory within 15% (max |planned/measured - 1|)": Goal(max(mem_dev), 0.15, higher_is_better=False),
              "step time within 30% (max |planned/measured - 1|)": Goal(max(time_dev), 0.30, higher_is_better=False)}
     notes = [f"CPU matmul peak {peak / 1e9:.1f} GFLOP/s (1 thread, one 1024^3 GEMM; not used by the planner here), "
-             f"gloo all-reduce {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us (2 processes); the planner's "
-             "compute rate: 'GEMM GFLOP/s', measured at each row's GEMM shapes (moe.flops.measure_gemm_rate)",
+             f"gloo all-reduce {bw / 1e9:.2f} GB/s, latency {lat * 1e6:.0f} us (2 processes), AdamW "
+             f"{adamw / 1e9:.1f} GB/s; the planner's compute rate: 'GFLOP/s', measured at each row's GEMM and "
+             "attention shapes (moe.flops.measure_training_rate)",
              "tokens/s: measured; 'vs 1 process': against the same model's one-process row (tp=2: the same batch "
              "on two processes)", f"load average at the end: {os.getloadavg()[0]:.2f}"]
     return BenchResult("planner", rows, goals, notes)

@@ -28,12 +28,25 @@ Memory per device (the rank of the largest pipeline stage), in bytes:
 The peak is parameters + gradients + optimizer + max(activations + in-flight buffers + backward
 transients, gradient buffer), checked against `USABLE_FRACTION` of the profile's `gpu_memory_gb`.
 
-Step time: the rank's FLOPs (`moe.flops.flops_per_token` for its share: / (pp x tp), plus what
-recomputation runs again) at the profile's peak FLOP/s times `cluster.expected_mfu`, plus
-communication at the profile's bandwidths (a group within `gpus_per_node` consecutive ranks uses
-`intra_node_gbps`, else `inter_node_gbps`): tensor parallelism's 4 all-reduces per layer, the
-expert all-to-alls (4 per MoE layer), the data-parallel gradient all-reduce, pipeline sends, and
-the pipeline bubble (pp - 1) / (microbatches x virtual stages) of the compute. Nothing is assumed
+Step time: the rank's FLOPs (`moe.flops.flops_per_token` for its share, plus what recomputation runs
+again; pp divides them, tp only the parts it splits: the router, the routed experts and the head run in
+full on every tp rank, `tp_replicated_flops_per_token`) at the profile's peak FLOP/s times
+`cluster.expected_mfu`, or, where it is given (`achieved_flops`: the CPU bench measures it with
+`moe.flops.measure_training_rate` at the workload's own GEMM and attention shapes), at that rate; plus
+the AdamW step, `moe.flops.ADAMW_TRAFFIC_BYTES` (28) per parameter at `cluster.memory_gbps` (the device
+memory's bandwidth on GPUs; on CPU the bench measures what an AdamW step reaches); plus communication in an
+alpha-beta model: every collective costs a latency (`collective_base_us` + steps x the hop latency,
+`intra_node_hop_us` inside a node or `inter_node_hop_us` across; all-reduce 2 (n-1) steps, all-to-all
+n - 1, a send 1: NCCL's and RCCL's own ring/LL cost model on the GPU profiles, a measured 2-process gloo
+all-reduce on CPU) plus its bytes at the profile's bandwidth (a group within `gpus_per_node` consecutive
+ranks uses `intra_node_gbps`, else `inter_node_gbps`). Collectives counted per step and microbatch, as
+the code issues them: tensor parallelism 7 all-reduces per layer whose feed-forward it splits, 4
+otherwise (forward: `wo`, `w2`; backward: the input gradients of `wq`, `wk`, `wv`, `w1`, `w3`), each of a
+microbatch's hidden states; expert parallelism 8 all-to-alls per MoE layer (forward: counts, tokens,
+weights, positions, results; backward: results, tokens, weights) moving 4 x the routed rows; data
+parallelism one gradient all-reduce (two with ep and dp > 1: the sharded experts reduce over dp only)
+and the router statistics' all-reduce per MoE layer in the forward and the backward; pipeline sends;
+and the pipeline bubble (pp - 1) / (microbatches x virtual stages) of the compute. Nothing is assumed
 to overlap (this is how the training loop runs today). tokens/s = global tokens per step / step time.
 """
 
@@ -45,7 +58,7 @@ from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
 from moe.config import ConfigError, ModelConfig
-from moe.flops import flops_per_token, param_counts
+from moe.flops import ADAMW_TRAFFIC_BYTES, flops_per_token, param_counts
 from moe.parallel.pipeline import StageSpec, rank_stages
 
 GIB = 1024 ** 3
@@ -106,10 +119,12 @@ class StepTime:
     dp_s: float
     pp_send_s: float
     bubble_s: float
+    optimizer_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.tp_s + self.all_to_all_s + self.dp_s + self.pp_send_s + self.bubble_s
+        return (self.compute_s + self.tp_s + self.all_to_all_s + self.dp_s + self.pp_send_s + self.bubble_s
+                + self.optimizer_s)
 
 
 @dataclass(frozen=True)
@@ -345,7 +360,9 @@ def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_f
         pp_send = 2 * tokens * cfg.d_model * act / _bandwidth(cluster, layout.world) \
             + 2 * micro * layout.virtual_stages * latency(cluster, "send", 2, layout.world)
         bubble = compute * (layout.pp - 1) / (layout.microbatches * layout.virtual_stages)
-    return StepTime(compute, tp, a2a, dp, pp_send, bubble)
+    optimizer = mem.params // MASTER_BYTES * ADAMW_TRAFFIC_BYTES / (cluster.memory_gbps * 1e9) \
+        if cluster.memory_gbps > 0 else 0.0
+    return StepTime(compute, tp, a2a, dp, pp_send, bubble, optimizer)
 
 
 def estimate(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float | None = None,
@@ -400,7 +417,8 @@ def describe(est: Estimate) -> list[str]:
         return lines
     t = est.time
     lines.append(f"step time      {t.total_s:.3f} s = compute {t.compute_s:.3f} + tp {t.tp_s:.3f} + all-to-all "
-                 f"{t.all_to_all_s:.3f} + dp {t.dp_s:.3f} + pp send {t.pp_send_s:.3f} + bubble {t.bubble_s:.3f}"
+                 f"{t.all_to_all_s:.3f} + dp {t.dp_s:.3f} + pp send {t.pp_send_s:.3f} + bubble {t.bubble_s:.3f} + "
+                 f"AdamW {t.optimizer_s:.3f}"
                  f" -> {est.tokens_per_s:,.0f} tokens/s")
     return lines
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe.config import ModelConfig, MoEConfig
-from moe.flops import training_gemms, flops_per_token
+from moe.flops import attention_flops, flops_per_token, training_gemms
 from pipelines.train.planner import tp_replicated_flops_per_token
 
 CFG = ModelConfig(name="t", vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, dense_hidden=128,
@@ -20,7 +20,7 @@ def test_gemm_flops_are_the_flop_formula_split_as_the_planner_splits_it(tp: int,
     gemms = training_gemms(CFG, batch, seq, tp, ep)
     replicated = tp_replicated_flops_per_token(CFG, "none")
     expected = tokens * ((flops_per_token(CFG, seq) - NORMS - replicated) / tp + replicated)
-    assert sum(g.training_flops for g in gemms) == pytest.approx(expected, rel=1e-12)
+    assert sum(g.training_flops for g in gemms) + attention_flops(CFG, batch, seq, tp) == pytest.approx(expected, rel=1e-12)
     # the routed experts: E/ep local experts, each on ep * T * k / E rows; three products each
     experts = [g for g in gemms if (g.k, g.n) in ((64, 48), (48, 64)) and g.m == ep * tokens * 2 // 4]
     assert sum(g.count for g in experts) == 2 * 3 * (4 // ep)  # 2 MoE layers x (w1, w3, w2) x local experts

@@ -22,6 +22,7 @@ NCCL = {"ar intra": (6.6 + 14 * 0.6) * 1e-6, "a2a intra": (6.6 + 7 * 0.6) * 1e-6
 RCCL = {"ar intra": (12.0 + 14 * 0.8) * 1e-6, "a2a intra": (12.0 + 7 * 0.8) * 1e-6,
         "ar inter": (12.0 + 14 * 9.5) * 1e-6, "a2a inter": (12.0 + 7 * 9.5) * 1e-6}
 LATENCY = {"a100": NCCL, "h100": NCCL, "mi250": RCCL, "mi300x": RCCL}
+HBM = {"a100": 2039e9, "h100": 3350e9, "mi250": 1638.4e9, "mi300x": 5300e9}  # B/s: the AdamW step's 28 B/parameter
 SEQ = ["data.seq_len=2048", "train.micro_batch_size=1"]
 
 
@@ -73,6 +74,7 @@ def test_16b_ep8_memory_and_step_time_by_hand(profile: str) -> None:
     # the non-expert gradients' all-reduce, plus the router statistics' all-reduce per MoE layer forward and backward
     assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra + (1 + 2 * 27) * lat["ar intra"])
     assert t.tp_s == t.bubble_s == t.pp_send_s == 0
+    assert t.optimizer_s == pytest.approx(P16 * 28 / HBM[profile])
     assert est.tokens_per_s == pytest.approx(8 * 2048 / t.total_s)
 
 
@@ -124,6 +126,7 @@ def test_67b_tp8_ep8_by_hand(profile: str) -> None:
     # ep spans 64 ranks (8 nodes): the network
     assert t.all_to_all_s == pytest.approx(31 * (4 * 2048 * 8 * 7 / 8 * 4096 * 2 / inter + 8 * lat["a2a inter"]))
     assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter + (1 + 2 * 31) * lat["ar inter"])
+    assert t.optimizer_s == pytest.approx(P67 * 28 / HBM[profile])
 
 
 def test_recomputation_is_counted() -> None:
