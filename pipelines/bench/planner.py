@@ -240,7 +240,7 @@ def run(args: list[str]) -> BenchResult:
                          "measured s": round(step_s, 4), "planned s": round(t.total_s, 4),
                          "time ratio": round(t.total_s / step_s, 3), "measured CPU s": round(cpu_s, 4),
                          "GFLOP/s": round(rates[d, tp, ep] / 1e9, 1), "compute s": round(t.compute_s, 4),
-                         "AdamW s": round(t.optimizer_s, 4), "comm s": round(t.total_s - t.compute_s - t.optimizer_s, 4),
+                         "AdamW s": round(t.optimizer_s, 4), "comm s": round(t.tp_s + t.all_to_all_s + t.dp_s, 4),
                          "tokens/s": round(tokens_s), "vs 1 process": round(tokens_s / one, 3)})
             mem_dev.append(abs(est.memory.peak / mem - 1))
             time_dev.append(abs(t.total_s / step_s - 1))

@@ -4,13 +4,22 @@ lines, and parallel=auto's choices for world sizes 1, 2, 8 and 64."""
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from moe.config import ConfigError
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.flops import flops_per_token
+from moe.model import build_meta_model, materialize
+from moe.parallel.apply import parallelize
+from moe.parallel.mesh import ParallelDims
 from pipelines.train.config import compose_train_config, planner_inputs
 from pipelines.train.plan import make_plan
-from pipelines.train.planner import GIB, Layout, candidate_layouts, choose_layout, estimate
+from pipelines.train.planner import GIB, Layout, candidate_layouts, choose_layout, estimate, tp_all_reduces_per_layer
+from tests.moe.distributed import spawn
 
 # profile: (GB per device, peak FLOP/s, intra-node B/s, inter-node B/s)
 PROFILES = {"a100": (80, 312e12, 300e9, 25e9), "h100": (80, 989e12, 450e9, 50e9),
@@ -174,3 +183,36 @@ def test_parallel_auto_with_too_few_devices_names_the_fix() -> None:
     local = compose_train_config(["model=tiny", "data=tiny"])
     layout, why = choose_layout(planner_inputs(local)[0], local.cluster, 4)
     assert layout.world == 4 and why[0].startswith("auto")  # local CPU: no memory limit, no peak: least memory
+
+
+# ---- the planner's collective counts against what the code issues (real gloo ranks) -----------------
+COUNT_CFG = ModelConfig(name="count", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                        dense_hidden=64, n_dense_layers=1,
+                        moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden=16,
+                                      expert_kernel="loop"))
+
+
+def _count_collectives(rank: int, world: int, tp: int, ep: int, out_file: str) -> None:
+    dims = ParallelDims.from_degrees(world, world // (tp * ep), ep, 1, COUNT_CFG.moe.n_routed_experts, tp=tp)
+    model = build_meta_model(COUNT_CFG)
+    parallelize(model, dims, device_type="cpu")
+    materialize(model, "cpu", seed=0)
+    tokens = torch.randint(0, COUNT_CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(rank))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"tp": counts.get("_c10d_functional::all_reduce", 0),
+                                              "a2a": counts.get("c10d::alltoall_base_", 0),
+                                              "all_reduce": counts.get("c10d::allreduce_", 0)}))
+
+
+def test_collective_counts_are_what_the_code_issues(tmp_path: Path) -> None:
+    """tp=2 x ep=2 on 4 gloo ranks, one forward and backward: what rank 0 issues is what the planner counts."""
+    spawn(_count_collectives, 4, 2, 2, str(tmp_path / "counts.json"))
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    # tp: 7 all-reduces per layer (every layer splits its feed-forward: the dense one or the shared experts)
+    assert counts["tp"] == sum(tp_all_reduces_per_layer(COUNT_CFG, i) for i in range(3)) == 21
+    # ep: 8 all-to-alls per MoE layer; the router statistics: one all-reduce per MoE layer forward and backward
+    # (c10d::allreduce_ also counts the tp all-reduces it carries out)
+    assert (counts["a2a"], counts["all_reduce"] - counts["tp"]) == (8 * 2, 2 * 2)
