@@ -8,7 +8,7 @@ run in spawned gloo processes on this CPU, one thread each, twice per configurat
   runtime's own pages and buffers; large allocations are forced to mmap (`MALLOC_MMAP_THRESHOLD_`), so
   freed memory returns to the OS and the RSS peak tracks the live peak;
 - time run, with the allocator as training has it (forced mmap zero-fills fresh pages on every step:
-  about 289,000 page faults and 0.3-0.5 s of a 1.3 s step at d=512): the median over timed steps of the
+  about 289,000 page faults and 0.4-0.9 s of CPU on a 1.3 s step at d=512): the median over timed steps of the
   slowest rank's wall time; next to it the same of its CPU time (without waits: what load on this
   shared machine changes least).
 Next to them stand the planner's predictions (pipelines/train/planner.py) for the same configuration on
