@@ -15,7 +15,6 @@ import torch
 
 from moe.config import ModelConfig
 
-
 ADAMW_TRAFFIC_BYTES = 28  # per fp32 parameter and step: read weight, gradient, two moments; write three
 
 

@@ -18,7 +18,14 @@ from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
 from pipelines.train.config import compose_train_config, planner_inputs
 from pipelines.train.plan import make_plan
-from pipelines.train.planner import GIB, Layout, candidate_layouts, choose_layout, estimate, tp_all_reduces_per_layer
+from pipelines.train.planner import (
+    GIB,
+    Layout,
+    candidate_layouts,
+    choose_layout,
+    estimate,
+    tp_all_reduces_per_layer,
+)
 from tests.moe.distributed import spawn
 
 # profile: (GB per device, peak FLOP/s, intra-node B/s, inter-node B/s)
