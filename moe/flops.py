@@ -3,6 +3,10 @@
 Training FLOPs per token = 6 * (active non-embedding parameters + head) + attention, where the
 attention term is 12 * n_layers * d_model * seq_len (forward + backward of QK^T and AV; causal
 masking is not discounted, matching the common PaLM/Megatron convention).
+
+For the planner's CPU step time: `training_gemms` lists one rank's GEMMs (tp, ep applied) whose FLOPs,
+with `attention_flops`, add up to that formula; `measure_training_rate` times them (and attention's
+fused kernel) at those shapes; `measure_adamw_bandwidth` times an AdamW step.
 """
 
 from __future__ import annotations
