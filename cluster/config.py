@@ -88,8 +88,16 @@ class ClusterConfig:
     dtype: str = "float32"  # float32 | bfloat16
     peak_tflops: float = 0.0  # dense bf16 peak per device; 0: measure a matmul peak at start (CPU)
     gpu_memory_gb: float = 0.0  # memory per device; 0: not checked (CPU: the planner does not limit it)
+    memory_gbps: float = 0.0  # device memory bandwidth, GB/s: the planner's optimizer-step time; 0: not counted
     intra_node_gbps: float = 0.0  # GB/s per device, one direction, inside a node (NVLink, Infinity Fabric)
     inter_node_gbps: float = 0.0  # GB/s per device, one direction, between nodes (InfiniBand, RoCE)
+    # Per-collective latency (the alpha of an alpha-beta model; pipelines/train/planner.py): a collective over n
+    # ranks costs collective_base_us + steps * hop (all-reduce 2(n-1) steps, all-to-all n-1, a send 1), the hop
+    # intra_node_hop_us inside a node, inter_node_hop_us across nodes; then bytes / bandwidth. GPU profiles take
+    # NCCL's/RCCL's own tuning model (src/graph/tuning.cc, ring/LL); 0: no latency (CPU: the bench measures it).
+    collective_base_us: float = 0.0
+    intra_node_hop_us: float = 0.0
+    inter_node_hop_us: float = 0.0
     expected_mfu: float = 0.4  # the MFU the planner assumes for its step-time estimate (pipelines/train/planner.py)
     gpus_per_node: int = 0  # GPUs per Kubernetes node (KubeRay worker pod)
     node_cpus: int = 0  # CPUs per KubeRay worker pod; 0: cpus_per_worker * workers per pod

@@ -3,16 +3,23 @@
 Training FLOPs per token = 6 * (active non-embedding parameters + head) + attention, where the
 attention term is 12 * n_layers * d_model * seq_len (forward + backward of QK^T and AV; causal
 masking is not discounted, matching the common PaLM/Megatron convention).
+
+For the planner's CPU step time: `training_gemms` lists one rank's GEMMs (tp, ep applied) whose FLOPs,
+with `attention_flops`, add up to that formula; `measure_training_rate` times them (and attention's
+fused kernel) at those shapes; `measure_adamw_bandwidth` times an AdamW step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from moe.config import ModelConfig
+
+ADAMW_TRAFFIC_BYTES = 28  # per fp32 parameter and step: read weight, gradient, two moments; write three
 
 
 @dataclass(frozen=True)
@@ -70,3 +77,112 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, trial
             iters += 1
         best = max(best, 2.0 * n**3 * iters / (time.perf_counter() - t0))
     return best
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """`count` forward products (m x k) @ (k x n) per step; training adds the two backward products of each."""
+
+    m: int
+    k: int
+    n: int
+    count: int = 1
+
+    @property
+    def training_flops(self) -> float:
+        return 6.0 * self.m * self.k * self.n * self.count
+
+
+def training_gemms(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1, ep: int = 1) -> list[Gemm]:
+    """The forward GEMMs one rank runs per step on `batch` sequences of `seq_len` tokens (whole model),
+    attention's score and value products aside (`attention_flops`: one fused kernel runs them).
+
+    Attention projections, the dense and shared feed-forward have their output (column-wise) or input
+    (row-wise) width divided by tp; the router, the routed experts and the head are not split (tp ranks
+    compute them in full). The routed experts run per expert (the per-expert kernel) on a balanced
+    share: each of this rank's E/ep experts gets ep * T * k / E rows. With tp = ep = 1 their training
+    FLOPs plus `attention_flops` are `flops_per_token(cfg, seq_len) * batch * seq_len` less the norms'
+    few elementwise FLOPs.
+    """
+    d, m, T = cfg.d_model, cfg.moe, batch * seq_len
+    hq, hkv = cfg.n_heads * cfg.head_dim // tp, cfg.n_kv_heads * cfg.head_dim // tp
+    out: list[Gemm] = []
+    for layer in range(cfg.n_layers):
+        out += [Gemm(T, d, hq), Gemm(T, d, hkv, 2), Gemm(T, hq, d)]
+        if not cfg.is_moe_layer(layer):
+            out += [Gemm(T, d, cfg.dense_hidden // tp, 2), Gemm(T, cfg.dense_hidden // tp, d)]
+            continue
+        out.append(Gemm(T, d, m.n_routed_experts))
+        if m.n_shared_experts:
+            width = m.n_shared_experts * m.expert_hidden // tp
+            out += [Gemm(T, d, width, 2), Gemm(T, width, d)]
+        rows, local = ep * T * m.top_k // m.n_routed_experts, m.n_routed_experts // ep
+        out += [Gemm(rows, d, m.expert_hidden, 2 * local), Gemm(rows, m.expert_hidden, d, local)]
+    out.append(Gemm(T, d, cfg.vocab_size))
+    return [g for g in out if g.m and g.k and g.n and g.count]
+
+
+def attention_flops(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1) -> float:
+    """Training FLOPs of attention's score and value products on one rank per step (the formula's
+    12 * n_layers * d_model * seq_len per token; tp splits the heads)."""
+    return 12.0 * cfg.n_layers * cfg.d_model * seq_len * batch * seq_len / tp
+
+
+def _best_time(fn, seconds: float) -> float:
+    """Shortest of repeated fn() calls within about `seconds` (at least 3), after one untimed call."""
+    fn()
+    best, t_end, n = math.inf, time.perf_counter() + seconds, 0
+    while n < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        n += 1
+    return best
+
+
+def _attention_seconds(cfg: ModelConfig, batch: int, seq_len: int, tp: int, dtype: torch.dtype, seconds: float
+                       ) -> float:
+    """One layer's causal scaled_dot_product_attention forward and backward at this rank's heads."""
+    h, kv = cfg.n_heads // tp, cfg.n_kv_heads // tp
+    q = torch.randn(batch, h, seq_len, cfg.head_dim, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, kv, seq_len, cfg.head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
+    grad = torch.randn(batch, h, seq_len, cfg.head_dim, dtype=dtype)
+
+    def run() -> None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != kv)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return _best_time(run, seconds)
+
+
+def measure_training_rate(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1, ep: int = 1,
+                          dtype: torch.dtype = torch.float32, seconds: float = 0.05) -> float:
+    """FLOP/s this process's CPU threads reach on one rank's matrix products as training runs them, at their
+    own shapes: each forward GEMM of `training_gemms` and its two backward products (dX = dY @ W^T,
+    dW = X^T @ dY), timed per distinct shape, and attention's fused kernel (causal
+    scaled_dot_product_attention, forward and backward) at this rank's heads; the model's FLOPs over the
+    sum of those times. Each time is the shortest of repeated calls, so a moment of contention does not
+    count. The rate the planner's CPU step time divides the model's FLOPs by (`measure_matmul_peak` is
+    one square GEMM)."""
+    times: dict[tuple[int, int, int], float] = {}
+    flops = seconds_total = 0.0
+    for g in training_gemms(cfg, batch, seq_len, tp, ep):
+        for shape in ((g.m, g.k, g.n), (g.m, g.n, g.k), (g.k, g.m, g.n)):
+            if shape not in times:
+                m, k, n = shape
+                a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+                times[shape] = _best_time(lambda a=a, b=b: a @ b, seconds)
+            seconds_total += g.count * times[shape]
+        flops += g.training_flops
+    flops += attention_flops(cfg, batch, seq_len, tp)
+    seconds_total += cfg.n_layers * _attention_seconds(cfg, batch, seq_len, tp, dtype, seconds)
+    return flops / seconds_total
+
+
+def measure_adamw_bandwidth(n: int = 1 << 22, steps: int = 5) -> float:
+    """Bytes/s an AdamW step (torch's default implementation) reaches on this process's CPU threads, counting
+    its minimal traffic of `ADAMW_TRAFFIC_BYTES` per fp32 parameter; the shortest of `steps` steps."""
+    p = torch.nn.Parameter(torch.randn(n))
+    p.grad = torch.randn(n)
+    opt = torch.optim.AdamW([p], lr=1e-4)
+    return ADAMW_TRAFFIC_BYTES * n / min(_best_time(opt.step, 0.0) for _ in range(steps))

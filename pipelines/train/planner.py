@@ -28,12 +28,25 @@ Memory per device (the rank of the largest pipeline stage), in bytes:
 The peak is parameters + gradients + optimizer + max(activations + in-flight buffers + backward
 transients, gradient buffer), checked against `USABLE_FRACTION` of the profile's `gpu_memory_gb`.
 
-Step time: the rank's FLOPs (`moe.flops.flops_per_token` for its share: / (pp x tp), plus what
-recomputation runs again) at the profile's peak FLOP/s times `cluster.expected_mfu`, plus
-communication at the profile's bandwidths (a group within `gpus_per_node` consecutive ranks uses
-`intra_node_gbps`, else `inter_node_gbps`): tensor parallelism's 4 all-reduces per layer, the
-expert all-to-alls (4 per MoE layer), the data-parallel gradient all-reduce, pipeline sends, and
-the pipeline bubble (pp - 1) / (microbatches x virtual stages) of the compute. Nothing is assumed
+Step time: the rank's FLOPs (`moe.flops.flops_per_token` for its share, plus what recomputation runs
+again; pp divides them, tp only the parts it splits: the router, the routed experts and the head run in
+full on every tp rank, `tp_replicated_flops_per_token`) at the profile's peak FLOP/s times
+`cluster.expected_mfu`, or, where it is given (`achieved_flops`: the CPU bench measures it with
+`moe.flops.measure_training_rate` at the workload's own GEMM and attention shapes), at that rate; plus
+the AdamW step, `moe.flops.ADAMW_TRAFFIC_BYTES` (28) per parameter at `cluster.memory_gbps` (the device
+memory's bandwidth on GPUs; on CPU the bench measures what an AdamW step reaches); plus communication in an
+alpha-beta model: every collective costs a latency (`collective_base_us` + steps x the hop latency,
+`intra_node_hop_us` inside a node or `inter_node_hop_us` across; all-reduce 2 (n-1) steps, all-to-all
+n - 1, a send 1: NCCL's and RCCL's own ring/LL cost model on the GPU profiles, a measured 2-process gloo
+all-reduce on CPU) plus its bytes at the profile's bandwidth (a group within `gpus_per_node` consecutive
+ranks uses `intra_node_gbps`, else `inter_node_gbps`). Collectives counted per step and microbatch, as
+the code issues them: tensor parallelism 7 all-reduces per layer whose feed-forward it splits, 4
+otherwise (forward: `wo`, `w2`; backward: the input gradients of `wq`, `wk`, `wv`, `w1`, `w3`), each of a
+microbatch's hidden states; expert parallelism 8 all-to-alls per MoE layer (forward: counts, tokens,
+weights, positions, results; backward: results, tokens, weights) moving 4 x the routed rows; data
+parallelism one gradient all-reduce (two with ep and dp > 1: the sharded experts reduce over dp only)
+and the router statistics' all-reduce per MoE layer in the forward and the backward; pipeline sends;
+and the pipeline bubble (pp - 1) / (microbatches x virtual stages) of the compute. Nothing is assumed
 to overlap (this is how the training loop runs today). tokens/s = global tokens per step / step time.
 """
 
@@ -45,7 +58,7 @@ from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
 from moe.config import ConfigError, ModelConfig
-from moe.flops import flops_per_token, param_counts
+from moe.flops import ADAMW_TRAFFIC_BYTES, flops_per_token, param_counts
 from moe.parallel.pipeline import StageSpec, rank_stages
 
 GIB = 1024 ** 3
@@ -106,10 +119,12 @@ class StepTime:
     dp_s: float
     pp_send_s: float
     bubble_s: float
+    optimizer_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.tp_s + self.all_to_all_s + self.dp_s + self.pp_send_s + self.bubble_s
+        return (self.compute_s + self.tp_s + self.all_to_all_s + self.dp_s + self.pp_send_s + self.bubble_s
+                + self.optimizer_s)
 
 
 @dataclass(frozen=True)
@@ -252,9 +267,24 @@ def memory(workload: Workload, layout: Layout, cluster: ClusterConfig) -> Memory
 # ---- step time ------------------------------------------------------------------------------------
 def _bandwidth(cluster: ClusterConfig, span: int) -> float:
     """Bytes/s of a group spanning `span` consecutive ranks."""
-    intra = cluster.gpus_per_node == 0 or span <= cluster.gpus_per_node
-    gbps = cluster.intra_node_gbps if intra else cluster.inter_node_gbps
+    gbps = cluster.intra_node_gbps if _intra(cluster, span) else cluster.inter_node_gbps
     return gbps * 1e9 if gbps > 0 else math.inf
+
+
+def _intra(cluster: ClusterConfig, span: int) -> bool:
+    return cluster.gpus_per_node == 0 or span <= cluster.gpus_per_node
+
+
+COLLECTIVE_STEPS = {"all_reduce": lambda n: 2 * (n - 1), "all_to_all": lambda n: n - 1, "send": lambda n: 1}
+
+
+def latency(cluster: ClusterConfig, kind: str, n: int, span: int) -> float:
+    """Seconds one collective of `kind` over `n` ranks (spanning `span` consecutive ranks) costs before its
+    bytes move: `collective_base_us` + steps x the hop latency (inside a node or across nodes)."""
+    if n <= 1:
+        return 0.0
+    hop = cluster.intra_node_hop_us if _intra(cluster, span) else cluster.inter_node_hop_us
+    return (cluster.collective_base_us + COLLECTIVE_STEPS[kind](n) * hop) * 1e-6
 
 
 def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str) -> float:
@@ -270,47 +300,82 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str) ->
     return 2.0 * (counts.active - counts.embedding - head) + 4.0 * cfg.n_layers * d * seq_len
 
 
-def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float, mem: Memory
-              ) -> StepTime:
+def tp_replicated_flops_per_token(cfg: ModelConfig, recompute: str) -> float:
+    """Training FLOPs per token that tensor parallelism does not split (every tp rank runs them in full):
+    the router, the routed experts and the head (moe/parallel/tensor.py), and their recomputation."""
+    m, d = cfg.moe, cfg.d_model
+    routed = d * m.n_routed_experts + 3 * d * m.expert_hidden * m.top_k  # per MoE layer and token
+    head = cfg.vocab_size * d
+    again = cfg.n_moe_layers * 2 * routed if recompute != "none" else 0
+    return 6.0 * (cfg.n_moe_layers * routed + head) + again
+
+
+def tp_all_reduces_per_layer(cfg: ModelConfig, layer: int) -> int:
+    """All-reduces one tp rank issues per layer and microbatch: one forward per row-wise module (`wo`, `w2`),
+    one backward per column-wise module (`wq`, `wk`, `wv`, `w1`, `w3`: the input gradient is a partial sum)."""
+    split_ffn = not cfg.is_moe_layer(layer) or cfg.moe.n_shared_experts > 0
+    return 4 + (3 if split_ffn else 0)
+
+
+def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float, mem: Memory,
+              achieved_flops: float | None = None) -> StepTime:
+    """`achieved_flops`: the FLOP/s this rank's GEMMs reach, measured at the workload's shapes (CPU);
+    None: the profile's peak x `expected_mfu`."""
     cfg, act = workload.model, ACT_BYTES[cluster.dtype]
     tokens = workload.micro_batch_size * workload.seq_len  # per data-parallel rank (pipeline)
-    flops = tokens * (flops_per_token(cfg, workload.seq_len)
-                      + recompute_flops_per_token(cfg, workload.seq_len, workload.recompute))
-    compute = flops / (layout.pp * layout.tp) / (peak_flops * cluster.expected_mfu)
-    layers = cfg.n_layers / layout.pp
-    moe_layers = cfg.n_moe_layers / layout.pp
+    per_token = flops_per_token(cfg, workload.seq_len) + recompute_flops_per_token(cfg, workload.seq_len,
+                                                                                 workload.recompute)
+    replicated = tp_replicated_flops_per_token(cfg, workload.recompute) if layout.tp > 1 else 0.0
+    rate = achieved_flops if achieved_flops else peak_flops * cluster.expected_mfu
+    compute = tokens * ((per_token - replicated) / layout.tp + replicated) / layout.pp / rate
+    micro = layout.microbatches if layout.pp > 1 else 1  # collectives per layer are issued per microbatch
+    stages = stages_by_rank(cfg, layout.pp, layout.virtual_stages)
+    layer_ids = max(([i for s in st for i in s.layer_ids] for st in stages), key=len)  # the largest stage
+    moe_layers = sum(cfg.is_moe_layer(i) for i in layer_ids)
     tp = 0.0
     if layout.tp > 1:
-        per = 2 * (layout.tp - 1) / layout.tp * tokens * cfg.d_model * act / _bandwidth(cluster, layout.tp)
-        tp = 4 * layers * per
+        per_bytes = 2 * (layout.tp - 1) / layout.tp * tokens * cfg.d_model * act / _bandwidth(cluster, layout.tp)
+        calls = sum(tp_all_reduces_per_layer(cfg, i) for i in layer_ids)
+        tp = calls * (per_bytes + micro * latency(cluster, "all_reduce", layout.tp, layout.tp))
     a2a = 0.0
     if layout.ep > 1:
         rows = tokens * min(cfg.moe.top_k, layout.ep) * (layout.ep - 1) / layout.ep
-        a2a = 4 * moe_layers * rows * cfg.d_model * act / _bandwidth(cluster, layout.tp * layout.ep)
+        span = layout.tp * layout.ep
+        a2a = moe_layers * (4 * rows * cfg.d_model * act / _bandwidth(cluster, span)
+                            + 8 * micro * latency(cluster, "all_to_all", layout.ep, span))
     n_data = layout.dp * layout.ep
     dp = 0.0
     if n_data > 1:
+        span = layout.tp * layout.ep * layout.dp
         grad_bytes = mem.grads * (1 - mem.routed_expert_fraction)  # experts reduce over dp only
-        dp = 2 * (n_data - 1) / n_data * grad_bytes / _bandwidth(cluster, layout.tp * layout.ep * layout.dp)
+        dp = 2 * (n_data - 1) / n_data * grad_bytes / _bandwidth(cluster, span) \
+            + latency(cluster, "all_reduce", n_data, span)
+        dp += 2 * moe_layers * micro * latency(cluster, "all_reduce", n_data, span)  # router statistics
         if layout.dp > 1:
-            dp += 2 * (layout.dp - 1) / layout.dp * mem.grads * mem.routed_expert_fraction / _bandwidth(
-                cluster, layout.tp * layout.ep * layout.dp)
+            dp += 2 * (layout.dp - 1) / layout.dp * mem.grads * mem.routed_expert_fraction / _bandwidth(cluster, span)
+            if layout.ep > 1:  # the sharded experts' own all-reduce (with ep = 1 they share the one above)
+                dp += latency(cluster, "all_reduce", layout.dp, span)
     pp_send = bubble = 0.0
     if layout.pp > 1:
-        pp_send = 2 * tokens * cfg.d_model * act / _bandwidth(cluster, layout.world)
+        pp_send = 2 * tokens * cfg.d_model * act / _bandwidth(cluster, layout.world) \
+            + 2 * micro * layout.virtual_stages * latency(cluster, "send", 2, layout.world)
         bubble = compute * (layout.pp - 1) / (layout.microbatches * layout.virtual_stages)
-    return StepTime(compute, tp, a2a, dp, pp_send, bubble)
+    optimizer = mem.params // MASTER_BYTES * ADAMW_TRAFFIC_BYTES / (cluster.memory_gbps * 1e9) \
+        if cluster.memory_gbps > 0 else 0.0
+    return StepTime(compute, tp, a2a, dp, pp_send, bubble, optimizer)
 
 
-def estimate(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float | None = None
-             ) -> Estimate:
-    """Memory and step time of `layout`; `peak_flops` defaults to the profile's (0 on CPU: no time)."""
+def estimate(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float | None = None,
+             achieved_flops: float | None = None) -> Estimate:
+    """Memory and step time of `layout`; `peak_flops` defaults to the profile's (0 on CPU: no time), and
+    `achieved_flops` (measured at the workload's GEMM shapes, CPU) replaces peak x expected_mfu when given."""
     peak = peak_flops if peak_flops is not None else cluster.peak_tflops * 1e12
     capacity = int(cluster.gpu_memory_gb * GIB * USABLE_FRACTION)
     tokens = workload.micro_batch_size * workload.seq_len * layout.dp * layout.ep
     mem = memory(workload, layout, cluster)
-    return Estimate(layout, mem, step_time(workload, layout, cluster, peak, mem) if peak > 0 else None, capacity,
-                    tokens)
+    timed = peak > 0 or bool(achieved_flops)
+    return Estimate(layout, mem, step_time(workload, layout, cluster, peak, mem, achieved_flops) if timed else None,
+                    capacity, tokens)
 
 
 def fix_for(est: Estimate, workload: Workload) -> str:
@@ -352,7 +417,8 @@ def describe(est: Estimate) -> list[str]:
         return lines
     t = est.time
     lines.append(f"step time      {t.total_s:.3f} s = compute {t.compute_s:.3f} + tp {t.tp_s:.3f} + all-to-all "
-                 f"{t.all_to_all_s:.3f} + dp {t.dp_s:.3f} + pp send {t.pp_send_s:.3f} + bubble {t.bubble_s:.3f}"
+                 f"{t.all_to_all_s:.3f} + dp {t.dp_s:.3f} + pp send {t.pp_send_s:.3f} + bubble {t.bubble_s:.3f} + "
+                 f"AdamW {t.optimizer_s:.3f}"
                  f" -> {est.tokens_per_s:,.0f} tokens/s")
     return lines
 

@@ -4,17 +4,41 @@ lines, and parallel=auto's choices for world sizes 1, 2, 8 and 64."""
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from moe.config import ConfigError
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.flops import flops_per_token
+from moe.model import build_meta_model, materialize
+from moe.parallel.apply import parallelize
+from moe.parallel.mesh import ParallelDims
 from pipelines.train.config import compose_train_config, planner_inputs
 from pipelines.train.plan import make_plan
-from pipelines.train.planner import GIB, Layout, candidate_layouts, choose_layout, estimate
+from pipelines.train.planner import (
+    GIB,
+    Layout,
+    candidate_layouts,
+    choose_layout,
+    estimate,
+    tp_all_reduces_per_layer,
+)
+from tests.moe.distributed import spawn
 
 # profile: (GB per device, peak FLOP/s, intra-node B/s, inter-node B/s)
 PROFILES = {"a100": (80, 312e12, 300e9, 25e9), "h100": (80, 989e12, 450e9, 50e9),
             "mi250": (64, 191.5e12, 100e9, 25e9), "mi300x": (192, 1307e12, 448e9, 50e9)}
+# per-collective latency in seconds over 8 ranks, NCCL's (NVIDIA) and RCCL's (AMD) ring/LL cost model:
+# base + steps x hop (all-reduce 14 steps, all-to-all 7), hop inside a node / across nodes
+NCCL = {"ar intra": (6.6 + 14 * 0.6) * 1e-6, "a2a intra": (6.6 + 7 * 0.6) * 1e-6,
+        "ar inter": (6.6 + 14 * 2.7) * 1e-6, "a2a inter": (6.6 + 7 * 2.7) * 1e-6}
+RCCL = {"ar intra": (12.0 + 14 * 0.8) * 1e-6, "a2a intra": (12.0 + 7 * 0.8) * 1e-6,
+        "ar inter": (12.0 + 14 * 9.5) * 1e-6, "a2a inter": (12.0 + 7 * 9.5) * 1e-6}
+LATENCY = {"a100": NCCL, "h100": NCCL, "mi250": RCCL, "mi300x": RCCL}
+HBM = {"a100": 2039e9, "h100": 3350e9, "mi250": 1638.4e9, "mi300x": 5300e9}  # B/s: the AdamW step's 28 B/parameter
 SEQ = ["data.seq_len=2048", "train.micro_batch_size=1"]
 
 
@@ -59,11 +83,14 @@ def test_16b_ep8_memory_and_step_time_by_hand(profile: str) -> None:
     assert m.peak == 16 * P16 + max(A16 * 2048 * 2 + in_flight + transient, grad_buffer) == 65_955_999_744
     assert est.capacity == int(gb * GIB * 0.9)
     assert est.fits == (profile != "mi250")  # 61.4 GiB: over MI250's 57.6 GiB usable
-    t = est.time
+    t, lat = est.time, LATENCY[profile]
     assert t.compute_s == pytest.approx(2048 * flops_per_token(workload.model, 2048) / (peak * 0.4))
-    assert t.all_to_all_s == pytest.approx(4 * 27 * 2048 * 6 * 7 / 8 * 2048 * 2 / intra)  # one node: NVLink/IF
-    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra)
+    # one node (NVLink/IF): per MoE layer 4 transfers of the routed rows, 8 all-to-alls (5 forward, 3 backward)
+    assert t.all_to_all_s == pytest.approx(27 * (4 * 2048 * 6 * 7 / 8 * 2048 * 2 / intra + 8 * lat["a2a intra"]))
+    # the non-expert gradients' all-reduce, plus the router statistics' all-reduce per MoE layer forward and backward
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra + (1 + 2 * 27) * lat["ar intra"])
     assert t.tp_s == t.bubble_s == t.pp_send_s == 0
+    assert t.optimizer_s == pytest.approx(P16 * 28 / HBM[profile])
     assert est.tokens_per_s == pytest.approx(8 * 2048 / t.total_s)
 
 
@@ -105,11 +132,17 @@ def test_67b_tp8_ep8_by_hand(profile: str) -> None:
                                     grad_buffer)
     assert m.peak == 174_650_884_096  # 162.7 GiB: only MI300X's 172.8 GiB usable holds it
     assert est.fits == (profile == "mi300x")
-    t = est.time
-    assert t.compute_s == pytest.approx(2048 * flops_per_token(workload.model, 2048) / 8 / (peak * 0.4))
-    assert t.tp_s == pytest.approx(4 * 32 * 2 * 7 / 8 * 2048 * 4096 * 2 / intra)  # tp=8: inside a node
-    assert t.all_to_all_s == pytest.approx(4 * 31 * 2048 * 8 * 7 / 8 * 4096 * 2 / inter)  # ep spans 64 ranks
-    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter)
+    t, lat = est.time, LATENCY[profile]
+    # tp does not split the router, the routed experts (8 of 128 per token) and the head: each tp rank runs them
+    replicated = 6 * (31 * (4096 * 128 + 3 * 4096 * 1280 * 8) + 102400 * 4096)
+    per_token = flops_per_token(workload.model, 2048)
+    assert t.compute_s == pytest.approx(2048 * ((per_token - replicated) / 8 + replicated) / (peak * 0.4))
+    # tp=8 inside a node: 7 all-reduces per layer (wo, w2 forward; wq, wk, wv, w1, w3 backward), 32 layers
+    assert t.tp_s == pytest.approx(7 * 32 * (2 * 7 / 8 * 2048 * 4096 * 2 / intra + lat["ar intra"]))
+    # ep spans 64 ranks (8 nodes): the network
+    assert t.all_to_all_s == pytest.approx(31 * (4 * 2048 * 8 * 7 / 8 * 4096 * 2 / inter + 8 * lat["a2a inter"]))
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter + (1 + 2 * 31) * lat["ar inter"])
+    assert t.optimizer_s == pytest.approx(P67 * 28 / HBM[profile])
 
 
 def test_recomputation_is_counted() -> None:
@@ -129,7 +162,9 @@ def test_recomputation_is_counted() -> None:
 
 @pytest.mark.parametrize(("world", "overrides", "chosen"), [
     (1, ["model=tiny", "data=tiny", "+cluster=h100"], Layout(dp=1)),
-    (2, ["model=small", "+cluster=h100"], Layout(dp=1, ep=2)),
+    # small on h100: 0.55 ms a step; ep=2's 24 all-to-alls (3 MoE layers x 8) cost more latency than dp=2's
+    # larger gradient all-reduce saves (dp=2 553 us, ep=2 697 us)
+    (2, ["model=small", "+cluster=h100"], Layout(dp=2)),
     (8, ["model=deepseek_moe_16b", "+cluster=h100"], Layout(dp=1, pp=2, ep=4)),
     (64, ["model=moe_67b", "+cluster=h100"], Layout(dp=1, pp=8, ep=8, microbatches=8)),
 ])
@@ -155,3 +190,36 @@ def test_parallel_auto_with_too_few_devices_names_the_fix() -> None:
     local = compose_train_config(["model=tiny", "data=tiny"])
     layout, why = choose_layout(planner_inputs(local)[0], local.cluster, 4)
     assert layout.world == 4 and why[0].startswith("auto")  # local CPU: no memory limit, no peak: least memory
+
+
+# ---- the planner's collective counts against what the code issues (real gloo ranks) -----------------
+COUNT_CFG = ModelConfig(name="count", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                        dense_hidden=64, n_dense_layers=1,
+                        moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden=16,
+                                      expert_kernel="loop"))
+
+
+def _count_collectives(rank: int, world: int, tp: int, ep: int, out_file: str) -> None:
+    dims = ParallelDims.from_degrees(world, world // (tp * ep), ep, 1, COUNT_CFG.moe.n_routed_experts, tp=tp)
+    model = build_meta_model(COUNT_CFG)
+    parallelize(model, dims, device_type="cpu")
+    materialize(model, "cpu", seed=0)
+    tokens = torch.randint(0, COUNT_CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(rank))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    if rank == 0:
+        Path(out_file).write_text(json.dumps({"tp": counts.get("_c10d_functional::all_reduce", 0),
+                                              "a2a": counts.get("c10d::alltoall_base_", 0),
+                                              "all_reduce": counts.get("c10d::allreduce_", 0)}))
+
+
+def test_collective_counts_are_what_the_code_issues(tmp_path: Path) -> None:
+    """tp=2 x ep=2 on 4 gloo ranks, one forward and backward: what rank 0 issues is what the planner counts."""
+    spawn(_count_collectives, 4, 2, 2, str(tmp_path / "counts.json"))
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    # tp: 7 all-reduces per layer (every layer splits its feed-forward: the dense one or the shared experts)
+    assert counts["tp"] == sum(tp_all_reduces_per_layer(COUNT_CFG, i) for i in range(3)) == 21
+    # ep: 8 all-to-alls per MoE layer; the router statistics: one all-reduce per MoE layer forward and backward
+    # (c10d::allreduce_ also counts the tp all-reduces it carries out)
+    assert (counts["a2a"], counts["all_reduce"] - counts["tp"]) == (8 * 2, 2 * 2)
