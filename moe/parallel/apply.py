@@ -45,7 +45,9 @@ and hold identical gradients of every parameter tp does not split), so non-exper
 shard's local slice included, are averaged over the dp*ep ranks of the stage with the same tp index; an expert's gradient already sums the contributions of its EP group
 (through the all-to-all's backward), so it is summed over the `dp` ranks holding the same experts
 and divided by the same dp*ep. Each parameter belongs to exactly one of the two buckets
-(`grad_sync_buckets`); the result equals one process on the global batch.
+(`grad_sync_buckets`); the result equals one process on the global batch. With dp*ep = 1 (tp and/or
+pp alone) there is nothing to average; with dp = 1 under ep the expert gradients are only divided
+in place (no flat buffer, no copy).
 """
 
 from __future__ import annotations
@@ -94,8 +96,10 @@ class ParallelPlan:
         """Average gradients as one process on the global batch would compute them (see module docstring)."""
         if not self.distributed:
             return
-        params = dict(self.model.named_parameters())
         n_ranks = self.dims.dp * self.dims.ep
+        if n_ranks == 1:  # tp and/or pp alone: every rank's gradients are already the whole batch's
+            return
+        params = dict(self.model.named_parameters())
         for bucket, names in self.grad_sync_buckets().items():
             group = self.mesh.stage_group if bucket == "stage" else self.mesh.expert_dp_group
             skip_collective = bucket == "expert_dp" and self.dims.dp == 1
@@ -106,9 +110,11 @@ class ParallelPlan:
                     p.grad = torch.zeros_like(p)
                 by_dtype.setdefault(p.grad.dtype, []).append(local(p.grad))  # a tp shard: its local slice
             for grads in by_dtype.values():
+                if skip_collective:  # this rank alone holds these experts' gradients: the scale only
+                    torch._foreach_div_(grads, n_ranks)
+                    continue
                 flat = torch.cat([g.reshape(-1) for g in grads])
-                if not skip_collective:
-                    dist.all_reduce(flat, group=group)
+                dist.all_reduce(flat, group=group)
                 flat /= n_ranks
                 offset = 0
                 for g in grads:
