@@ -128,11 +128,11 @@ def attention_flops(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1) -> 
     return 12.0 * cfg.n_layers * cfg.d_model * seq_len * batch * seq_len / tp
 
 
-def _best_time(fn, seconds: float) -> float:
-    """Shortest of repeated fn() calls within about `seconds` (at least 3), after one untimed call."""
+def _best_time(fn, seconds: float, min_calls: int = 3) -> float:
+    """Shortest of repeated fn() calls within about `seconds` (at least `min_calls`), after one untimed call."""
     fn()
     best, t_end, n = math.inf, time.perf_counter() + seconds, 0
-    while n < 3 or time.perf_counter() < t_end:
+    while n < min_calls or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
@@ -185,4 +185,4 @@ def measure_adamw_bandwidth(n: int = 1 << 22, steps: int = 5) -> float:
     p = torch.nn.Parameter(torch.randn(n))
     p.grad = torch.randn(n)
     opt = torch.optim.AdamW([p], lr=1e-4)
-    return ADAMW_TRAFFIC_BYTES * n / min(_best_time(opt.step, 0.0) for _ in range(steps))
+    return ADAMW_TRAFFIC_BYTES * n / _best_time(opt.step, 0.0, min_calls=steps)

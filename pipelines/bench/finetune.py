@@ -105,10 +105,10 @@ def bench_model(preset: str) -> tuple[ModelConfig, str]:
     cut = CPU_CUTS.get(preset)
     if not cut:
         return cfg, preset
+    label = (f"{preset} layers ({cut['n_layers']} of {cfg.n_layers}, {cut['n_routed_experts']} experts, "
+             f"vocab {cut['vocab_size']})")
     moe = dataclasses.replace(cfg.moe, n_routed_experts=cut["n_routed_experts"])
-    cfg = dataclasses.replace(cfg, n_layers=cut["n_layers"], vocab_size=cut["vocab_size"], moe=moe)
-    return cfg, (f"{preset} layers ({cut['n_layers']} of {_preset(preset).n_layers}, {cut['n_routed_experts']} "
-                 f"experts, vocab {cut['vocab_size']})")
+    return dataclasses.replace(cfg, n_layers=cut["n_layers"], vocab_size=cut["vocab_size"], moe=moe), label
 
 
 def _measure(cfg: ModelConfig, label: str, batch_size: int, seq: int, rank: int, rounds: int
@@ -172,6 +172,6 @@ def run(args: list[str]) -> BenchResult:
         goals = {"lora_step_vs_full": Goal(med["lora"] / med["full"], 0.8, higher_is_better=False),
                  "lora_optimizer_state_vs_full": Goal(opt_bytes["lora"] / opt_bytes["full"], 0.02,
                                                       higher_is_better=False)}
-    notes.append(f"goals judged on {bench_model(presets[-1])[1]}; fp32, {torch.get_num_threads()} threads, "
+    notes.append(f"goals judged on {label}; fp32, {torch.get_num_threads()} threads, "
                  f"{a.rounds} interleaved rounds (medians)")
     return BenchResult("finetune", rows, goals, notes)

@@ -125,6 +125,14 @@ def _rank(rank: int, world: int, init_file: str, spec: dict, out: mp.Queue) -> N
         dist.destroy_process_group()
 
 
+def _gloo_init_file() -> str:
+    """A fresh path for gloo's file rendezvous (the file must not exist yet)."""
+    fd, init_file = tempfile.mkstemp(prefix="gloo-init-")
+    os.close(fd)
+    os.unlink(init_file)
+    return init_file
+
+
 def _set_env(env: dict[str, str | None]) -> None:
     for key, value in env.items():
         if value is None:
@@ -139,9 +147,7 @@ def _spawn(spec: dict, world: int, env: dict[str, str | None]) -> list[tuple[int
     _set_env(env)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    fd, init_file = tempfile.mkstemp(prefix="gloo-init-")
-    os.close(fd)
-    os.unlink(init_file)
+    init_file = _gloo_init_file()
     try:
         procs = [ctx.Process(target=_rank, args=(r, world, init_file, spec, out)) for r in range(world)]
         for p in procs:
@@ -188,9 +194,7 @@ def _allreduce_seconds(nbytes: int) -> float:
     """Median seconds of a 2-process gloo all-reduce of `nbytes` on this machine."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    fd, init_file = tempfile.mkstemp(prefix="gloo-init-")
-    os.close(fd)
-    os.unlink(init_file)
+    init_file = _gloo_init_file()
     procs = [ctx.Process(target=_allreduce_rank, args=(r, 2, init_file, nbytes, out)) for r in range(2)]
     for p in procs:
         p.start()

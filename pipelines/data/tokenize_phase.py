@@ -139,6 +139,7 @@ class TokenizeUnits:
             counts[f"{split}_tokens"] = int(pc.sum(part.column("n_tokens")).as_py() or 0)
         return counts
 
+
 def pool_size(cfg: PreprocessConfig, plan: TokenizePlan) -> int:
     """`runtime.tokenize_actors`, but never more actors than units: a small corpus (fewer packing
     batches than actors) would start an actor that gets no work, for about 1.1 CPU-s of start-up."""
@@ -162,20 +163,22 @@ def tokenize_and_pack(cfg: PreprocessConfig, plan: TokenizePlan) -> list[dict[st
                                cfg.runtime.tokenize_batch_docs) for _ in range(pool_size(cfg, plan))]
     todo = iter(range(len(plan.units)))
     pending: dict = {}  # ObjectRef of a unit's counts -> the actor running it
+
+    def submit(actor) -> None:  # noqa: ANN001 (a Ray actor handle)
+        unit = next(todo, None)
+        if unit is not None:
+            pending[actor.unit.remote(unit)] = actor
+
     try:
         for _ in range(TASKS_IN_FLIGHT_PER_ACTOR):  # round-robin, so every actor starts on a unit
             for actor in actors:
-                unit = next(todo, None)
-                if unit is not None:
-                    pending[actor.unit.remote(unit)] = actor
+                submit(actor)
         counts = []
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(done[0])
             counts.append(ray.get(done[0]))
-            unit = next(todo, None)
-            if unit is not None:
-                pending[actor.unit.remote(unit)] = actor
+            submit(actor)
     finally:
         for actor in actors:
             ray.kill(actor)
