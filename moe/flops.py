@@ -5,14 +5,16 @@ attention term is 12 * n_layers * d_model * seq_len (forward + backward of QK^T 
 masking is not discounted, matching the common PaLM/Megatron convention).
 
 For the planner's CPU step time: `training_gemms` lists one rank's GEMMs (tp, ep applied) whose FLOPs,
-with `attention_flops`, add up to that formula; `measure_training_rate` times them (and attention's
-fused kernel) at those shapes; `measure_adamw_bandwidth` times an AdamW step.
+with `attention_flops`, add up to that formula; `matmul_pass` runs them (and attention's fused kernel)
+at those shapes and `measure_training_rate` times it; `measure_adamw_bandwidth` times an AdamW step.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -140,43 +142,51 @@ def _best_time(fn, seconds: float, min_calls: int = 3) -> float:
     return best
 
 
-def _attention_seconds(cfg: ModelConfig, batch: int, seq_len: int, tp: int, dtype: torch.dtype, seconds: float
-                       ) -> float:
-    """One layer's causal scaled_dot_product_attention forward and backward at this rank's heads."""
+def matmul_pass(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1, ep: int = 1,
+                dtype: torch.dtype = torch.float32) -> tuple[float, Callable[[], None]]:
+    """(training FLOPs, a function running them once): one rank's matrix products as a training step runs
+    them, at their own shapes, on random operands: every forward GEMM of `training_gemms` with its two
+    backward products (dX = dY @ W^T, dW = X^T @ dY), `count` times each, and attention's fused kernel
+    (causal scaled_dot_product_attention, forward and backward) once per layer at this rank's heads."""
+    operands: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    products: list[tuple[torch.Tensor, torch.Tensor]] = []
+    flops = attention_flops(cfg, batch, seq_len, tp)
+    for g in training_gemms(cfg, batch, seq_len, tp, ep):
+        for m, k, n in ((g.m, g.k, g.n), (g.m, g.n, g.k), (g.k, g.m, g.n)):
+            if (m, k, n) not in operands:
+                operands[m, k, n] = (torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
+            products += [operands[m, k, n]] * g.count
+        flops += g.training_flops
     h, kv = cfg.n_heads // tp, cfg.n_kv_heads // tp
     q = torch.randn(batch, h, seq_len, cfg.head_dim, dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(batch, kv, seq_len, cfg.head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
+    k_, v = (torch.randn(batch, kv, seq_len, cfg.head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
     grad = torch.randn(batch, h, seq_len, cfg.head_dim, dtype=dtype)
 
-    def run() -> None:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != kv)
-        torch.autograd.grad(out, (q, k, v), grad)
+    def one_pass() -> None:
+        for a, b in products:
+            a @ b
+        for _ in range(cfg.n_layers):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k_, v, is_causal=True, enable_gqa=h != kv)
+            torch.autograd.grad(out, (q, k_, v), grad)
 
-    return _best_time(run, seconds)
+    return flops, one_pass
 
 
 def measure_training_rate(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1, ep: int = 1,
-                          dtype: torch.dtype = torch.float32, seconds: float = 0.05) -> float:
-    """FLOP/s this process's CPU threads reach on one rank's matrix products as training runs them, at their
-    own shapes: each forward GEMM of `training_gemms` and its two backward products (dX = dY @ W^T,
-    dW = X^T @ dY), timed per distinct shape, and attention's fused kernel (causal
-    scaled_dot_product_attention, forward and backward) at this rank's heads; the model's FLOPs over the
-    sum of those times. Each time is the shortest of repeated calls, so a moment of contention does not
-    count. The rate the planner's CPU step time divides the model's FLOPs by (`measure_matmul_peak` is
-    one square GEMM)."""
-    times: dict[tuple[int, int, int], float] = {}
-    flops = seconds_total = 0.0
-    for g in training_gemms(cfg, batch, seq_len, tp, ep):
-        for shape in ((g.m, g.k, g.n), (g.m, g.n, g.k), (g.k, g.m, g.n)):
-            if shape not in times:
-                m, k, n = shape
-                a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-                times[shape] = _best_time(lambda a=a, b=b: a @ b, seconds)
-            seconds_total += g.count * times[shape]
-        flops += g.training_flops
-    flops += attention_flops(cfg, batch, seq_len, tp)
-    seconds_total += cfg.n_layers * _attention_seconds(cfg, batch, seq_len, tp, dtype, seconds)
-    return flops / seconds_total
+                          dtype: torch.dtype = torch.float32, seconds: float = 1.0, min_passes: int = 3) -> float:
+    """FLOP/s this process's CPU threads sustain on one rank's matrix products (`matmul_pass`): the FLOPs
+    over the median pass time, passes repeated for about `seconds` (at least `min_passes`) after one
+    untimed pass. The rate the planner's CPU step time divides the model's FLOPs by (`measure_matmul_peak`
+    is one square GEMM); `pipelines.bench planner` times the passes in every rank at once, between
+    training steps."""
+    flops, one_pass = matmul_pass(cfg, batch, seq_len, tp, ep, dtype)
+    one_pass()
+    times, t_end = [], time.perf_counter() + seconds
+    while len(times) < min_passes or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    return flops / statistics.median(times)
 
 
 def measure_adamw_bandwidth(n: int = 1 << 22, steps: int = 5) -> float:

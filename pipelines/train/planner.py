@@ -31,9 +31,12 @@ transients, gradient buffer), checked against `USABLE_FRACTION` of the profile's
 Step time: the rank's FLOPs (`moe.flops.flops_per_token` for its share, plus what recomputation runs
 again; pp divides them, tp only the parts it splits: the router, the routed experts and the head run in
 full on every tp rank, `tp_replicated_flops_per_token`) at the profile's peak FLOP/s times
-`cluster.expected_mfu`, or, where it is given (`achieved_flops`: the CPU bench measures it with
-`moe.flops.measure_training_rate` at the workload's own GEMM and attention shapes), at that rate; plus
-the AdamW step, `moe.flops.ADAMW_TRAFFIC_BYTES` (28) per parameter at `cluster.memory_gbps` (the device
+`cluster.expected_mfu`, which on the GPU profiles stands for everything but communication, the AdamW
+step and the bubble; or, on a host measured for it (`HostRates`: the CPU bench measures them with
+every rank busy at once), at the FLOP/s the rank's matrix products sustain at the workload's shapes
+(`moe.flops.measure_training_rate`) plus the seconds per token of the step's other operations
+(elementwise, normalization, routing, indexing, the loss; pp divides them, tp does not); plus the
+AdamW step, `moe.flops.ADAMW_TRAFFIC_BYTES` (28) per parameter at `cluster.memory_gbps` (the device
 memory's bandwidth on GPUs; on CPU the bench measures what an AdamW step reaches); plus communication in an
 alpha-beta model: every collective costs a latency (`collective_base_us` + steps x the hop latency,
 `intra_node_hop_us` inside a node or `inter_node_hop_us` across; all-reduce 2 (n-1) steps, all-to-all
@@ -44,8 +47,11 @@ the code issues them: tensor parallelism 7 all-reduces per layer whose feed-forw
 otherwise (forward: `wo`, `w2`; backward: the input gradients of `wq`, `wk`, `wv`, `w1`, `w3`), each of a
 microbatch's hidden states; expert parallelism 8 all-to-alls per MoE layer (forward: counts, tokens,
 weights, positions, results; backward: results, tokens, weights) moving 4 x the routed rows; data
-parallelism one gradient all-reduce (two with ep and dp > 1: the sharded experts reduce over dp only)
-and the router statistics' all-reduce per MoE layer in the forward and the backward; pipeline sends;
+parallelism one gradient all-reduce (two with ep and dp > 1: the sharded experts reduce over dp only),
+with the local traffic of the gradient sync around it (`GRAD_FLATTEN_TRAFFIC_BYTES` per parameter it
+flattens, averages and copies back; `GRAD_SCALE_TRAFFIC_BYTES` per expert parameter it only divides, ep
+without dp) at `cluster.memory_gbps`, and the router statistics' all-reduce per MoE layer in the forward
+and the backward; pipeline sends;
 and the pipeline bubble (pp - 1) / (microbatches x virtual stages) of the compute. Nothing is assumed
 to overlap (this is how the training loop runs today). tokens/s = global tokens per step / step time.
 """
@@ -65,6 +71,9 @@ GIB = 1024 ** 3
 MASTER_BYTES, GRAD_BYTES, ADAMW_BYTES = 4, 4, 8  # fp32 parameters, gradients, exp_avg + exp_avg_sq
 USABLE_FRACTION = 0.9  # of a device's memory: the rest is the runtime's (CUDA/HIP context, allocator slack)
 ACT_BYTES = {"float32": 4, "bfloat16": 2}
+# moe/parallel/apply.py's gradient sync, per fp32 gradient element: flatten (read + write), divide in
+# place (read + write), copy back (read + write); or, for expert gradients with no dp group, divide only
+GRAD_FLATTEN_TRAFFIC_BYTES, GRAD_SCALE_TRAFFIC_BYTES = 24, 8
 RECOMPUTE = ("none", "moe", "full")
 
 
@@ -112,6 +121,17 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class HostRates:
+    """What a step's time on a host needs beyond its profile, measured on that host with every rank busy
+    (`python -m pipelines.bench planner` does it on CPU): the FLOP/s one rank's matrix products sustain at
+    the workload's shapes, and the seconds per token of the step's other operations (elementwise,
+    normalization, routing, indexing, the loss), which a GPU profile's `expected_mfu` covers."""
+
+    matmul_flops: float
+    other_s_per_token: float = 0.0
+
+
+@dataclass(frozen=True)
 class StepTime:
     compute_s: float
     tp_s: float
@@ -120,11 +140,12 @@ class StepTime:
     pp_send_s: float
     bubble_s: float
     optimizer_s: float = 0.0
+    other_ops_s: float = 0.0  # non-matrix operations, where HostRates measured them (else in expected_mfu)
 
     @property
     def total_s(self) -> float:
         return (self.compute_s + self.tp_s + self.all_to_all_s + self.dp_s + self.pp_send_s + self.bubble_s
-                + self.optimizer_s)
+                + self.optimizer_s + self.other_ops_s)
 
 
 @dataclass(frozen=True)
@@ -318,16 +339,16 @@ def tp_all_reduces_per_layer(cfg: ModelConfig, layer: int) -> int:
 
 
 def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float, mem: Memory,
-              achieved_flops: float | None = None) -> StepTime:
-    """`achieved_flops`: the FLOP/s this rank's GEMMs reach, measured at the workload's shapes (CPU);
-    None: the profile's peak x `expected_mfu`."""
+              host: HostRates | None = None) -> StepTime:
+    """`host`: rates measured on the host (CPU); None: the profile's peak x `expected_mfu`."""
     cfg, act = workload.model, ACT_BYTES[cluster.dtype]
     tokens = workload.micro_batch_size * workload.seq_len  # per data-parallel rank (pipeline)
     per_token = flops_per_token(cfg, workload.seq_len) + recompute_flops_per_token(cfg, workload.seq_len,
                                                                                  workload.recompute)
     replicated = tp_replicated_flops_per_token(cfg, workload.recompute) if layout.tp > 1 else 0.0
-    rate = achieved_flops if achieved_flops else peak_flops * cluster.expected_mfu
+    rate = host.matmul_flops if host else peak_flops * cluster.expected_mfu
     compute = tokens * ((per_token - replicated) / layout.tp + replicated) / layout.pp / rate
+    other = tokens * host.other_s_per_token / layout.pp if host else 0.0
     micro = layout.microbatches if layout.pp > 1 else 1  # collectives per layer are issued per microbatch
     stages = stages_by_rank(cfg, layout.pp, layout.virtual_stages)
     layer_ids = max(([i for s in st for i in s.layer_ids] for st in stages), key=len)  # the largest stage
@@ -346,9 +367,14 @@ def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_f
     n_data = layout.dp * layout.ep
     dp = 0.0
     if n_data > 1:
+        if cluster.memory_gbps > 0:  # the sync's own passes over the gradients (the all-reduce's aside)
+            flattened = mem.grads * (1 - mem.routed_expert_fraction if layout.dp == 1 else 1)
+            scaled = mem.grads * mem.routed_expert_fraction if layout.dp == 1 else 0
+            dp += (flattened * GRAD_FLATTEN_TRAFFIC_BYTES + scaled * GRAD_SCALE_TRAFFIC_BYTES) / GRAD_BYTES \
+                / (cluster.memory_gbps * 1e9)
         span = layout.tp * layout.ep * layout.dp
         grad_bytes = mem.grads * (1 - mem.routed_expert_fraction)  # experts reduce over dp only
-        dp = 2 * (n_data - 1) / n_data * grad_bytes / _bandwidth(cluster, span) \
+        dp += 2 * (n_data - 1) / n_data * grad_bytes / _bandwidth(cluster, span) \
             + latency(cluster, "all_reduce", n_data, span)
         dp += 2 * moe_layers * micro * latency(cluster, "all_reduce", n_data, span)  # router statistics
         if layout.dp > 1:
@@ -362,19 +388,19 @@ def step_time(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_f
         bubble = compute * (layout.pp - 1) / (layout.microbatches * layout.virtual_stages)
     optimizer = mem.params // MASTER_BYTES * ADAMW_TRAFFIC_BYTES / (cluster.memory_gbps * 1e9) \
         if cluster.memory_gbps > 0 else 0.0
-    return StepTime(compute, tp, a2a, dp, pp_send, bubble, optimizer)
+    return StepTime(compute, tp, a2a, dp, pp_send, bubble, optimizer, other)
 
 
 def estimate(workload: Workload, layout: Layout, cluster: ClusterConfig, peak_flops: float | None = None,
-             achieved_flops: float | None = None) -> Estimate:
+             host: HostRates | None = None) -> Estimate:
     """Memory and step time of `layout`; `peak_flops` defaults to the profile's (0 on CPU: no time), and
-    `achieved_flops` (measured at the workload's GEMM shapes, CPU) replaces peak x expected_mfu when given."""
+    `host` (rates measured on a CPU host) replaces peak x expected_mfu when given."""
     peak = peak_flops if peak_flops is not None else cluster.peak_tflops * 1e12
     capacity = int(cluster.gpu_memory_gb * GIB * USABLE_FRACTION)
     tokens = workload.micro_batch_size * workload.seq_len * layout.dp * layout.ep
     mem = memory(workload, layout, cluster)
-    timed = peak > 0 or bool(achieved_flops)
-    return Estimate(layout, mem, step_time(workload, layout, cluster, peak, mem, achieved_flops) if timed else None,
+    timed = peak > 0 or host is not None
+    return Estimate(layout, mem, step_time(workload, layout, cluster, peak, mem, host) if timed else None,
                     capacity, tokens)
 
 
@@ -419,7 +445,8 @@ def describe(est: Estimate) -> list[str]:
     lines.append(f"step time      {t.total_s:.3f} s = compute {t.compute_s:.3f} + tp {t.tp_s:.3f} + all-to-all "
                  f"{t.all_to_all_s:.3f} + dp {t.dp_s:.3f} + pp send {t.pp_send_s:.3f} + bubble {t.bubble_s:.3f} + "
                  f"AdamW {t.optimizer_s:.3f}"
-                 f" -> {est.tokens_per_s:,.0f} tokens/s")
+                 + (f" + other ops {t.other_ops_s:.3f}" if t.other_ops_s else "")
+                 + f" -> {est.tokens_per_s:,.0f} tokens/s")
     return lines
 
 

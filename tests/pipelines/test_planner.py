@@ -87,8 +87,10 @@ def test_16b_ep8_memory_and_step_time_by_hand(profile: str) -> None:
     assert t.compute_s == pytest.approx(2048 * flops_per_token(workload.model, 2048) / (peak * 0.4))
     # one node (NVLink/IF): per MoE layer 4 transfers of the routed rows, 8 all-to-alls (5 forward, 3 backward)
     assert t.all_to_all_s == pytest.approx(27 * (4 * 2048 * 6 * 7 / 8 * 2048 * 2 / intra + 8 * lat["a2a intra"]))
-    # the non-expert gradients' all-reduce, plus the router statistics' all-reduce per MoE layer forward and backward
-    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra + (1 + 2 * 27) * lat["ar intra"])
+    # the non-expert gradients' all-reduce, plus the router statistics' all-reduce per MoE layer forward and
+    # backward, plus the sync's local passes: 24 bytes per flattened (non-expert) and 8 per expert parameter
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P16 - 27 * P16_ROUTED) / intra + (1 + 2 * 27) * lat["ar intra"]
+                                   + (24 * (P16 - 27 * P16_ROUTED) + 8 * 27 * P16_ROUTED) / HBM[profile])
     assert t.tp_s == t.bubble_s == t.pp_send_s == 0
     assert t.optimizer_s == pytest.approx(P16 * 28 / HBM[profile])
     assert est.tokens_per_s == pytest.approx(8 * 2048 / t.total_s)
@@ -141,7 +143,8 @@ def test_67b_tp8_ep8_by_hand(profile: str) -> None:
     assert t.tp_s == pytest.approx(7 * 32 * (2 * 7 / 8 * 2048 * 4096 * 2 / intra + lat["ar intra"]))
     # ep spans 64 ranks (8 nodes): the network
     assert t.all_to_all_s == pytest.approx(31 * (4 * 2048 * 8 * 7 / 8 * 4096 * 2 / inter + 8 * lat["a2a inter"]))
-    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter + (1 + 2 * 31) * lat["ar inter"])
+    assert t.dp_s == pytest.approx(2 * 7 / 8 * 4 * (P67 - 31 * P67_ROUTED) / inter + (1 + 2 * 31) * lat["ar inter"]
+                                   + (24 * (P67 - 31 * P67_ROUTED) + 8 * 31 * P67_ROUTED) / HBM[profile])
     assert t.optimizer_s == pytest.approx(P67 * 28 / HBM[profile])
 
 
@@ -162,9 +165,10 @@ def test_recomputation_is_counted() -> None:
 
 @pytest.mark.parametrize(("world", "overrides", "chosen"), [
     (1, ["model=tiny", "data=tiny", "+cluster=h100"], Layout(dp=1)),
-    # small on h100: 0.55 ms a step; ep=2's 24 all-to-alls (3 MoE layers x 8) cost more latency than dp=2's
-    # larger gradient all-reduce saves (dp=2 553 us, ep=2 697 us)
-    (2, ["model=small", "+cluster=h100"], Layout(dp=2)),
+    # small on h100, all latency: pp=2 (0.39 ms a step for one batch: half the compute, a 1/2 bubble of it,
+    # 4 sends) edges out dp=2 (0.80 ms for two: the gradient all-reduce and the sync's passes over the
+    # gradients, 0.31 ms) and ep=2 (0.84 ms for two: 24 all-to-alls, 3 MoE layers x 8)
+    (2, ["model=small", "+cluster=h100"], Layout(dp=1, pp=2)),
     (8, ["model=deepseek_moe_16b", "+cluster=h100"], Layout(dp=1, pp=2, ep=4)),
     (64, ["model=moe_67b", "+cluster=h100"], Layout(dp=1, pp=8, ep=8, microbatches=8)),
 ])
