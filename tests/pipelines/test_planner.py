@@ -4,6 +4,7 @@ lines, and parallel=auto's choices for world sizes 1, 2, 8 and 64."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from pipelines.train.config import compose_train_config, planner_inputs
 from pipelines.train.plan import make_plan
 from pipelines.train.planner import (
     GIB,
+    HostRates,
     Layout,
     candidate_layouts,
     choose_layout,
+    describe,
     estimate,
     tp_all_reduces_per_layer,
 )
@@ -227,3 +230,19 @@ def test_collective_counts_are_what_the_code_issues(tmp_path: Path) -> None:
     # ep: 8 all-to-alls per MoE layer; the router statistics: one all-reduce per MoE layer forward and backward
     # (c10d::allreduce_ also counts the tp all-reduces it carries out)
     assert (counts["a2a"], counts["all_reduce"] - counts["tp"]) == (8 * 2, 2 * 2)
+
+
+def test_a_measured_host_replaces_peak_times_mfu_and_adds_its_other_operations() -> None:
+    local = compose_train_config(["model=tiny", "data=tiny"])
+    workload, _ = planner_inputs(local)
+    assert estimate(workload, Layout(dp=1), local.cluster).time is None  # CPU profile: no peak, nothing measured
+    host = HostRates(matmul_flops=5e10, other_s_per_token=2e-6)
+    cluster = dataclasses.replace(local.cluster, memory_gbps=10.0)
+    tokens = workload.micro_batch_size * workload.seq_len
+    one = estimate(workload, Layout(dp=1), cluster, host=host).time
+    assert one.compute_s == pytest.approx(tokens * flops_per_token(workload.model, workload.seq_len) / 5e10)
+    assert one.other_ops_s == pytest.approx(tokens * 2e-6)
+    assert one.total_s == pytest.approx(one.compute_s + one.other_ops_s + one.optimizer_s)
+    piped = estimate(workload, Layout(dp=1, pp=2), cluster, host=host).time
+    assert piped.other_ops_s == pytest.approx(tokens * 2e-6 / 2)  # each stage runs its layers' share
+    assert "other ops" in describe(estimate(workload, Layout(dp=1), cluster, host=host))[1]
