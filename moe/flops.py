@@ -6,13 +6,13 @@ masking is not discounted, matching the common PaLM/Megatron convention).
 
 For the planner's CPU step time: `training_gemms` lists one rank's GEMMs (tp, ep applied) whose FLOPs,
 with `attention_flops`, add up to that formula; `matmul_pass` runs them (and attention's fused kernel)
-at those shapes and `measure_training_rate` times it; `measure_adamw_bandwidth` times an AdamW step.
+at those shapes, for `pipelines.bench planner` to time in every rank at once between training steps;
+`measure_adamw_bandwidth` times an AdamW step.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,23 +170,6 @@ def matmul_pass(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1, ep: int
             torch.autograd.grad(out, (q, k_, v), grad)
 
     return flops, one_pass
-
-
-def measure_training_rate(cfg: ModelConfig, batch: int, seq_len: int, tp: int = 1, ep: int = 1,
-                          dtype: torch.dtype = torch.float32, seconds: float = 1.0, min_passes: int = 3) -> float:
-    """FLOP/s this process's CPU threads sustain on one rank's matrix products (`matmul_pass`): the FLOPs
-    over the median pass time, passes repeated for about `seconds` (at least `min_passes`) after one
-    untimed pass. The rate the planner's CPU step time divides the model's FLOPs by (`measure_matmul_peak`
-    is one square GEMM); `pipelines.bench planner` times the passes in every rank at once, between
-    training steps."""
-    flops, one_pass = matmul_pass(cfg, batch, seq_len, tp, ep, dtype)
-    one_pass()
-    times, t_end = [], time.perf_counter() + seconds
-    while len(times) < min_passes or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - t0)
-    return flops / statistics.median(times)
 
 
 def measure_adamw_bandwidth(n: int = 1 << 22, steps: int = 5) -> float:

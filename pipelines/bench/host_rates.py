@@ -36,7 +36,7 @@ from moe.model import build_meta_model, materialize
 from moe.parallel.apply import parallelize
 from moe.parallel.mesh import ParallelDims
 
-# what `measure_training_rate` already times: matrix products and attention's fused kernels
+# what the matrix pass (`moe.flops.matmul_pass`) times: matrix products and attention's fused kernels
 MATRIX_OPS = frozenset({
     "aten.mm", "aten.addmm", "aten.addmm_", "aten.bmm", "aten.baddbmm", "aten._grouped_mm",
     "aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_flash_attention_for_cpu_backward",

@@ -34,7 +34,7 @@ full on every tp rank, `tp_replicated_flops_per_token`) at the profile's peak FL
 `cluster.expected_mfu`, which on the GPU profiles stands for everything but communication, the AdamW
 step and the bubble; or, on a host measured for it (`HostRates`: the CPU bench measures them with
 every rank busy at once), at the FLOP/s the rank's matrix products sustain at the workload's shapes
-(`moe.flops.measure_training_rate`) plus the seconds per token of the step's other operations
+(`moe.flops.matmul_pass`, timed) plus the seconds per token of the step's other operations
 (elementwise, normalization, routing, indexing, the loss; pp divides them, tp does not); plus the
 AdamW step, `moe.flops.ADAMW_TRAFFIC_BYTES` (28) per parameter at `cluster.memory_gbps` (the device
 memory's bandwidth on GPUs; on CPU the bench measures what an AdamW step reaches); plus communication in an
