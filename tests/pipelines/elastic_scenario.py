@@ -27,9 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-STEPS = 60
+STEPS = 48
 BASE = ["model=tiny", "data=tiny", "train.micro_batch_size=8", "train.global_batch_size=16",
-        f"train.steps={STEPS}", "train.log_every=4", "train.checkpoint_every=4", "train.eval_every=1000",
+        f"train.steps={STEPS}", "train.log_every=4", "train.checkpoint_every=8", "train.eval_every=1000",
         "train.eval_batches=1", "train.num_threads=1", "optim.warmup_steps=2", "optim.lr=0.005",
         "cluster.num_workers=2", "+cluster.worker_resources.train_slot=1", "cluster.resize_check_interval_s=2",
         "cluster.worker_start_timeout_s=30", "tracking.registered_model=elastic-test"]
