@@ -73,15 +73,12 @@ class OpTape(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     @torch.no_grad()
-    def replay_seconds(self, passes: int = 3) -> float:
-        """Median seconds of running the recorded operations again, in order, on their recorded inputs."""
-        times = []
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            for func, args, kwargs in self.ops:
-                func(*args, **kwargs)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    def replay_seconds(self) -> float:
+        """Seconds of running the recorded operations again, in order, on their recorded inputs."""
+        t0 = time.perf_counter()
+        for func, args, kwargs in self.ops:
+            func(*args, **kwargs)
+        return time.perf_counter() - t0
 
 
 class HostProbe:
@@ -97,7 +94,7 @@ class HostProbe:
         t0 = time.perf_counter()
         self._matmuls()
         matmul_s = time.perf_counter() - t0
-        self._samples.append((self.flops / matmul_s, self.tape.replay_seconds(1) / self.tokens,
+        self._samples.append((self.flops / matmul_s, self.tape.replay_seconds() / self.tokens,
                               measure_adamw_bandwidth(steps=3)))
 
     def medians(self) -> tuple[float, float, float]:

@@ -152,9 +152,9 @@ def _set_env(env: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _spawn(target, spec: dict, world: int, env: dict[str, str | None] | None = None) -> list[tuple]:
+def _spawn(target, spec: object, world: int, env: dict[str, str | None] | None = None) -> list[tuple]:
     """Run `target(rank, world, init_file, spec, queue)` in `world` spawned processes with `env` set (None:
-    unset) for them; what each put on the queue."""
+    unset) for them; what each put on the queue (one item per rank)."""
     env = env or {}
     saved = {k: os.environ.get(k) for k in env}
     _set_env(env)
@@ -207,23 +207,13 @@ def _allreduce_rank(rank: int, world: int, init_file: str, nbytes: int, out: mp.
         t0 = time.perf_counter()
         dist.all_reduce(t)
         times.append(time.perf_counter() - t0)
-    if rank == 0:
-        out.put(statistics.median(times))
+    out.put((rank, statistics.median(times)))
     dist.destroy_process_group()
 
 
 def _allreduce_seconds(nbytes: int) -> float:
-    """Median seconds of a 2-process gloo all-reduce of `nbytes` on this machine."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init_file = _gloo_init_file()
-    procs = [ctx.Process(target=_allreduce_rank, args=(r, 2, init_file, nbytes, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    seconds = out.get(timeout=600)
-    for p in procs:
-        p.join()
-    return seconds
+    """Median seconds of a 2-process gloo all-reduce of `nbytes` on this machine (rank 0's)."""
+    return dict(_spawn(_allreduce_rank, nbytes, 2))[0]
 
 
 def measure_gloo_bandwidth(nbytes: int = 32 * MIB) -> float:
